@@ -1,0 +1,6 @@
+"""``python -m detkit`` is the ``detkit`` command."""
+import sys
+
+from detkit.cli import main
+
+sys.exit(main())

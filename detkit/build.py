@@ -1,0 +1,235 @@
+"""Config -> objects, in one place, with one explicit name -> builder table per kind.
+
+Nothing here is filled by import side effects: to add a backbone, add a line to
+``BACKBONES``. Every object built here can also be built by hand with keyword arguments
+(see the tests), the config is only a convenience.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional, Sequence
+
+from detkit.data.dataset import DatasetError, DetectionDataset
+from detkit.data.transforms import build_transforms
+from detkit.modeling.backbones.common import BackboneError
+from detkit.modeling.backbones.fpn import FPN
+from detkit.modeling.backbones.resnet import ResNetBody, SingleMap
+from detkit.modeling.backbones.tiny import TinyResNetBody
+from detkit.modeling.backbones.vgg import VGGBody
+from detkit.modeling.box_ops import BalancedSampler, BoxCoder, Matcher
+from detkit.modeling.detector import Detector
+from detkit.modeling.heads.fast_rcnn import FastRCNNHead, FastRCNNPredictor, MLPBoxHead
+from detkit.modeling.poolers import RoIPooler
+from detkit.modeling.proposals.anchors import AnchorGenerator
+from detkit.modeling.proposals.rpn import RPN, RPNHead
+from detkit.schema import BackboneConfig, Config, DatasetConfig, InputConfig, ModelConfig
+
+logger = logging.getLogger("detkit")
+
+
+# -- datasets ------------------------------------------------------------------------------
+def _load_voc(cfg: DatasetConfig, classes, name):
+    from detkit.data.voc import load_voc
+
+    return load_voc(
+        cfg.root,
+        cfg.split,
+        ann_dir=cfg.ann_dir,
+        img_dir=cfg.img_dir,
+        split_file=cfg.split_file,
+        holdout=cfg.holdout,
+        seed=cfg.seed,
+        classes=classes,
+        filter_empty=cfg.filter_empty,
+        name=name,
+    )
+
+
+def _load_coco(cfg: DatasetConfig, classes, name):
+    from detkit.data.coco import load_coco
+
+    img_dir = cfg.img_dir or (cfg.root if cfg.root else str(Path(cfg.ann_file).parent))
+    return load_coco(cfg.ann_file, img_dir, classes=classes, filter_empty=cfg.filter_empty, name=name)
+
+
+def _load_shapes(cfg: DatasetConfig, classes, name):
+    from detkit.data.shapes import CLASS_NAMES, generate_shapes
+
+    s = cfg.shapes
+    try:
+        generate_shapes(
+            cfg.root,
+            num_train=s.num_train,
+            num_test=s.num_test,
+            seed=s.seed,
+            image_size=tuple(s.image_size),
+            object_size=tuple(s.object_size),
+            objects_per_image=tuple(s.objects_per_image),
+        )
+    except (FileExistsError, ValueError) as exc:
+        raise DatasetError(str(exc)) from None
+    return _load_voc(cfg, classes or list(CLASS_NAMES), name)
+
+
+DATASET_FORMATS = {"voc": _load_voc, "coco": _load_coco, "shapes": _load_shapes}
+
+
+def build_dataset(
+    cfg: DatasetConfig, classes: Optional[Sequence[str]] = None, transforms=None, name: Optional[str] = None
+) -> DetectionDataset:
+    """Loads the split ``cfg`` describes; ``classes`` (label order) overrides cfg.classes."""
+    if cfg is None:
+        raise DatasetError("no dataset configured")
+    dataset = DATASET_FORMATS[cfg.format](cfg, list(classes) if classes else cfg.classes, name)
+    dataset.transforms = transforms
+    return dataset
+
+
+def dataset_transforms(cfg: InputConfig, train: bool):
+    return build_transforms(
+        train,
+        min_size_train=cfg.min_size_train,
+        max_size=cfg.max_size,
+        min_size_test=cfg.min_size_test,
+        flip_prob=cfg.flip_prob,
+        color_jitter=tuple(cfg.color_jitter) if cfg.color_jitter else None,
+        mean=cfg.pixel_mean,
+        std=cfg.pixel_std,
+    )
+
+
+def build_datasets(cfg: Config, need_train: bool = True, need_test: bool = True):
+    """(train dataset or None, test dataset or None, class names). The test split uses the
+    train split's class list so labels agree."""
+    classes = cfg.data.classes
+    train = test = None
+    if need_train:
+        if cfg.data.train is None:
+            raise DatasetError("the config has no data.train dataset")
+        train = build_dataset(cfg.data.train, classes, dataset_transforms(cfg.data.input, True), name="train")
+        classes = train.class_names
+    if need_test:
+        if cfg.data.test is None:
+            raise DatasetError("the config has no data.test dataset")
+        test = build_dataset(cfg.data.test, classes, dataset_transforms(cfg.data.input, False), name="test")
+        classes = test.class_names
+    return train, test, list(classes) if classes else None
+
+
+# -- model ---------------------------------------------------------------------------------
+def _resnet_body(cfg: BackboneConfig, outs):
+    return ResNetBody(cfg.name, outs, norm=cfg.norm, frozen_stages=cfg.frozen_stages, pretrained=cfg.pretrained)
+
+
+def _vgg_body(cfg: BackboneConfig, outs):
+    return VGGBody(outs, norm="bn" if cfg.norm == "bn" else "none", frozen_stages=cfg.frozen_stages,
+                   pretrained=cfg.pretrained)
+
+
+def _tiny_body(cfg: BackboneConfig, outs):
+    if cfg.pretrained:
+        raise BackboneError("the tiny backbone has no pretrained weights")
+    return TinyResNetBody(cfg.tiny_widths, cfg.tiny_blocks, outs, norm=cfg.norm, frozen_stages=cfg.frozen_stages)
+
+
+BACKBONES = {
+    "resnet18": _resnet_body,
+    "resnet34": _resnet_body,
+    "resnet50": _resnet_body,
+    "resnet101": _resnet_body,
+    "vgg16": _vgg_body,
+    "tiny": _tiny_body,
+}
+
+
+def build_backbone(cfg: BackboneConfig):
+    """FPN over c2..c5, or the single stride-16 map c4 (ResNet C4 / VGG conv5_3)."""
+    if cfg.fpn:
+        body = BACKBONES[cfg.name](cfg, ("c2", "c3", "c4", "c5"))
+        return FPN(body, cfg.out_channels, norm=cfg.fpn_norm)
+    return SingleMap(BACKBONES[cfg.name](cfg, ("c4",)), size_divisibility=16)
+
+
+def build_proposal_generator(cfg: ModelConfig, backbone):
+    p = cfg.proposals.rpn
+    features = list(backbone.out_features)
+    anchors = AnchorGenerator(
+        cfg.anchors.sizes,
+        cfg.anchors.aspect_ratios,
+        [backbone.out_strides[f] for f in features],
+        offset=cfg.anchors.offset,
+        strides_from_input=cfg.anchors.strides_from_input,
+    )
+    per_location = set(anchors.num_anchors_per_location())
+    if len(per_location) != 1:
+        raise BackboneError(f"the shared RPN head needs the same number of anchors on every level, got {per_location}")
+    return RPN(
+        RPNHead(backbone.out_channels, per_location.pop(), p.conv_depth),
+        anchors,
+        BoxCoder(p.box_weights),
+        Matcher([p.bg_iou_thresh, p.fg_iou_thresh], [0, -1, 1], allow_low_quality_matches=True),
+        BalancedSampler(p.batch_size_per_image, p.positive_fraction),
+        in_features=features,
+        pre_nms_topk=(p.pre_nms_topk_train, p.pre_nms_topk_test),
+        post_nms_topk=(p.post_nms_topk_train, p.post_nms_topk_test),
+        nms_thresh=p.nms_thresh,
+        min_size=p.min_size,
+        score_thresh=p.score_thresh,
+        smooth_l1_beta=p.smooth_l1_beta,
+        allowed_border=p.allowed_border,
+    )
+
+
+def build_roi_head(cfg: ModelConfig, backbone, num_classes: int):
+    h = cfg.roi_head
+    # FPN: pool from P2..P5 (P6 only serves the RPN), FPN paper sec. 4.2.
+    features = [f for f in backbone.out_features if f != "p6"] if cfg.backbone.fpn else list(backbone.out_features)
+    pooler = RoIPooler(
+        h.pooler_resolution,
+        [1.0 / backbone.out_strides[f] for f in features],
+        kind=h.pooler,
+        sampling_ratio=h.sampling_ratio,
+        aligned=h.aligned,
+    )
+    box_head = MLPBoxHead(backbone.out_channels * h.pooler_resolution**2, h.fc_dims, h.dropout)
+    fc_state = getattr(getattr(backbone, "body", None), "fc_state", None)
+    if fc_state is not None and list(h.fc_dims) == [4096, 4096] and h.pooler_resolution == 7:
+        # VGG-16's ImageNet fc6/fc7 initialise the Fast R-CNN head (Fast R-CNN sec. 2.2).
+        box_head.load_state_dict(fc_state)
+    # Fast R-CNN sec. 2.3: fg IoU >= 0.5, bg in [lo, 0.5), below lo ignored.
+    labels = [-1, 0, 1] if h.bg_iou_thresh_lo > 0 else [0, 0, 1]
+    return FastRCNNHead(
+        pooler,
+        box_head,
+        FastRCNNPredictor(box_head.out_features, num_classes, h.class_agnostic),
+        num_classes,
+        BoxCoder(h.box_weights),
+        Matcher([h.bg_iou_thresh_lo, h.fg_iou_thresh], labels, allow_low_quality_matches=False),
+        BalancedSampler(h.batch_size_per_image, h.positive_fraction),
+        in_features=features,
+        add_gt_as_proposals=h.add_gt_as_proposals,
+        smooth_l1_beta=h.smooth_l1_beta,
+        score_thresh=h.score_thresh,
+        nms_thresh=h.nms_thresh,
+        detections_per_img=h.detections_per_img,
+        min_box_size=h.min_box_size,
+    )
+
+
+PROPOSAL_GENERATORS = {"rpn": build_proposal_generator}
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> Detector:
+    """num_classes: foreground classes K."""
+    backbone = build_backbone(cfg.backbone)
+    proposal_generator = PROPOSAL_GENERATORS[cfg.proposals.method](cfg, backbone)
+    roi_head = build_roi_head(cfg, backbone, num_classes)
+    return Detector(backbone, proposal_generator, roi_head, cfg.loss_weights, cfg.train_difficult)
+
+
+def model_summary(model) -> str:
+    n_all = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"{n_all / 1e6:.2f} M parameters ({n_train / 1e6:.2f} M trainable)"
+

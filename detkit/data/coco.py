@@ -1,0 +1,159 @@
+"""COCO-json datasets (boxes only), read with pycocotools.
+
+COCO boxes are continuous [x, y, w, h] in pixels, so detkit's xyxy is (x, y, x + w, y + h)
+and ``native_offset`` is 0. ``iscrowd`` regions become ``difficult`` (neither training
+positives nor counted by the metrics). Category ids may be any integers: labels 1..K follow
+the categories sorted by id, and ``label_to_cat_id`` maps back for detection files.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from detkit.data.dataset import DatasetError, DetectionDataset, sanitize_boxes
+from detkit.data.io import ProblemLog, is_within
+from detkit.structures import ImageRecord
+
+logger = logging.getLogger("detkit")
+
+
+def _load_json(ann_file: Path) -> dict:
+    if not ann_file.is_file():
+        raise DatasetError(f"COCO annotation file not found: {ann_file}")
+    try:
+        with open(ann_file, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{ann_file}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{ann_file}: cannot read ({exc.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"{ann_file}: not a COCO json (top level must be an object)")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise DatasetError(f"{ann_file}: not a COCO json (missing or non-list '{key}')")
+    for i, im in enumerate(data["images"]):
+        if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
+            raise DatasetError(f"{ann_file}: images[{i}] needs 'id' and 'file_name'")
+    for i, cat in enumerate(data["categories"]):
+        if not isinstance(cat, dict) or "id" not in cat or "name" not in cat:
+            raise DatasetError(f"{ann_file}: categories[{i}] needs 'id' and 'name'")
+    for i, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict) or not {"image_id", "category_id", "bbox"} <= set(ann):
+            raise DatasetError(f"{ann_file}: annotations[{i}] needs 'image_id', 'category_id' and 'bbox'")
+        bbox = ann["bbox"]
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+            raise DatasetError(f"{ann_file}: annotations[{i}].bbox must be 4 numbers [x, y, w, h]")
+    return data
+
+
+def load_coco(
+    ann_file,
+    img_dir,
+    *,
+    classes: Optional[Sequence[str]] = None,
+    filter_empty: bool = False,
+    name: Optional[str] = None,
+) -> DetectionDataset:
+    """Loads a COCO-json detection dataset.
+
+    classes: keep only these category names, in this label order (others are dropped and
+        counted); None keeps all categories, ordered by category id.
+    """
+    from pycocotools.coco import COCO
+
+    ann_file, img_dir = Path(ann_file), Path(img_dir)
+    data = _load_json(ann_file)
+    if not img_dir.is_dir():
+        raise DatasetError(f"image folder does not exist: {img_dir}")
+    label_name = name or ann_file.stem
+    problems = ProblemLog(label_name)
+
+    cats = sorted(data["categories"], key=lambda c: c["id"])
+    name_to_id = {}
+    for cat in cats:
+        if cat["name"] in name_to_id:
+            raise DatasetError(f"{ann_file}: category name '{cat['name']}' is used twice")
+        name_to_id[cat["name"]] = cat["id"]
+    if classes is None:
+        classes = [c["name"] for c in cats]
+    missing = [c for c in classes if c not in name_to_id]
+    if missing:
+        raise DatasetError(f"{ann_file}: classes not among its categories: {', '.join(missing)}")
+    label_to_cat = {i + 1: name_to_id[c] for i, c in enumerate(classes)}
+    cat_to_label = {c: k for k, c in label_to_cat.items()}
+
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
+        coco.createIndex()
+
+    by_image = {}
+    for ann in data["annotations"]:
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    records: List[ImageRecord] = []
+    for im in data["images"]:
+        file_name = str(im["file_name"])
+        path = img_dir / file_name
+        if Path(file_name).is_absolute() or not is_within(path, img_dir):
+            problems.add("skipped images whose path escapes the image folder", file_name)
+            continue
+        if not path.is_file():
+            problems.add("skipped images that are missing", file_name)
+            continue
+        width, height = int(im.get("width") or 0), int(im.get("height") or 0)
+        if width <= 0 or height <= 0:
+            from detkit.data.io import ImageReadError, image_size
+
+            try:
+                width, height = image_size(path)
+            except ImageReadError:
+                problems.add("skipped unreadable images", file_name)
+                continue
+        boxes, labels, crowd = [], [], []
+        for ann in by_image.get(im["id"], []):
+            label = cat_to_label.get(ann["category_id"])
+            if label is None:
+                if ann["category_id"] not in {c["id"] for c in cats}:
+                    problems.add("dropped annotations with an unknown category_id", file_name)
+                else:
+                    problems.add("dropped annotations of classes not in the class list", file_name)
+                continue
+            x, y, w, h = (float(v) for v in ann["bbox"])
+            boxes.append([x, y, x + w, y + h])
+            labels.append(label)
+            crowd.append(bool(ann.get("iscrowd", 0)))
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        keep = sanitize_boxes(boxes, width, height, file_name, problems)
+        if not keep.any() and filter_empty:
+            problems.add("skipped images without objects", file_name)
+            continue
+        records.append(
+            ImageRecord(
+                image_id=im["id"],
+                file_name=str(path),
+                width=width,
+                height=height,
+                boxes=boxes[keep],
+                labels=np.asarray(labels, np.int64)[keep],
+                difficult=np.asarray(crowd, bool)[keep],
+            )
+        )
+    unknown_images = set(by_image) - {im["id"] for im in data["images"]}
+    if unknown_images:
+        problems.add("dropped annotations whose image_id is not in images", str(ann_file), len(unknown_images))
+    if not records:
+        detail = "; ".join(problems.lines(1)) or "no images"
+        raise DatasetError(f"{ann_file}: no usable images ({detail})")
+    problems.warn()
+    dataset = DetectionDataset(
+        records, classes, native_offset=0.0, coco=coco, label_to_cat_id=label_to_cat, name=label_name
+    )
+    dataset.problems = problems
+    return dataset

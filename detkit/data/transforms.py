@@ -1,0 +1,166 @@
+"""Box-aware transforms on ``(image, target)`` pairs.
+
+image: float32 tensor (3, H, W); target: dict as produced by ``DetectionDataset`` (boxes
+(R, 4) xyxy, labels, difficult, image_id, orig_size, scale). Every geometric transform
+keeps ``target["scale"] = (sy, sx)`` up to date, the factor from original pixels to network
+input pixels, so that detections can be mapped back in one place
+(``detkit.modeling.detector.map_to_original``).
+
+Resizing follows the convention of the Fast/Faster R-CNN papers (shorter side to a target
+length, longer side capped) and is computed exactly as torchvision's detection transform
+does (same scale, same bilinear interpolation), so that detkit and torchvision feed a model
+the same pixels.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2
+
+# ImageNet statistics, for backbones from torchvision.models (and what they were trained with).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Compose:
+    def __init__(self, transforms: Sequence[Callable]):
+        self.transforms = list(transforms)
+
+    def __call__(self, image, target):
+        for t in self.transforms:
+            image, target = t(image, target)
+        return image, target
+
+    def __repr__(self) -> str:
+        return "Compose(" + ", ".join(repr(t) for t in self.transforms) + ")"
+
+
+def resize_scale(height: int, width: int, short: float, max_size: float) -> float:
+    """The factor that brings the shorter side to ``short`` unless the longer side would
+    exceed ``max_size``."""
+    return min(short / min(height, width), max_size / max(height, width))
+
+
+def resize_image(image: torch.Tensor, scale: float) -> torch.Tensor:
+    """(C, H, W) -> (C, floor(H*scale), floor(W*scale)), bilinear, as torchvision's
+    GeneralizedRCNNTransform (recompute_scale_factor=True, align_corners=False)."""
+    return F.interpolate(
+        image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True, align_corners=False
+    )[0]
+
+
+class ResizeShortestEdge:
+    """Resize so that the shorter side is ``min_sizes`` (one chosen at random per image when
+    several are given: multi-scale training, Fast R-CNN paper sec. 5.2) and the longer side is
+    at most ``max_size``. Boxes are scaled by the same per-axis factors as the pixels."""
+
+    def __init__(self, min_sizes: Sequence[int], max_size: int):
+        if isinstance(min_sizes, (int, float)):
+            min_sizes = [min_sizes]
+        if not min_sizes:
+            raise ValueError("ResizeShortestEdge needs at least one size")
+        self.min_sizes = [int(s) for s in min_sizes]
+        self.max_size = int(max_size)
+
+    def __call__(self, image, target):
+        h, w = image.shape[-2:]
+        # torch RNG: seeded by the trainer and per DataLoader worker.
+        short = self.min_sizes[int(torch.randint(len(self.min_sizes), ()))]
+        image = resize_image(image, resize_scale(h, w, short, self.max_size))
+        nh, nw = image.shape[-2:]
+        sy, sx = nh / h, nw / w
+        if target is not None:
+            target = dict(target)
+            boxes = target["boxes"]
+            if boxes.numel():
+                target["boxes"] = boxes * boxes.new_tensor([sx, sy, sx, sy])
+            oy, ox = target.get("scale", (1.0, 1.0))
+            target["scale"] = (oy * sy, ox * sx)
+        return image, target
+
+    def __repr__(self) -> str:
+        return f"ResizeShortestEdge(min_sizes={self.min_sizes}, max_size={self.max_size})"
+
+
+class RandomHorizontalFlip:
+    """Mirror image and boxes with probability ``p``; records ``target["flipped"]``."""
+
+    def __init__(self, p: float = 0.5):
+        self.p = float(p)
+
+    def __call__(self, image, target):
+        if self.p > 0 and float(torch.rand(())) < self.p:
+            image = image.flip(-1)
+            if target is not None:
+                target = dict(target)
+                w = image.shape[-1]
+                boxes = target["boxes"]
+                if boxes.numel():
+                    target["boxes"] = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
+                target["flipped"] = not target.get("flipped", False)
+        return image, target
+
+    def __repr__(self) -> str:
+        return f"RandomHorizontalFlip(p={self.p})"
+
+
+class ColorJitter:
+    """Photometric jitter (boxes untouched), torchvision's implementation."""
+
+    def __init__(self, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0):
+        self.jitter = v2.ColorJitter(brightness, contrast, saturation, hue)
+
+    def __call__(self, image, target):
+        return self.jitter(image).clamp_(0, 1), target
+
+    def __repr__(self) -> str:
+        return repr(self.jitter)
+
+
+class Normalize:
+    """(x - mean) / std per channel, on [0, 1] images."""
+
+    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+        self.mean = [float(m) for m in mean]
+        self.std = [float(s) for s in std]
+
+    def __call__(self, image, target):
+        return v2.functional.normalize(image, self.mean, self.std), target
+
+    def __repr__(self) -> str:
+        return f"Normalize(mean={self.mean}, std={self.std})"
+
+
+def build_transforms(
+    train: bool,
+    min_size_train: Sequence[int] = (800,),
+    max_size: int = 1333,
+    min_size_test: int = 800,
+    flip_prob: float = 0.5,
+    color_jitter: Optional[Tuple[float, float, float, float]] = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> Compose:
+    """The standard detection pipeline: (jitter) -> normalize -> resize -> (flip).
+
+    Normalising before resizing is torchvision's order; bilinear resizing commutes with the
+    per-channel affine normalisation, and doing it in the same order makes detkit's inputs
+    bit-identical to torchvision's (needed for converted weights to give the same boxes)."""
+    ts: List[Callable] = []
+    if train and color_jitter is not None and any(color_jitter):
+        ts.append(ColorJitter(*color_jitter))
+    ts.append(Normalize(mean, std))
+    ts.append(ResizeShortestEdge(min_size_train if train else [min_size_test], max_size))
+    if train and flip_prob > 0:
+        ts.append(RandomHorizontalFlip(flip_prob))
+    return Compose(ts)
+
+
+def unnormalize(image: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """Inverse of Normalize: (3, H, W) normalised -> [0, 1]."""
+    m = image.new_tensor(mean)[:, None, None]
+    s = image.new_tensor(std)[:, None, None]
+    return (image * s + m).clamp_(0, 1)
+

@@ -1,0 +1,74 @@
+"""Running a detector over a dataset: detections in original pixels (+ validation losses).
+
+Output format (the evaluation package's ``Dets``): image_id -> dict(boxes (R, 4) float32
+xyxy in original image pixels, scores (R,), labels (R,) in 1..K), numpy arrays.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Dict, Tuple
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from detkit.data.loader import build_test_loader
+
+
+def autocast_context(device: torch.device, enabled: bool):
+    """fp16 autocast on CUDA when enabled; a no-op elsewhere (CPU autocast is slower here)."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return torch.autocast(device.type, enabled=False)
+
+
+@torch.no_grad()
+def run_inference(
+    model,
+    dataset,
+    batch_size: int = 1,
+    device=None,
+    num_workers: int = 0,
+    compute_losses: bool = False,
+    amp: bool = False,
+    progress: bool = True,
+    desc: str = "eval",
+) -> Tuple[Dict, Dict[str, float], float]:
+    """-> (detections per image id, mean validation loss per term ({} unless
+    ``compute_losses``), seconds per image)."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loader = build_test_loader(dataset, batch_size, num_workers, model.size_divisibility)
+    dets: Dict = {}
+    loss_sums: Dict[str, float] = defaultdict(float)
+    batches = 0
+    start = time.perf_counter()
+    try:
+        for images, targets in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+            images = images.to(device)
+            with autocast_context(device, amp):
+                detections, losses = model(images, targets if compute_losses else None)
+            for det, image_id in zip(detections, images.image_ids):
+                dets[image_id] = {
+                    "boxes": det.boxes.float().cpu().numpy(),
+                    "scores": det.scores.float().cpu().numpy(),
+                    "labels": det.labels.cpu().numpy().astype(np.int64),
+                }
+            for k, v in losses.items():
+                loss_sums[k] += float(v)
+            batches += 1
+    finally:
+        model.train(was_training)
+    seconds = (time.perf_counter() - start) / max(len(dataset), 1)
+    return dets, {k: v / max(batches, 1) for k, v in loss_sums.items()}, seconds
+
+
+def device_from_config(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but CUDA is not available (use train.device=auto or cpu)")
+    return torch.device(name)
+

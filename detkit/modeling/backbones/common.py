@@ -1,0 +1,90 @@
+"""What every backbone shares: normalisation choices, freezing, loading pretrained weights.
+
+A backbone is an ``nn.Module`` mapping (N, 3, H, W) to an ordered dict of feature maps,
+with attributes ``out_features`` (names, fine to coarse), ``out_channels`` (int, the same
+for every output), ``out_strides`` (name -> stride in input pixels) and
+``size_divisibility`` (inputs are padded to a multiple of it).
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+
+class BackboneError(ValueError):
+    """A backbone option that cannot work (unknown name, weights that do not fit, ...)."""
+
+
+def norm_layer(kind: str) -> Optional[Callable[[int], nn.Module]]:
+    """bn: BatchNorm that trains (needed to train from scratch); frozen_bn: fixed statistics
+    and affine (only sensible with pretrained weights, as in the papers); gn: GroupNorm with
+    32 groups (or fewer for narrow layers), batch-size independent; syncbn for multi-GPU."""
+    if kind == "bn":
+        return nn.BatchNorm2d
+    if kind == "frozen_bn":
+        return FrozenBatchNorm2d
+    if kind == "gn":
+        return lambda c: nn.GroupNorm(min(32, c // 4) if c < 128 else 32, c)
+    if kind == "syncbn":
+        return nn.SyncBatchNorm
+    if kind == "none":
+        return None
+    raise BackboneError(f"unknown norm '{kind}' (use bn, frozen_bn, gn, syncbn or none)")
+
+
+def freeze(modules: Iterable[nn.Module]) -> None:
+    """Stop gradients and keep BatchNorm statistics fixed for these modules."""
+    for m in modules:
+        for p in m.parameters():
+            p.requires_grad_(False)
+        for sub in m.modules():
+            if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+                sub.eval()
+                sub.track_running_stats = True
+                sub._detkit_frozen = True
+
+
+def keep_frozen_bn_in_eval(module: nn.Module) -> None:
+    """``model.train()`` would put frozen BatchNorm layers back into training mode; call
+    this after it (Detector.train does)."""
+    for sub in module.modules():
+        if getattr(sub, "_detkit_frozen", False):
+            sub.eval()
+
+
+def load_pretrained(model: nn.Module, pretrained: str, weights_enum=None) -> None:
+    """Load ``pretrained`` into a torchvision classification model: a local file (state dict,
+    loaded with weights_only=True) or a torchvision weight name such as
+    "ResNet50_Weights.IMAGENET1K_V1" / "IMAGENET1K_V1" (downloads: needs the internet or
+    torch's cache)."""
+    if os.path.isfile(pretrained):
+        state = torch.load(pretrained, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+            state = state["model"]
+    else:
+        if weights_enum is None:
+            raise BackboneError(f"pretrained weights not found: {pretrained}")
+        name = pretrained.split(".")[-1]
+        try:
+            weights = weights_enum[name]
+        except KeyError:
+            valid = ", ".join(w.name for w in weights_enum)
+            raise BackboneError(
+                f"pretrained '{pretrained}' is neither a file nor a {weights_enum.__name__} name ({valid})"
+            ) from None
+        try:
+            state = weights.get_state_dict(progress=False)
+        except Exception as exc:  # offline: URLError and friends
+            raise BackboneError(
+                f"cannot download {weights_enum.__name__}.{name} ({exc.__class__.__name__}); "
+                "download it elsewhere and pass the local file path"
+            ) from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Classification heads (fc, classifier) are allowed to be absent or unused.
+    missing = [k for k in missing if not k.startswith(("fc.", "classifier."))]
+    if missing:
+        raise BackboneError(f"pretrained weights {pretrained} lack {len(missing)} keys, e.g. {missing[:3]}")

@@ -1,0 +1,103 @@
+"""ResNet trunks (He et al., CVPR 2016) from ``torchvision.models`` definitions.
+
+The body exposes stage outputs C2..C5 (strides 4, 8, 16, 32; channels 64..512 for
+ResNet-18/34, 256..2048 for ResNet-50/101). Single-map use ("C4", the ResNet paper's
+Faster R-CNN) stops after conv4_x and returns ``c4`` at stride 16; FPN use feeds C2..C5
+to ``detkit.modeling.backbones.fpn.FPN``.
+
+Module names follow torchvision (conv1, bn1, layer1..layer4), so ImageNet weights and
+torchvision detection checkpoints load by name.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Dict, List, Optional
+
+import torchvision
+from torch import Tensor, nn
+
+from detkit.modeling.backbones.common import BackboneError, freeze, load_pretrained, norm_layer
+
+_RESNETS = {
+    "resnet18": (torchvision.models.resnet18, "ResNet18_Weights"),
+    "resnet34": (torchvision.models.resnet34, "ResNet34_Weights"),
+    "resnet50": (torchvision.models.resnet50, "ResNet50_Weights"),
+    "resnet101": (torchvision.models.resnet101, "ResNet101_Weights"),
+}
+_STAGES = ["c2", "c3", "c4", "c5"]
+_STRIDES = {"c2": 4, "c3": 8, "c4": 16, "c5": 32}
+
+
+class ResNetBody(nn.Module):
+    """(N, 3, H, W) -> OrderedDict of the requested stage outputs among c2..c5.
+
+    norm: bn | frozen_bn | gn (see ``common.norm_layer``).
+    frozen_stages: 0 trains everything; 1 freezes the stem (conv1); k freezes the stem and
+        layer1..layer(k-1) (torchvision's trainable_layers=3 is frozen_stages=2).
+    pretrained: a local state-dict file or a torchvision weight name; None = random init.
+    """
+
+    def __init__(
+        self,
+        depth: str = "resnet50",
+        out_features=("c2", "c3", "c4", "c5"),
+        norm: str = "bn",
+        frozen_stages: int = 0,
+        pretrained: Optional[str] = None,
+    ):
+        super().__init__()
+        if depth not in _RESNETS:
+            raise BackboneError(f"unknown ResNet '{depth}' (use {', '.join(_RESNETS)})")
+        unknown = [f for f in out_features if f not in _STAGES]
+        if unknown or not out_features:
+            raise BackboneError(f"ResNet outputs must be among {_STAGES}, got {list(out_features)}")
+        builder, weights_name = _RESNETS[depth]
+        layer = norm_layer(norm)
+        if layer is None:
+            raise BackboneError("ResNet needs a normalisation layer (bn, frozen_bn, gn or syncbn)")
+        net = builder(weights=None, norm_layer=layer)
+        if pretrained:
+            load_pretrained(net, pretrained, getattr(torchvision.models, weights_name))
+        self.out_features = [f for f in _STAGES if f in out_features]
+        last = _STAGES.index(self.out_features[-1])
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.stage_names = [f"layer{i + 1}" for i in range(last + 1)]
+        for name in self.stage_names:
+            self.add_module(name, getattr(net, name))
+        self.out_channels_per_feature: Dict[str, int] = {}
+        for i, name in enumerate(self.stage_names):
+            block = getattr(self, name)[-1]
+            channels = block.conv3.out_channels if hasattr(block, "conv3") else block.conv2.out_channels
+            self.out_channels_per_feature[_STAGES[i]] = channels
+        self.out_strides = {f: _STRIDES[f] for f in self.out_features}
+        if frozen_stages > len(self.stage_names) + 1:
+            raise BackboneError(f"frozen_stages={frozen_stages} exceeds the {len(self.stage_names) + 1} stages")
+        if frozen_stages >= 1:
+            freeze([self.conv1, self.bn1])
+        for name in self.stage_names[: max(frozen_stages - 1, 0)]:
+            freeze([getattr(self, name)])
+
+    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        out = OrderedDict()
+        for i, name in enumerate(self.stage_names):
+            x = getattr(self, name)(x)
+            if _STAGES[i] in self.out_features:
+                out[_STAGES[i]] = x
+        return out
+
+
+class SingleMap(nn.Module):
+    """Wraps a body with one output as a backbone (ResNet C4, VGG conv5)."""
+
+    def __init__(self, body: nn.Module, size_divisibility: int = 16):
+        super().__init__()
+        self.body = body
+        (name,) = body.out_features
+        self.out_features: List[str] = [name]
+        self.out_channels = body.out_channels_per_feature[name]
+        self.out_strides = dict(body.out_strides)
+        self.size_divisibility = size_divisibility
+
+    def forward(self, x: Tensor):
+        return self.body(x)

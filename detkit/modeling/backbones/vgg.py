@@ -1,0 +1,86 @@
+"""VGG-16 (Simonyan & Zisserman, ICLR 2015) from ``torchvision.models``, the backbone of
+Fast R-CNN and of the Faster R-CNN paper's main results.
+
+Single map: conv5_3 (after ReLU, last max-pool removed), stride 16, 512 channels
+(Fast R-CNN sec. 2.3). Stage outputs for FPN: c2 = conv3_3 (stride 4), c3 = conv4_3 (8),
+c4 = conv5_3 (16), c5 = pool5 (32).
+
+norm "none" is the original VGG-16; "bn" uses torchvision's vgg16_bn (needed to train
+from scratch). frozen_stages k freezes conv blocks 1..k (Fast R-CNN sec. 4.5 fine-tunes
+from conv3_1 up: frozen_stages=2).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional
+
+import torchvision
+from torch import Tensor, nn
+
+from detkit.modeling.backbones.common import BackboneError, freeze, load_pretrained
+
+_OUTPUTS = {"c2": 4, "c3": 8, "c4": 16, "c5": 32}
+_CHANNELS = {"c2": 256, "c3": 512, "c4": 512, "c5": 512}
+
+
+class VGGBody(nn.Module):
+    """(N, 3, H, W) -> OrderedDict of the requested outputs among c2..c5 (see module doc).
+    ``fc_state`` keeps VGG's fc6/fc7 weights (when pretrained) for the Fast R-CNN head."""
+
+    def __init__(self, out_features=("c4",), norm: str = "none", frozen_stages: int = 0, pretrained: Optional[str] = None):
+        super().__init__()
+        if norm not in ("none", "bn"):
+            raise BackboneError(f"VGG-16 norm must be 'none' or 'bn', got '{norm}'")
+        unknown = [f for f in out_features if f not in _OUTPUTS]
+        if unknown or not out_features:
+            raise BackboneError(f"VGG-16 outputs must be among {list(_OUTPUTS)}, got {list(out_features)}")
+        if norm == "bn":
+            net, weights = torchvision.models.vgg16_bn(weights=None), torchvision.models.VGG16_BN_Weights
+        else:
+            net, weights = torchvision.models.vgg16(weights=None), torchvision.models.VGG16_Weights
+        if pretrained:
+            load_pretrained(net, pretrained, weights)
+            self.fc_state = {
+                "fc6.weight": net.classifier[0].weight.detach().clone(),
+                "fc6.bias": net.classifier[0].bias.detach().clone(),
+                "fc7.weight": net.classifier[3].weight.detach().clone(),
+                "fc7.bias": net.classifier[3].bias.detach().clone(),
+            }
+        else:
+            self.fc_state = None
+        layers = list(net.features.children())
+        # Split the flat torchvision Sequential into the five conv blocks at its max-pools.
+        blocks, current = [], []
+        for layer in layers:
+            if isinstance(layer, nn.MaxPool2d):
+                blocks.append(nn.Sequential(*current))
+                current = []
+            else:
+                current.append(layer)
+        self.block1, self.block2, self.block3, self.block4, self.block5 = blocks
+        self.pool = nn.MaxPool2d(2, 2)
+        self.out_features = [f for f in _OUTPUTS if f in out_features]
+        self.out_strides = {f: _OUTPUTS[f] for f in self.out_features}
+        self.out_channels_per_feature = {f: _CHANNELS[f] for f in self.out_features}
+        if not 0 <= frozen_stages <= 5:
+            raise BackboneError(f"VGG-16 frozen_stages must be in 0..5, got {frozen_stages}")
+        freeze([getattr(self, f"block{i + 1}") for i in range(frozen_stages)])
+
+    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+        out = OrderedDict()
+        x = self.pool(self.block1(x))
+        x = self.pool(self.block2(x))
+        x = self.block3(x)
+        if "c2" in self.out_features:
+            out["c2"] = x
+        x = self.block4(self.pool(x))
+        if "c3" in self.out_features:
+            out["c3"] = x
+        if self.out_features[-1] == "c3":
+            return out
+        x = self.block5(self.pool(x))
+        if "c4" in self.out_features:
+            out["c4"] = x
+        if "c5" in self.out_features:
+            out["c5"] = self.pool(x)
+        return out

@@ -1,0 +1,95 @@
+"""The one Detector of detkit: backbone -> proposal generator -> RoI head.
+
+R-CNN, SPP-net, Fast R-CNN and Faster R-CNN differ only in which parts they plug in
+(``detkit.build`` does it from a config); this file reads top to bottom:
+
+    features              = backbone(images.tensor)                 # dict name -> (N, C, H, W)
+    proposals, rpn_losses = proposal_generator(images, features, targets)
+    detections, losses    = roi_head(images, features, proposals, targets)
+    detections            -> original image pixels (map_to_original)
+
+Losses are computed whenever targets are given, also in eval mode (validation loss);
+each loss term is multiplied by its weight in ``loss_weights`` here and nowhere else.
+Targets are in network-input pixels (the data transforms scaled them); ``difficult``
+boxes are removed from them before any loss unless ``train_difficult`` is set.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from detkit.modeling.backbones.common import keep_frozen_bn_in_eval
+from detkit.structures import Detections, ImageList
+
+
+def map_to_original(detections: List[Detections], images: ImageList) -> List[Detections]:
+    """The one place where boxes go from network-input pixels back to original pixels
+    (per-axis ratio original / resized, as the resize scaled each axis)."""
+    if images.orig_sizes is None:
+        return detections
+    out = []
+    for det, (h, w), (oh, ow) in zip(detections, images.image_sizes, images.orig_sizes):
+        # float32 division like torchvision's resize_boxes, so converted models agree exactly.
+        rw = torch.tensor(ow, dtype=torch.float32) / torch.tensor(w, dtype=torch.float32)
+        rh = torch.tensor(oh, dtype=torch.float32) / torch.tensor(h, dtype=torch.float32)
+        ratio = torch.stack([rw, rh, rw, rh]).to(det.boxes)
+        out.append(Detections(det.boxes * ratio, det.scores, det.labels))
+    return out
+
+
+class Detector(nn.Module):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        proposal_generator: nn.Module,
+        roi_head: nn.Module,
+        loss_weights: Optional[Dict[str, float]] = None,
+        train_difficult: bool = False,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.proposal_generator = proposal_generator
+        self.roi_head = roi_head
+        self.loss_weights = dict(loss_weights or {})
+        self.train_difficult = train_difficult
+
+    @property
+    def size_divisibility(self) -> int:
+        return getattr(self.backbone, "size_divisibility", 32)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        keep_frozen_bn_in_eval(self)
+        return self
+
+    def _training_targets(self, targets: Optional[List[dict]], device) -> Optional[List[dict]]:
+        if targets is None:
+            return None
+        out = []
+        for t in targets:
+            boxes, labels = t["boxes"].to(device), t["labels"].to(device)
+            difficult = t.get("difficult")
+            if difficult is not None and not self.train_difficult and difficult.any():
+                keep = ~difficult.to(device)
+                boxes, labels = boxes[keep], labels[keep]
+            out.append({"boxes": boxes, "labels": labels})
+        return out
+
+    def forward(
+        self, images: ImageList, targets: Optional[List[dict]] = None
+    ) -> Tuple[List[Detections], Dict[str, Tensor]]:
+        """-> (detections per image in original pixels; [] in training mode), losses."""
+        targets = self._training_targets(targets, images.tensor.device)
+        features = self.backbone(images.tensor)
+        proposals, proposal_losses = self.proposal_generator(images, features, targets)
+        proposals = [p.detach() for p in proposals]
+        detections, head_losses = self.roi_head(images, features, proposals, targets)
+        losses = {**proposal_losses, **head_losses}
+        for name in losses:
+            if name in self.loss_weights:
+                losses[name] = losses[name] * self.loss_weights[name]
+        if not self.training:
+            detections = map_to_original(detections, images)
+        return detections, losses

@@ -1,0 +1,33 @@
+"""detkit: the two-stage detection lineage (Selective Search -> R-CNN -> SPP-net ->
+Fast R-CNN -> Faster R-CNN) behind one proposal interface and one region-head interface."""
+from setuptools import find_packages, setup
+
+setup(
+    name="detkit",
+    version="0.1.0",
+    description="Run, study and compare the two-stage object-detection lineage",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["detkit", "detkit.*"]),
+    install_requires=[
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "numpy",
+        "pycocotools",
+        "opencv-python-headless",
+        "scikit-learn",
+        "scikit-image",
+        "scipy",
+        "pyyaml",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": ["pytest"],
+        # OpenCV-contrib's selective search is only the peer we benchmark against; it
+        # replaces the cv2 module of opencv-python-headless, so install it in a separate env.
+        "bench": ["opencv-contrib-python-headless"],
+    },
+    entry_points={"console_scripts": ["detkit=detkit.cli:main"]},
+)
