@@ -108,7 +108,7 @@ def _default_out(config_path: str) -> Path:
 
 
 def _evaluate_fn(cfg):
-    from detkit.evaluation.report import evaluate
+    from detkit.evaluation.report import evaluate, result_to_json
 
     def run(dets, dataset):
         result = evaluate(dataset, dets, cfg.test.metric)
@@ -116,7 +116,7 @@ def _evaluate_fn(cfg):
         for metric in cfg.test.extra_metrics:
             if metric != cfg.test.metric:
                 r = evaluate(dataset, dets, metric)
-                extra[metric] = {"mAP": r["mAP"], "per_class": r["per_class"]}
+                extra[metric] = result_to_json({"mAP": r["mAP"], "per_class": r["per_class"]})
         if extra:
             result["extra"] = extra
         return result
@@ -134,7 +134,7 @@ def _finish_eval(result, dataset, out_dir: Path, plot: bool = False) -> None:
     write_result(result, out_dir / "eval.json")
     print(format_table(result))
     for metric, r in result.get("extra", {}).items():
-        print(f"{metric}: mAP {r['mAP']:.4f}")
+        print(f"{metric}: mAP {r['mAP']:.4f}" if r["mAP"] is not None else f"{metric}: mAP n/a")
     if plot:
         plot_pr_curves(result, out_dir / "pr_curves")
 
@@ -297,7 +297,7 @@ def cmd_data_check(args) -> int:
 
     ds_cfg, classes = load_dataset_yaml(args.dataset, which=args.split)
     dataset = build_dataset(ds_cfg, classes)
-    report = check_dataset(dataset, decode_images=not args.no_decode)
+    report = check_dataset(dataset, decode_images=not args.no_decode, progress=sys.stderr.isatty())
     print(format_report(report))
     return 1 if report["errors"] else 0
 
@@ -405,6 +405,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    logger_state = (list(logger.handlers), logger.level, logger.propagate)
     _setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
@@ -415,6 +416,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("detkit: interrupted", file=sys.stderr)
         return 130
+    finally:
+        # Leave the "detkit" logger as we found it (main() is also called from Python/tests).
+        logger.handlers[:], logger.level, logger.propagate = logger_state
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ be read or whose size differs from the annotation.
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, List
 
 import numpy as np
 from tqdm import tqdm
@@ -30,9 +30,10 @@ def check_dataset(dataset, decode_images: bool = True, progress: bool = True) ->
             sizes[name] = {q: float(np.percentile(v, p)) for q, p in (("min", 0), ("p5", 5), ("median", 50),
                                                                      ("p95", 95), ("max", 100))}
     image_sizes = sorted({(r.width, r.height) for r in records})
-    errors, warnings = [], []
-    for line in getattr(dataset, "problems", None).lines(max_files=5) if getattr(dataset, "problems", None) else []:
-        warnings.append(line)
+    errors: List[str] = []
+    # What the loader fixed or skipped (load_voc / load_coco attach their ProblemLog).
+    problems = getattr(dataset, "problems", None)
+    warnings: List[str] = problems.lines(max_files=5) if problems is not None else []
     if decode_images:
         unreadable, mismatched = [], []
         for r in tqdm(records, desc="decoding", disable=not progress, leave=False):

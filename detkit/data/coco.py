@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -38,19 +39,67 @@ def _load_json(ann_file: Path) -> dict:
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise DatasetError(f"{ann_file}: not a COCO json (missing or non-list '{key}')")
+    image_ids, cat_ids = set(), set()
     for i, im in enumerate(data["images"]):
         if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
             raise DatasetError(f"{ann_file}: images[{i}] needs 'id' and 'file_name'")
+        if not _is_id(im["id"]):
+            raise DatasetError(f"{ann_file}: images[{i}].id must be an integer or a string, got {_short(im['id'])}")
+        if im["id"] in image_ids:
+            raise DatasetError(f"{ann_file}: images[{i}].id {im['id']!r} is used twice")
+        image_ids.add(im["id"])
+        for key in ("width", "height"):
+            if im.get(key) is not None and not (_is_number(im[key]) and math.isfinite(im[key])):
+                raise DatasetError(f"{ann_file}: images[{i}].{key} must be a number, got {_short(im[key])}")
     for i, cat in enumerate(data["categories"]):
         if not isinstance(cat, dict) or "id" not in cat or "name" not in cat:
             raise DatasetError(f"{ann_file}: categories[{i}] needs 'id' and 'name'")
+        if not isinstance(cat["name"], str) or not cat["name"]:
+            raise DatasetError(
+                f"{ann_file}: categories[{i}].name must be a non-empty string, got {_short(cat['name'])}"
+            )
+        if not _is_int(cat["id"]):
+            raise DatasetError(f"{ann_file}: categories[{i}].id must be an integer, got {_short(cat['id'])}")
+        cat["id"] = int(cat["id"])
+        if cat["id"] in cat_ids:
+            raise DatasetError(f"{ann_file}: categories[{i}].id {cat['id']!r} is used twice")
+        cat_ids.add(cat["id"])
     for i, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict) or not {"image_id", "category_id", "bbox"} <= set(ann):
             raise DatasetError(f"{ann_file}: annotations[{i}] needs 'image_id', 'category_id' and 'bbox'")
         bbox = ann["bbox"]
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
-            raise DatasetError(f"{ann_file}: annotations[{i}].bbox must be 4 numbers [x, y, w, h]")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+            raise DatasetError(
+                f"{ann_file}: annotations[{i}].bbox must be 4 numbers [x, y, w, h], got {_short(bbox)}"
+            )
+        if not _is_id(ann["image_id"]):
+            raise DatasetError(f"{ann_file}: annotations[{i}].image_id must be an integer or a string, "
+                               f"got {_short(ann['image_id'])}")
+        if not _is_int(ann["category_id"]):
+            raise DatasetError(f"{ann_file}: annotations[{i}].category_id must be an integer, "
+                               f"got {_short(ann['category_id'])}")
+        ann["category_id"] = int(ann["category_id"])
     return data
+
+
+def _short(value, limit: int = 60) -> str:
+    """repr of a (possibly long) json value, cut to fit in a one-line message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_number(v) -> bool:
+    # json gives bool for true/false, which Python would otherwise accept as 1/0.
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_int(v) -> bool:
+    """An int, or a float with an integral value (3.0, as some exporters write ids)."""
+    return _is_number(v) and (isinstance(v, int) or v.is_integer())
+
+
+def _is_id(v) -> bool:
+    return _is_int(v) or isinstance(v, str)
 
 
 def load_coco(
@@ -94,6 +143,7 @@ def load_coco(
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
         coco.createIndex()
 
+    known_cat_ids = {c["id"] for c in cats}
     by_image = {}
     for ann in data["annotations"]:
         by_image.setdefault(ann["image_id"], []).append(ann)
@@ -120,7 +170,7 @@ def load_coco(
         for ann in by_image.get(im["id"], []):
             label = cat_to_label.get(ann["category_id"])
             if label is None:
-                if ann["category_id"] not in {c["id"] for c in cats}:
+                if ann["category_id"] not in known_cat_ids:
                     problems.add("dropped annotations with an unknown category_id", file_name)
                 else:
                     problems.add("dropped annotations of classes not in the class list", file_name)
@@ -147,7 +197,8 @@ def load_coco(
         )
     unknown_images = set(by_image) - {im["id"] for im in data["images"]}
     if unknown_images:
-        problems.add("dropped annotations whose image_id is not in images", str(ann_file), len(unknown_images))
+        count = sum(len(by_image[i]) for i in unknown_images)
+        problems.add("dropped annotations whose image_id is not in images", str(ann_file), count)
     if not records:
         detail = "; ".join(problems.lines(1)) or "no images"
         raise DatasetError(f"{ann_file}: no usable images ({detail})")

@@ -119,12 +119,13 @@ def sanitize_boxes(
         clipped = boxes.copy()
         np.clip(clipped[:, 0::2], 0, width, out=clipped[:, 0::2])
         np.clip(clipped[:, 1::2], 0, height, out=clipped[:, 1::2])
-        changed = ok & (np.abs(clipped - boxes).max(axis=1) > 0)
+        outside = ok & ((clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1]))
+        # A box entirely outside is reported once, as dropped, not also as clipped.
+        changed = ok & ~outside & (np.abs(clipped - boxes).max(axis=1) > 0)
         if changed.any():
             problems.add("clipped boxes extending outside the image", file, int(changed.sum()))
-        boxes[:] = clipped
-        outside = ok & ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]))
         if outside.any():
             problems.add("dropped boxes lying outside the image", file, int(outside.sum()))
+        boxes[:] = clipped
         ok &= ~outside
     return ok

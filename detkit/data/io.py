@@ -54,9 +54,14 @@ def image_size(path) -> Tuple[int, int]:
 
 
 def is_within(path: Path, root: Path) -> bool:
-    """True when ``path`` (after resolving ``..`` and links) lies inside ``root``."""
+    """True when ``path``, with its ``..`` parts resolved, lies inside ``root``.
+
+    The check is on the path as named (lexical), not on where symbolic links point: it stops
+    an annotation file from naming ``../../etc/passwd``, while datasets assembled from links
+    to files elsewhere (a common way to build a split) keep working.
+    """
     try:
-        Path(os.path.realpath(path)).relative_to(os.path.realpath(root))
+        Path(os.path.normpath(os.path.abspath(path))).relative_to(os.path.normpath(os.path.abspath(root)))
         return True
     except ValueError:
         return False
@@ -64,7 +69,8 @@ def is_within(path: Path, root: Path) -> bool:
 
 class ProblemLog:
     """Counts skipped or fixed input problems so that a dataset load emits one warning line
-    per kind ("dropped 2 zero-area boxes in 2 files (a.xml, b.xml)") instead of one per box."""
+    per kind ("voc:train: dropped zero-area boxes: 2 in 2 files (a.xml, b.xml)") instead of
+    one per box."""
 
     def __init__(self, name: str):
         self.name = name

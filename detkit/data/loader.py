@@ -48,6 +48,11 @@ class GroupedBatchSampler(Sampler[List[int]]):
         self.start_batch = int(start_batch)
         if len(self.groups) == 0:
             raise ValueError("cannot sample batches from an empty dataset")
+        if self.batch_size < 1:
+            # A bucket would never fill: the stream would loop forever without a batch.
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if self.start_batch < 0:
+            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
 
     def __iter__(self) -> Iterator[List[int]]:
         buckets = {0: [], 1: []}
@@ -93,6 +98,8 @@ def build_test_loader(dataset, batch_size: int = 1, num_workers: int = 0, size_d
                       indices: Optional[List[int]] = None) -> DataLoader:
     """One pass in dataset order. Batches group consecutive images of the same orientation
     (keeping the order) so that padding stays small."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     order = list(range(len(dataset))) if indices is None else list(indices)
     ratios = dataset.aspect_ratios()
     batches, current = [], []

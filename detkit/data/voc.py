@@ -70,7 +70,20 @@ def _read_id_list(path: Path) -> List[str]:
     except (OSError, UnicodeDecodeError) as exc:
         raise DatasetError(f"cannot read split file {path}: {exc.__class__.__name__}") from None
     # ImageSets files may carry a second column (class-specific lists: "000005  1").
-    return [line.split()[0] for line in text.splitlines() if line.strip()]
+    ids = [line.split()[0] for line in text.splitlines() if line.strip()]
+    if not ids:
+        raise DatasetError(f"split file lists no image ids: {path}")
+    return ids
+
+
+def _missing_split_file(path: Path, hint_if_none: str, devkit: bool) -> DatasetError:
+    """'split file not found: PATH (available: a, b)', listing the split lists beside it
+    (in a devkit's ImageSets/Main without the per-class lists such as aeroplane_train.txt)."""
+    have = sorted(p.stem for p in path.parent.glob("*.txt")) if path.parent.is_dir() else []
+    if devkit:
+        have = [name for name in have if "_" not in name]
+    hint = f"available: {', '.join(have)}" if have else hint_if_none
+    return DatasetError(f"split file not found: {path} ({hint})")
 
 
 def _select_ids(
@@ -79,7 +92,7 @@ def _select_ids(
     if split_file is not None:
         path = Path(root, split_file) if root is not None else Path(split_file)
         if not path.is_file():
-            raise DatasetError(f"split file not found: {path}")
+            raise _missing_split_file(path, f"no .txt split lists in {path.parent}", devkit=False)
         return _read_id_list(path)
     all_ids = sorted(p.stem for p in ann.glob("*.xml"))
     if not all_ids:
@@ -89,10 +102,7 @@ def _select_ids(
     if devkit and holdout <= 0:
         path = root / "ImageSets" / "Main" / f"{split}.txt"
         if not path.is_file():
-            main = root / "ImageSets" / "Main"
-            have = sorted(p.stem for p in main.glob("*.txt") if "_" not in p.stem) if main.is_dir() else []
-            hint = f"available: {', '.join(have)}" if have else "set holdout: 0.2 to split by a seeded fraction"
-            raise DatasetError(f"split file not found: {path} ({hint})")
+            raise _missing_split_file(path, "set holdout: 0.2 to split by a seeded fraction", devkit=True)
         return _read_id_list(path)
     if not 0.0 < holdout < 1.0:
         raise DatasetError(
@@ -197,6 +207,10 @@ def load_voc(
             continue
         seen.add(image_id)
         xml_path = ann / f"{image_id}.xml"
+        if not is_within(xml_path, ann):
+            # An id such as "../../secret" in a split list must not reach outside the folder.
+            problems.add("skipped ids whose annotation path escapes the annotations folder", image_id)
+            continue
         if not xml_path.is_file():
             problems.add("skipped ids without an annotation file", str(xml_path))
             continue

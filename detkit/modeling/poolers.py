@@ -66,7 +66,7 @@ def _bilinear_entries(rois: Tensor, scale: float, size: int, sr: int, aligned: b
     cols = torch.stack(
         [base + y_low * width + x_low, base + y_low * width + x_high,
          base + y_high * width + x_low, base + y_high * width + x_high], -1)
-    weights = torch.stack([hy * hx, hy * lx, ly * hx, ly * lx], -1) * (valid[..., None] / (sr * sr))
+    weights = torch.stack([hy * hx, hy * lx, ly * hx, ly * lx], -1) * (valid[..., None].to(rois.dtype) / (sr * sr))
     rows = torch.arange(r * size * size, device=rois.device).view(r, size, size, 1, 1, 1).expand(cols.shape)
     return rows.reshape(-1), cols.reshape(-1), weights.reshape(-1)
 

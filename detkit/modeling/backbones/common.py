@@ -83,6 +83,14 @@ def load_pretrained(model: nn.Module, pretrained: str, weights_enum=None) -> Non
                 f"cannot download {weights_enum.__name__}.{name} ({exc.__class__.__name__}); "
                 "download it elsewhere and pass the local file path"
             ) from None
+    own = model.state_dict()
+    wrong = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise BackboneError(
+            f"pretrained weights {pretrained} do not fit {type(model).__name__}: {len(wrong)} tensors differ in "
+            f"shape, e.g. {k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        )
     missing, unexpected = model.load_state_dict(state, strict=False)
     # Classification heads (fc, classifier) are allowed to be absent or unused.
     missing = [k for k in missing if not k.startswith(("fc.", "classifier."))]

@@ -128,7 +128,7 @@ class FastRCNNHead(nn.Module):
             fg_deltas = deltas[fg]
         else:
             cls = labels[fg] - 1
-            fg_deltas = deltas.view(deltas.shape[0], -1, 4)[fg, cls]
+            fg_deltas = deltas.view(deltas.shape[0], deltas.shape[1] // 4, 4)[fg, cls]
         # Normalised by all sampled RoIs, not only foreground (Fast R-CNN's lambda = 1 with
         # this normalisation balances the two terms, sec. 2.3).
         loss_box = smooth_l1(fg_deltas, box_targets[fg], self.smooth_l1_beta) / max(labels.numel(), 1)

@@ -1,0 +1,170 @@
+"""Tests of dataset validation (detkit.data.check) and ``detkit data check``."""
+import contextlib
+import io
+import logging
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from detkit.cli import main
+from detkit.data.check import check_dataset, format_report
+from detkit.data.voc import load_voc
+
+
+def shared_dir() -> Path:
+    env = os.environ.get("DETKIT_SHARED")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / ".." / "shared"
+
+
+BCCD = shared_dir() / "data" / "BCCD"
+
+
+@contextlib.contextmanager
+def cli_logging_restored():
+    """``detkit.cli.main`` installs its own stderr handler; put the logger back afterwards."""
+    logger = logging.getLogger("detkit")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    try:
+        yield
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved
+
+
+def write_xml(path: Path, objects, size=(64, 48)) -> None:
+    objs = "".join(
+        f"<object><name>{n}</name><difficult>{int(d)}</difficult><bndbox><xmin>{b[0]}</xmin>"
+        f"<ymin>{b[1]}</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
+        for n, b, d in objects
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"<annotation><filename>{path.stem}.jpg</filename><size><width>{size[0]}</width>"
+                    f"<height>{size[1]}</height></size>{objs}</annotation>")
+
+
+def write_image(path: Path, width=64, height=48) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), np.full((height, width, 3), 200, np.uint8))
+
+
+@pytest.fixture
+def small_voc(tmp_path):
+    """a: cat 20x20 + difficult dog 10x40 (+ one zero-area box); b: cat 40x10; c: empty."""
+    root = tmp_path / "ds"
+    write_xml(root / "annotations" / "a.xml",
+              [("cat", (11, 11, 30, 30), 0), ("dog", (1, 1, 10, 40), 1), ("cat", (5, 5, 5, 9), 0)])
+    write_xml(root / "annotations" / "b.xml", [("cat", (1, 1, 40, 10), 0)])
+    write_xml(root / "annotations" / "c.xml", [])
+    for stem in "abc":
+        write_image(root / "images" / f"{stem}.jpg")
+    (tmp_path / "data.yaml").write_text("format: voc\nroot: ds\n")
+    return root
+
+
+def test_report_of_a_small_dataset(small_voc):
+    report = check_dataset(load_voc(small_voc), progress=False)
+    assert report["name"] == "ds:all"
+    assert (report["images"], report["objects"], report["images_without_objects"]) == (3, 3, 1)
+    assert report["per_class"] == {"cat": {"objects": 2, "difficult": 0}, "dog": {"objects": 1, "difficult": 1}}
+    # Widths and heights are both {20, 10, 40} -> sorted [10, 20, 40]; numpy's linear
+    # percentiles: p5 at position 0.1 -> 11, p95 at position 1.9 -> 38. Every area is 400.
+    spread = {"min": 10.0, "p5": 11.0, "median": 20.0, "p95": 38.0, "max": 40.0}
+    assert report["box_sizes"]["width"] == pytest.approx(spread)
+    assert report["box_sizes"]["height"] == pytest.approx(spread)
+    assert report["box_sizes"]["sqrt_area"] == pytest.approx({k: 20.0 for k in spread})
+    assert report["image_sizes"] == [[64, 48]] and report["num_image_sizes"] == 1
+    assert report["warnings"] == ["ds:all: dropped zero-area boxes: 1 in 1 file (a.xml)"]
+    assert report["errors"] == []
+
+
+def test_format_report(small_voc):
+    text = format_report(check_dataset(load_voc(small_voc), progress=False))
+    assert text.splitlines() == [
+        "dataset ds:all: 3 images, 3 objects, 1 images without objects",
+        "  class  objects  difficult",
+        "  cat          2          0",
+        "  dog          1          1",
+        "  box width     min 10.0  p5 11.0  median 20.0  p95 38.0  max 40.0 px",
+        "  box height    min 10.0  p5 11.0  median 20.0  p95 38.0  max 40.0 px",
+        "  box sqrt_area min 20.0  p5 20.0  median 20.0  p95 20.0  max 20.0 px",
+        "  image sizes: 64x48",
+        "problems fixed or skipped (1):",
+        "  - ds:all: dropped zero-area boxes: 1 in 1 file (a.xml)",
+    ]
+
+
+def test_corrupt_image_and_size_mismatch_are_reported(small_voc):
+    (small_voc / "images" / "b.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    write_image(small_voc / "images" / "c.jpg", 40, 30)
+    dataset = load_voc(small_voc)
+    report = check_dataset(dataset, progress=False)
+    assert report["errors"] == [f"cannot decode image: {small_voc / 'images' / 'b.jpg'} (not an image or corrupt)"]
+    assert report["warnings"][1:] == [f"{small_voc / 'images' / 'c.jpg'}: annotation says 64x48, image is 40x30"]
+    # Without decoding, only what the loader saw.
+    report = check_dataset(dataset, decode_images=False, progress=False)
+    assert report["errors"] == [] and len(report["warnings"]) == 1
+
+
+def test_clean_dataset_says_no_problems(tmp_path):
+    write_xml(tmp_path / "ds" / "annotations" / "a.xml", [("cat", (11, 11, 30, 30), 0)])
+    write_image(tmp_path / "ds" / "images" / "a.jpg")
+    text = format_report(check_dataset(load_voc(tmp_path / "ds"), progress=False))
+    assert text.splitlines()[-1] == "no problems found"
+
+
+def test_cli_returns_1_and_names_the_corrupt_image(small_voc, capsys):
+    bad = small_voc / "images" / "b.jpg"
+    bad.write_bytes(b"garbage")
+    with cli_logging_restored():
+        rc = main(["data", "check", str(small_voc.parent / "data.yaml")])
+    assert rc == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2:] == ["errors (1):", f"  - cannot decode image: {bad} (not an image or corrupt)"]
+
+
+def test_cli_no_decode_skips_the_images(small_voc, capsys):
+    (small_voc / "images" / "b.jpg").write_bytes(b"garbage")
+    with cli_logging_restored():
+        assert main(["data", "check", "--no-decode", str(small_voc.parent / "data.yaml")]) == 0
+    assert "errors" not in capsys.readouterr().out
+
+
+# -- the real BCCD folder, decoded once for the whole module ---------------------------------
+@pytest.fixture(scope="module")
+def bccd_check(tmp_path_factory):
+    if not (BCCD / "Annotations").is_dir():
+        pytest.skip(f"BCCD not found under {BCCD} (set DETKIT_SHARED)")
+    yaml = tmp_path_factory.mktemp("bccd") / "bccd.yaml"
+    yaml.write_text(f"format: voc\nroot: {BCCD.resolve()}\n")
+    out, err = io.StringIO(), io.StringIO()
+    with cli_logging_restored(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(["data", "check", str(yaml)])
+    return rc, out.getvalue().splitlines(), err.getvalue().splitlines()
+
+
+def test_cli_check_bccd_returns_0(bccd_check):
+    rc, out, _ = bccd_check
+    assert rc == 0
+    assert not any(line.startswith("errors") for line in out)
+
+
+def test_cli_check_bccd_prints_the_class_table(bccd_check):
+    _, out, _ = bccd_check
+    assert out[0] == "dataset BCCD:all: 364 images, 4886 objects, 0 images without objects"
+    assert out[1:5] == [
+        "  class      objects  difficult",
+        "  Platelets      361          0",
+        "  RBC           4153          0",
+        "  WBC            372          0",
+    ]
+    assert "  image sizes: 640x480" in out
+
+
+def test_cli_check_bccd_reports_the_two_zero_size_boxes(bccd_check):
+    _, out, err = bccd_check
+    line = "BCCD:all: dropped zero-area boxes: 2 in 2 files (BloodImage_00338.xml, BloodImage_00343.xml)"
+    assert out[-2:] == ["problems fixed or skipped (1):", f"  - {line}"]
+    # The loader's warning, once, on stderr (besides info lines and the progress bar).
+    assert [e for e in err if e.startswith("warning:")] == [f"warning: {line}"]

@@ -1,0 +1,140 @@
+"""Tests of batching (detkit.data.loader): padding collate, aspect-ratio grouped sampling
+with resumable streams, and the order-keeping test loader."""
+from itertools import islice
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from detkit.data.dataset import DetectionDataset
+from detkit.data.loader import Collate, GroupedBatchSampler, build_test_loader, build_train_loader
+from detkit.structures import ImageRecord
+
+L, P = (30, 20), (20, 30)  # (width, height): landscape, portrait
+
+
+def make_dataset(tmp_path, sizes):
+    """One PNG per (width, height), every pixel = its index + 1 (so images can be told
+    apart after batching), one box each."""
+    records = []
+    for i, (w, h) in enumerate(sizes):
+        path = tmp_path / f"im{i}.png"
+        assert cv2.imwrite(str(path), np.full((h, w, 3), i + 1, np.uint8))
+        records.append(ImageRecord(f"im{i}", str(path), w, h, boxes=[[1, 1, 5, 5]], labels=[1], difficult=[False]))
+    return DetectionDataset(records, ["thing"])
+
+
+def item(h, w, image_id, fill=1.0):
+    return torch.full((3, h, w), fill), {"orig_size": (2 * h, 2 * w), "image_id": image_id, "boxes": torch.zeros(0, 4)}
+
+
+def test_dataset_item_through_the_test_transforms(tmp_path):
+    from detkit.data.transforms import build_transforms
+
+    dataset = make_dataset(tmp_path, [L])
+    dataset.transforms = build_transforms(False, min_size_test=40, max_size=1000, mean=(0, 0, 0), std=(1, 1, 1))
+    image, target = dataset[0]
+    assert image.shape == (3, 40, 60)  # 20x30 -> shorter side 40: factor 2
+    assert target["orig_size"] == (20, 30) and target["scale"] == (2.0, 2.0)
+    assert target["boxes"].tolist() == [[2, 2, 10, 10]]
+    assert target["image_id"] == "im0" and target["labels"].tolist() == [1]
+    assert torch.allclose(image, torch.full_like(image, 1 / 255))
+    # The record itself is untouched (the next epoch starts from original pixels again).
+    assert dataset.records[0].boxes.tolist() == [[1, 1, 5, 5]]
+
+
+# -- collate ----------------------------------------------------------------------------------
+def test_collate_pads_with_zeros_to_a_multiple_of_size_divisibility():
+    batch = [item(50, 70, "a", 1.0), item(40, 90, "b", 2.0)]
+    images, targets = Collate(32)(batch)
+    assert images.tensor.shape == (2, 3, 64, 96)  # max 50x90 rounded up to multiples of 32
+    assert images.image_sizes == [(50, 70), (40, 90)]
+    assert images.orig_sizes == [(100, 140), (80, 180)]
+    assert images.image_ids == ["a", "b"]
+    assert targets == [batch[0][1], batch[1][1]]
+    assert bool((images.tensor[0, :, :50, :70] == 1.0).all())
+    assert float(images.tensor[0, :, 50:, :].abs().sum()) == 0 and float(images.tensor[0, :, :, 70:].abs().sum()) == 0
+    assert bool((images.tensor[1, :, :40, :90] == 2.0).all())
+    assert float(images.tensor[1, :, 40:, :].abs().sum()) == 0 and float(images.tensor[1, :, :, 90:].abs().sum()) == 0
+    # No divisibility: just the largest size.
+    assert Collate(0)(batch)[0].tensor.shape == (2, 3, 50, 90)
+    assert Collate(32)([item(64, 32, "c")])[0].tensor.shape == (1, 3, 64, 32)  # already multiples
+
+
+# -- the training stream ---------------------------------------------------------------------
+def test_without_grouping_the_stream_is_the_seeded_permutations_in_pairs():
+    sampler = GroupedBatchSampler(np.ones(5), batch_size=2, seed=3, group=False)
+    stream = torch.cat([torch.randperm(5, generator=torch.Generator().manual_seed(3 + e)) for e in range(3)]).tolist()
+    # Epochs run on into each other: the 5th index of epoch 0 pairs with epoch 1's first.
+    assert list(islice(sampler, 7)) == [stream[2 * i: 2 * i + 2] for i in range(7)]
+
+
+def test_batches_hold_one_orientation_and_cover_every_image():
+    ratios = np.array([0.75, 1.5, 0.75, 1.5, 1.0, 2.0, 0.5, 0.6, 1.2, 0.9])  # h / w; 1.0 is landscape
+    portrait = set(np.flatnonzero(ratios > 1).tolist())
+    batches = list(islice(GroupedBatchSampler(ratios, batch_size=2, seed=0), 40))
+    assert all(len(b) == 2 for b in batches)
+    for b in batches:
+        assert len({i in portrait for i in b}) == 1, b
+    seen = [i for b in batches for i in b]
+    assert set(seen) == set(range(10))
+    # 6 landscape and 4 portrait images fill 3 + 2 whole batches per epoch, with nothing left
+    # over, so 40 batches are exactly 8 epochs: every image comes up exactly 8 times.
+    assert np.bincount(seen, minlength=10).tolist() == [8] * 10
+
+
+def test_stream_is_deterministic_per_seed():
+    ratios = np.array([0.75, 1.5] * 6)
+    first = list(islice(GroupedBatchSampler(ratios, 3, seed=5), 20))
+    assert list(islice(GroupedBatchSampler(ratios, 3, seed=5), 20)) == first
+    assert list(islice(GroupedBatchSampler(ratios, 3, seed=6), 20)) != first
+
+
+@pytest.mark.parametrize("k", [0, 1, 7, 13])
+def test_start_batch_skips_exactly_the_first_k_batches(k):
+    ratios = np.array([0.75, 1.5, 0.75, 0.75, 1.5, 1.0, 2.0])
+    full = list(islice(GroupedBatchSampler(ratios, 2, seed=1), 30))
+    resumed = list(islice(GroupedBatchSampler(ratios, 2, seed=1, start_batch=k), 30 - k))
+    assert resumed == full[k:]
+
+
+def test_sampler_rejects_what_would_never_yield():
+    with pytest.raises(ValueError, match="empty dataset"):
+        GroupedBatchSampler(np.zeros(0), 2)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        GroupedBatchSampler(np.ones(3), 0)
+    with pytest.raises(ValueError, match="start_batch must be >= 0"):
+        GroupedBatchSampler(np.ones(3), 1, start_batch=-1)
+
+
+def test_train_loader_batches_and_resumes(tmp_path):
+    dataset = make_dataset(tmp_path, [L, P, L, P, L, P])
+    loader = build_train_loader(dataset, batch_size=2, seed=0, size_divisibility=16)
+    batches = list(islice(iter(loader), 6))
+    for images, targets in batches:
+        ids = images.image_ids
+        assert [t["image_id"] for t in targets] == ids
+        portrait = {int(i[2:]) % 2 == 1 for i in ids}
+        assert len(portrait) == 1
+        # 20x30 or 30x20 images: padded to multiples of 16 -> 32x32.
+        assert images.tensor.shape == (2, 3, 32, 32)
+        assert images.image_sizes == ([(30, 20)] * 2 if portrait == {True} else [(20, 30)] * 2)
+        for n, image_id in enumerate(ids):  # each image is the right file
+            assert float(images.tensor[n, 0, 0, 0]) == pytest.approx((int(image_id[2:]) + 1) / 255)
+    resumed = list(islice(iter(build_train_loader(dataset, 2, seed=0, size_divisibility=16, start_batch=4)), 2))
+    assert [b[0].image_ids for b in resumed] == [b[0].image_ids for b in batches[4:6]]
+
+
+# -- the test loader -------------------------------------------------------------------------
+def test_test_loader_keeps_dataset_order(tmp_path):
+    dataset = make_dataset(tmp_path, [L, L, P, L, L, L, P, P])
+    batches = [images.image_ids for images, _ in build_test_loader(dataset, batch_size=2, size_divisibility=0)]
+    # Consecutive same-orientation images share a batch, in order, never more than two.
+    assert batches == [["im0", "im1"], ["im2"], ["im3", "im4"], ["im5"], ["im6", "im7"]]
+    single = [images.image_ids for images, _ in build_test_loader(dataset, batch_size=1)]
+    assert single == [[f"im{i}"] for i in range(8)]
+    subset = [images.image_ids for images, _ in build_test_loader(dataset, batch_size=4, indices=[7, 6, 0, 1])]
+    assert subset == [["im7", "im6"], ["im0", "im1"]]
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        build_test_loader(dataset, batch_size=0)

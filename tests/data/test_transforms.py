@@ -1,0 +1,165 @@
+"""Tests of the box-aware transforms (detkit.data.transforms), including bit-exact parity
+with torchvision's GeneralizedRCNNTransform, which the torchvision weight converter needs."""
+import math
+
+import pytest
+import torch
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+from detkit.data.loader import Collate
+from detkit.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ColorJitter,
+    Normalize,
+    RandomHorizontalFlip,
+    ResizeShortestEdge,
+    build_transforms,
+    resize_scale,
+    unnormalize,
+)
+
+
+def target(boxes, scale=(1.0, 1.0)):
+    boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    return {"boxes": boxes, "labels": torch.ones(len(boxes), dtype=torch.int64),
+            "difficult": torch.zeros(len(boxes), dtype=torch.bool), "image_id": "x",
+            "orig_size": (0, 0), "scale": scale}
+
+
+# -- resizing ---------------------------------------------------------------------------------
+def test_resize_scale_short_side_unless_the_long_side_exceeds_max():
+    assert resize_scale(480, 640, 600, 1000) == 600 / 480  # 800 <= 1000: short side rules
+    assert resize_scale(100, 400, 600, 1000) == 1000 / 400  # 2400 > 1000: long side capped
+    assert resize_scale(640, 480, 600, 1000) == 600 / 480  # portrait: same rule
+
+
+@pytest.mark.parametrize("h,w,short,max_size,expected", [
+    (480, 640, 600, 1000, (600, 800)),
+    (100, 400, 600, 1000, (250, 1000)),
+    (640, 480, 600, 1000, (800, 600)),
+    # 371 * (800 / 371) is 799.9999999999999 in floating point, and torchvision floors it:
+    # the shorter side comes out one pixel short, and so must ours.
+    (371, 500, 800, 1333, (799, 1078)),
+])
+def test_resize_output_size_is_the_floor_of_size_times_scale(h, w, short, max_size, expected):
+    scale = resize_scale(h, w, short, max_size)
+    assert (math.floor(h * scale), math.floor(w * scale)) == expected
+    out, _ = ResizeShortestEdge([short], max_size)(torch.zeros(3, h, w), None)
+    assert tuple(out.shape) == (3, *expected)
+    tv = GeneralizedRCNNTransform(short, max_size, [0.0] * 3, [1.0] * 3).eval()
+    assert tv([torch.zeros(3, h, w)])[0].image_sizes == [expected]
+
+
+def test_resize_scales_boxes_per_axis_and_updates_scale():
+    # 371x500 -> 799x1078: sy = 799/371, sx = 1078/500 (the factors of the pixels actually
+    # produced, not the nominal 800/371).
+    image = torch.zeros(3, 371, 500)
+    out, t = ResizeShortestEdge([800], 1333)(image, target([[10, 20, 110, 220]], scale=(2.0, 0.5)))
+    sy, sx = 799 / 371, 1078 / 500
+    expected = torch.tensor([[10 * sx, 20 * sy, 110 * sx, 220 * sy]], dtype=torch.float32)
+    torch.testing.assert_close(t["boxes"], expected, rtol=1e-6, atol=0)  # float32 rounding only
+    assert t["scale"] == (2.0 * sy, 0.5 * sx)  # composes with an earlier scale
+    assert t["labels"].tolist() == [1]
+
+
+def test_resize_keeps_an_empty_box_set_empty():
+    out, t = ResizeShortestEdge([96], 1000)(torch.zeros(3, 48, 64), target([]))
+    assert out.shape == (3, 96, 128)
+    assert t["boxes"].shape == (0, 4)
+    assert t["scale"] == (2.0, 2.0)
+
+
+def test_multi_scale_picks_only_from_the_list():
+    resize = ResizeShortestEdge([32, 48, 64], 10_000)
+    torch.manual_seed(0)
+    seen = [resize(torch.zeros(3, 10, 20), None)[0].shape[1] for _ in range(60)]
+    assert set(seen) == {32, 48, 64}
+    torch.manual_seed(0)
+    assert [resize(torch.zeros(3, 10, 20), None)[0].shape[1] for _ in range(60)] == seen  # seeded
+
+
+def test_resize_needs_a_size():
+    with pytest.raises(ValueError):
+        ResizeShortestEdge([], 1000)
+    assert ResizeShortestEdge(600, 1000).min_sizes == [600]
+
+
+# -- flipping and normalising ----------------------------------------------------------------
+def test_horizontal_flip_of_image_and_box():
+    image = torch.arange(10, dtype=torch.float32).reshape(1, 2, 5).expand(3, 2, 5)
+    out, t = RandomHorizontalFlip(1.0)(image, target([[1, 0, 3, 2], [0, 0, 5, 1]]))
+    assert out[0, 0].tolist() == [4, 3, 2, 1, 0]
+    # x1' = W - x2, x2' = W - x1 with W = 5: the continuous box [1, 3) maps to [2, 4).
+    assert t["boxes"].tolist() == [[2, 0, 4, 2], [0, 0, 5, 1]]
+    assert t["flipped"] is True
+    back, t2 = RandomHorizontalFlip(1.0)(out, t)
+    assert torch.equal(back, image) and t2["boxes"].tolist() == [[1, 0, 3, 2], [0, 0, 5, 1]]
+    assert t2["flipped"] is False
+
+
+def test_flip_with_zero_probability_does_nothing():
+    image = torch.rand(3, 4, 6)
+    t = target([[1, 1, 2, 2]])
+    out, t_out = RandomHorizontalFlip(0.0)(image, t)
+    assert out is image and t_out is t
+
+
+def test_normalize():
+    image = torch.ones(3, 2, 2)
+    image[:, 1, 1] = 0.0
+    out, _ = Normalize(mean=(0.5, 0.25, 0.0), std=(0.5, 0.25, 2.0))(image, None)
+    assert out[:, 0, 0].tolist() == [1.0, 3.0, 0.5]
+    assert out[:, 1, 1].tolist() == [-1.0, -1.0, 0.0]
+    assert torch.allclose(unnormalize(out, (0.5, 0.25, 0.0), (0.5, 0.25, 2.0)), image)
+
+
+def test_color_jitter_changes_pixels_not_boxes():
+    torch.manual_seed(0)
+    image = torch.rand(3, 8, 8)
+    t = target([[1, 1, 4, 4]])
+    out, t_out = ColorJitter(0.5, 0.5, 0.5, 0.1)(image.clone(), t)
+    assert not torch.equal(out, image) and 0.0 <= out.min() and out.max() <= 1.0
+    assert t_out["boxes"].tolist() == [[1, 1, 4, 4]]
+
+
+def test_build_transforms_pipelines():
+    test = build_transforms(False, min_size_test=600, max_size=1000)
+    assert [type(t) for t in test.transforms] == [Normalize, ResizeShortestEdge]
+    assert test.transforms[1].min_sizes == [600]
+    train = build_transforms(True, min_size_train=(480, 512), flip_prob=0.5, color_jitter=(0.1, 0, 0, 0))
+    assert [type(t) for t in train.transforms] == [ColorJitter, Normalize, ResizeShortestEdge, RandomHorizontalFlip]
+    assert train.transforms[2].min_sizes == [480, 512]
+    no_flip = build_transforms(True, flip_prob=0.0, color_jitter=(0, 0, 0, 0))
+    assert [type(t) for t in no_flip.transforms] == [Normalize, ResizeShortestEdge]
+
+
+# -- parity with torchvision -----------------------------------------------------------------
+@pytest.mark.parametrize("h,w", [(371, 500), (480, 640), (700, 333)])
+def test_test_pipeline_is_bit_identical_to_torchvision(h, w):
+    torch.manual_seed(h)
+    image = torch.rand(3, h, w)
+    boxes = [[3.5, 7.25, 100.0, 200.5], [0, 0, w, h]]
+    tv = GeneralizedRCNNTransform(800, 1333, list(IMAGENET_MEAN), list(IMAGENET_STD)).eval()
+    tv_images, tv_targets = tv([image.clone()], [{"boxes": torch.tensor(boxes)}])
+
+    ours, t = build_transforms(False, min_size_test=800, max_size=1333)(image.clone(), target(boxes))
+    nh, nw = tv_images.image_sizes[0]
+    assert tuple(ours.shape) == (3, nh, nw)
+    assert torch.equal(ours, tv_images.tensors[0, :, :nh, :nw])
+    assert torch.equal(t["boxes"], tv_targets[0]["boxes"])
+    # Padded to a multiple of 32 with zeros, as torchvision batches them.
+    batch, _ = Collate(32)([(ours, {**t, "orig_size": (h, w)})])
+    assert torch.equal(batch.tensor, tv_images.tensors)
+
+
+def test_padded_batch_of_two_sizes_matches_torchvision():
+    torch.manual_seed(1)
+    images = [torch.rand(3, 371, 500), torch.rand(3, 300, 420)]
+    tv = GeneralizedRCNNTransform(600, 1000, list(IMAGENET_MEAN), list(IMAGENET_STD)).eval()
+    tv_images, _ = tv([im.clone() for im in images])
+    pipeline = build_transforms(False, min_size_test=600, max_size=1000)
+    items = [pipeline(im.clone(), {**target([]), "orig_size": tuple(im.shape[-2:])}) for im in images]
+    batch, _ = Collate(32)(items)
+    assert batch.image_sizes == tv_images.image_sizes
+    assert torch.equal(batch.tensor, tv_images.tensors)
