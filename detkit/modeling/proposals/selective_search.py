@@ -1,0 +1,442 @@
+"""Selective Search object proposals (Uijlings et al., "Selective Search for Object
+Recognition", IJCV 2013), the proposal source of R-CNN, SPP-net and Fast R-CNN.
+
+One *strategy* = (colour space, Felzenszwalb threshold k, similarity combination):
+
+1. over-segment the image in that colour space (``ss_segmentation.initial_regions``);
+2. hierarchical grouping (paper Alg. 1): repeatedly merge the two most similar *adjacent*
+   regions until one region remains; every region of the hierarchy yields a box;
+3. diversification: run several strategies and pool their boxes;
+4. ranking (paper Sec. 3.3, "Combining Locations"): within one hierarchy a region's
+   position is its merge order (the whole image = 1); positions are multiplied by a random
+   number in [0, 1] so that strategies interleave, sorted ascending, duplicates dropped
+   (best rank kept).
+
+Modes (paper Sec. 5.1, the "Single Strategy", "Selective Search Fast" and "Selective Search
+Quality" combinations; the same sets as the authors' demo code: colorTypes, ks and
+simFunctionHandles, of which ``fastMode`` keeps the first two of each):
+    single  : HSV, k=100, C+T+S+F                                        (1 strategy)
+    fast    : {HSV, Lab} x k {50, 100} x {C+T+S+F, T+S+F}                (8 strategies)
+    quality : {HSV, Lab, rgI, H, I} x k {50, 100, 150, 300}
+              x {C+T+S+F, T+S+F, F, S}                                   (80 strategies)
+
+Shapes: H x W image, N initial regions of one segmentation, R proposal boxes.
+Boxes are float32 xyxy in input-image pixels with exclusive ends (``detkit.structures``).
+
+The per-colour-space work (conversion, texture derivatives, pixel bin indices) and the
+per-segmentation work (label map, adjacency, histograms) are computed once and shared by
+every strategy that needs them; only the greedy merge loop runs per strategy.
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import cv2
+import numpy as np
+
+from detkit.modeling.proposals.ss_features import (
+    colour_bin_index,
+    colour_histograms,
+    fill_similarity,
+    histogram_intersection,
+    size_similarity,
+    texture_bin_index,
+    texture_histograms,
+)
+from detkit.modeling.proposals.ss_segmentation import (
+    SelectiveSearchError,
+    canonical_colour_space,
+    check_label_map,
+    convert_colour,
+    region_adjacency,
+    region_boxes,
+    segment_smoothed,
+    smooth_for_segmentation,
+)
+
+__all__ = [
+    "SelectiveSearchError", "Strategy", "Regions", "Hierarchy", "SIMILARITIES", "MODES",
+    "parse_similarity", "strategies_for_mode", "region_features", "group_regions",
+    "hierarchical_grouping", "rank_boxes", "selective_search",
+]
+
+SIMILARITIES = ("colour", "texture", "size", "fill")
+_LETTERS = {"C": "colour", "T": "texture", "S": "size", "F": "fill"}
+
+CTSF = ("colour", "texture", "size", "fill")
+TSF = ("texture", "size", "fill")
+FILL = ("fill",)
+SIZE = ("size",)
+
+MODES = ("single", "fast", "quality")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One diversification strategy: colour space, threshold k (min_size = k), similarity."""
+
+    colour_space: str
+    k: int
+    similarity: Tuple[str, ...]
+
+    def __post_init__(self):
+        # Normalise ("hsv", "C+T+S+F") to ("HSV", ("colour", ...)) so equal strategies compare
+        # and hash equal; bad names fail here with the list of valid ones.
+        object.__setattr__(self, "colour_space", canonical_colour_space(self.colour_space))
+        object.__setattr__(self, "similarity", parse_similarity(self.similarity))
+        if not self.k > 0:
+            raise SelectiveSearchError(f"Strategy threshold k must be > 0, got {self.k!r}")
+
+    def __str__(self) -> str:
+        letters = "+".join(name[0].upper() for name in self.similarity)
+        return f"{self.colour_space}/k={self.k}/{letters}"
+
+
+def parse_similarity(similarity: Union[str, Sequence[str]]) -> Tuple[str, ...]:
+    """("colour", "fill") or "C+F" / "CF" -> canonical tuple in C, T, S, F order."""
+    if isinstance(similarity, str):
+        letters = similarity.replace("+", "").upper()
+        bad = [ch for ch in letters if ch not in _LETTERS]
+        if bad or not letters:
+            raise SelectiveSearchError(
+                f"unknown similarity {similarity!r}; use letters C, T, S, F (e.g. 'C+T+S+F')")
+        names = {_LETTERS[ch] for ch in letters}
+    else:
+        names = set(similarity)
+        bad = sorted(names - set(SIMILARITIES))
+        if bad or not names:
+            raise SelectiveSearchError(
+                f"unknown similarity {bad or similarity!r}; expected a non-empty subset of {SIMILARITIES}")
+    return tuple(name for name in SIMILARITIES if name in names)
+
+
+def strategies_for_mode(mode: str) -> List[Strategy]:
+    """The paper's strategy sets (module docstring), ordered like the authors' demo loops
+    (k outside, colour space inside)."""
+    if mode == "single":
+        return [Strategy("HSV", 100, CTSF)]
+    if mode == "fast":
+        spaces, ks, sims = ("HSV", "Lab"), (50, 100), (CTSF, TSF)
+    elif mode == "quality":
+        spaces, ks, sims = ("HSV", "Lab", "rgI", "H", "I"), (50, 100, 150, 300), (CTSF, TSF, FILL, SIZE)
+    else:
+        raise SelectiveSearchError(f"unknown selective search mode {mode!r}; expected one of {MODES}")
+    return [Strategy(space, k, sim) for k in ks for space in spaces for sim in sims]
+
+
+# --- hierarchical grouping ------------------------------------------------------------
+
+@dataclass
+class Regions:
+    """The initial regions of one segmentation, with everything the similarities need.
+
+    sizes (N,) pixels; boxes (N, 4) int64 xyxy; pairs (E, 2) adjacent regions i < j;
+    colour (N, C*25) and texture (N, C*80) L1-normalised histograms, None when unused.
+    """
+
+    sizes: np.ndarray
+    boxes: np.ndarray
+    pairs: np.ndarray
+    image_size: int
+    colour: Optional[np.ndarray] = None
+    texture: Optional[np.ndarray] = None
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+
+@dataclass
+class Hierarchy:
+    """Result of grouping N initial regions: region t >= N was made by merging merges[t-N].
+
+    boxes (N + M, 4) int64 xyxy: the N initial regions, then the M merged ones in merge
+    order (the last is the whole image when the regions form one connected graph, M = N-1);
+    merges (M, 2) the two regions merged; similarities (M,) the similarity of each merge.
+    """
+
+    boxes: np.ndarray
+    merges: np.ndarray
+    similarities: np.ndarray
+    num_initial: int
+
+    @property
+    def merged_boxes(self) -> np.ndarray:
+        return self.boxes[self.num_initial:]
+
+
+def region_features(label_map: np.ndarray, image: Optional[np.ndarray] = None, *,
+                    colour: bool = True, texture: bool = True, connectivity: int = 4,
+                    colour_index: Optional[np.ndarray] = None,
+                    texture_index: Optional[np.ndarray] = None) -> Regions:
+    """Describe the regions of ``label_map`` (labels 0..N-1) for grouping.
+
+    ``image`` is (H, W, C) uint8 in the strategy's colour space; it is needed only for the
+    colour/texture histograms (pass precomputed ``*_index`` to reuse pixel bins).
+    """
+    sizes = check_label_map(label_map)
+    n = len(sizes)
+    if (colour or texture) and image is None:
+        raise SelectiveSearchError("region_features needs the image for colour/texture histograms")
+    if image is not None and np.shape(image)[:2] != np.shape(label_map):
+        raise SelectiveSearchError(
+            f"image shape {np.shape(image)[:2]} does not match label map shape {np.shape(label_map)}")
+    return Regions(
+        sizes=sizes,
+        boxes=region_boxes(label_map, n),
+        pairs=region_adjacency(label_map, connectivity),
+        image_size=int(np.size(label_map)),
+        colour=colour_histograms(label_map, n, image, colour_index) if colour else None,
+        texture=texture_histograms(label_map, n, image, texture_index) if texture else None,
+    )
+
+
+def group_regions(regions: Regions, similarity: Union[str, Sequence[str]] = CTSF) -> Hierarchy:
+    """Greedy hierarchical grouping (paper Alg. 1) of adjacent regions.
+
+    Similarities live in a max-heap with lazy invalidation: a merge only marks its two
+    regions dead, and stale pairs are skipped when popped. Ties pop in (i, j) order, which
+    keeps the result deterministic.
+    """
+    use = set(parse_similarity(similarity))
+    if "colour" in use and regions.colour is None or "texture" in use and regions.texture is None:
+        raise SelectiveSearchError(f"similarity {sorted(use)} needs histograms that were not computed")
+    n = len(regions)
+    total = 2 * n - 1
+    image_size = float(regions.image_size)
+
+    sizes = np.zeros(total, np.float64)
+    sizes[:n] = regions.sizes
+    boxes = np.zeros((total, 4), np.int64)
+    boxes[:n] = regions.boxes
+    # s_colour + s_texture is one intersection of the concatenated histograms, so one table
+    # (and one np.minimum per merge) serves both.
+    parts = [getattr(regions, name) for name in ("colour", "texture") if name in use]
+    hist = None
+    if parts:
+        hist = np.zeros((total, sum(p.shape[1] for p in parts)), np.float64)
+        hist[:n] = np.concatenate(parts, axis=1)
+    use_size, use_fill = "size" in use, "fill" in use
+
+    def similarities(t, js):
+        """Similarity of region t (an index or an array like js) with regions js."""
+        s = histogram_intersection(hist[t], hist[js]) if hist is not None else 0.0
+        if use_size and use_fill:
+            # size + fill = 2 - size(BB_tj) / size_im: the region sizes cancel.
+            extent = (np.maximum(boxes[t, ..., 2:], boxes[js, 2:])
+                      - np.minimum(boxes[t, ..., :2], boxes[js, :2]))
+            s = s + (2.0 - extent.prod(axis=-1) * (1.0 / image_size))
+        elif use_size:
+            s = s + size_similarity(sizes[t], sizes[js], image_size)
+        elif use_fill:
+            s = s + fill_similarity(boxes[t], boxes[js], sizes[t], sizes[js], image_size)
+        return s
+
+    first, second = regions.pairs[:, 0], regions.pairs[:, 1]
+    heap = list(zip((-similarities(first, second)).tolist(), first.tolist(), second.tolist()))
+    heapq.heapify(heap)
+    neighbours: List[Optional[set]] = [set() for _ in range(n)] + [None] * (n - 1)
+    for i, j in regions.pairs.tolist():
+        neighbours[i].add(j)
+        neighbours[j].add(i)
+    alive = [True] * n + [False] * (n - 1)
+    pop, push = heapq.heappop, heapq.heappush
+    # Python copies of sizes and boxes: scalar work per merge is cheaper on lists than on
+    # numpy rows; the arrays serve the vectorised similarities.
+    size_list = regions.sizes.astype(np.float64).tolist()
+    box_list = [tuple(b) for b in regions.boxes.tolist()]
+
+    merges, merge_sims = [], []
+    for t in range(n, total):
+        while heap:
+            neg_sim, i, j = pop(heap)
+            if alive[i] and alive[j]:
+                break
+        else:
+            break  # no adjacent pair left: the region graph was not connected
+        size_i, size_j = size_list[i], size_list[j]
+        size_t = size_i + size_j
+        size_list.append(size_t)
+        sizes[t] = size_t
+        (ax1, ay1, ax2, ay2), (bx1, by1, bx2, by2) = box_list[i], box_list[j]
+        box_t = (min(ax1, bx1), min(ay1, by1), max(ax2, bx2), max(ay2, by2))
+        box_list.append(box_t)
+        boxes[t] = box_t
+        if hist is not None:  # a merged histogram is the size-weighted mean (stays L1 = 1)
+            np.add(hist[i] * (size_i / size_t), hist[j] * (size_j / size_t), out=hist[t])
+        alive[i] = alive[j] = False
+        alive[t] = True
+        merges.append((i, j))
+        merge_sims.append(-neg_sim)
+
+        touching = neighbours[i] | neighbours[j]
+        touching.discard(i)
+        touching.discard(j)
+        neighbours[i] = neighbours[j] = None
+        neighbours[t] = touching
+        for m in touching:
+            other = neighbours[m]
+            other.discard(i)
+            other.discard(j)
+            other.add(t)
+        if touching:
+            js = np.fromiter(touching, np.int64, len(touching))
+            for m, s in zip(js.tolist(), similarities(t, js).tolist()):
+                push(heap, (-s, m, t))  # m < t always: t is the newest region
+
+    num_merged = len(merges)
+    return Hierarchy(
+        boxes=boxes[:n + num_merged],
+        merges=np.asarray(merges, np.int64).reshape(-1, 2),
+        similarities=np.asarray(merge_sims, np.float64),
+        num_initial=n,
+    )
+
+
+def hierarchical_grouping(label_map: np.ndarray, image: Optional[np.ndarray] = None,
+                          similarity: Union[str, Sequence[str]] = CTSF,
+                          connectivity: int = 4) -> Hierarchy:
+    """Group the regions of ``label_map`` (labels 0..N-1) of ``image`` (H, W, C) uint8 in the
+    strategy's colour space; ``image`` may be None for size/fill-only similarities."""
+    use = parse_similarity(similarity)
+    regions = region_features(label_map, image, colour="colour" in use,
+                              texture="texture" in use, connectivity=connectivity)
+    return group_regions(regions, use)
+
+
+# --- ranking ---------------------------------------------------------------------------
+
+def rank_boxes(boxes: np.ndarray, priorities: np.ndarray, seed: Optional[int] = 0,
+               min_size: float = 0, max_boxes: Optional[int] = None):
+    """Pseudo-random ranking (paper Sec. 3.3) of pooled boxes.
+
+    boxes (R, 4) xyxy and priorities (R,) (1 = best position inside its hierarchy).
+    Each priority is multiplied by a uniform random number from ``seed``; the boxes are
+    sorted ascending, then boxes with width or height < ``min_size`` are dropped, then
+    exact duplicates (best rank kept), then all but the first ``max_boxes``.
+    Returns (boxes (R', 4) in rank order, values (R',) the randomised priorities).
+    """
+    boxes = np.asarray(boxes)
+    values = np.asarray(priorities, np.float64) * np.random.default_rng(seed).random(len(boxes))
+    order = np.argsort(values, kind="stable")
+    boxes, values = boxes[order], values[order]
+    if min_size > 0:
+        keep = ((boxes[:, 2] - boxes[:, 0]) >= min_size) & ((boxes[:, 3] - boxes[:, 1]) >= min_size)
+        boxes, values = boxes[keep], values[keep]
+    if len(boxes):
+        _, first = np.unique(boxes, axis=0, return_index=True)
+        first.sort()  # np.unique gives the first occurrence = the best-ranked copy
+        boxes, values = boxes[first], values[first]
+    if max_boxes is not None:
+        boxes, values = boxes[:max_boxes], values[:max_boxes]
+    return boxes, values
+
+
+# --- the public entry point ------------------------------------------------------------
+
+def selective_search(image: np.ndarray, mode: Union[str, Sequence[Strategy]] = "fast",
+                     min_size: float = 20, max_boxes: Optional[int] = None, seed: Optional[int] = 0,
+                     scale: Optional[float] = None, sigma: float = 0.8,
+                     connectivity: int = 4) -> Tuple[np.ndarray, np.ndarray]:
+    """Selective Search proposals of one image.
+
+    Args:
+        image: (H, W, 3) uint8 RGB (an (H, W) grey image is accepted too).
+        mode: "single", "fast" or "quality" (see the module docstring), or a list of
+            ``Strategy``.
+        min_size: drop boxes narrower or lower than this many input pixels (the authors'
+            code uses 20).
+        max_boxes: keep only the best-ranked boxes; None keeps all.
+        seed: seed of the ranking's random numbers (same seed -> same order).
+        scale: resize the image by this factor before segmenting (e.g. 0.5 to trade
+            recall for speed); boxes are mapped back to input pixels. None = native size.
+        sigma: Gaussian smoothing of the segmentation (paper: 0.8).
+        connectivity: 4 or 8, which pixels make two regions adjacent.
+
+    Returns:
+        boxes (R, 4) float32 xyxy in input pixels, best first, and scores (R,) float32,
+        higher = better rank (1 / (1 + randomised position)).
+    """
+    image = _check_image(image)
+    if max_boxes is not None and max_boxes < 0:
+        raise SelectiveSearchError(f"max_boxes must be None or >= 0, got {max_boxes!r}")
+    strategies = strategies_for_mode(mode) if isinstance(mode, str) else list(mode)
+    if not strategies:
+        raise SelectiveSearchError("selective_search needs at least one strategy")
+    height, width = image.shape[:2]
+    work = image
+    if scale is not None and scale != 1:
+        if not scale > 0:
+            raise SelectiveSearchError(f"scale must be > 0, got {scale!r}")
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+        work = cv2.resize(image, size, interpolation=interpolation)
+
+    # Group strategies by segmentation so each (colour space, k) is segmented and described
+    # once; colour-space images and pixel bins are cached across k.
+    by_segmentation: Dict[Tuple[str, int], List[Tuple[str, ...]]] = {}
+    for strategy in strategies:
+        if not isinstance(strategy, Strategy):
+            raise SelectiveSearchError(
+                f"mode must be a mode name or a list of Strategy, got an item {strategy!r}")
+        sims = by_segmentation.setdefault((strategy.colour_space, strategy.k), [])
+        if strategy.similarity not in sims:
+            sims.append(strategy.similarity)
+
+    converted: Dict[str, np.ndarray] = {}
+    smoothed: Dict[str, np.ndarray] = {}
+    colour_idx: Dict[str, np.ndarray] = {}
+    texture_idx: Dict[str, np.ndarray] = {}
+    all_boxes, all_priorities = [], []
+    for (space, k), sims in by_segmentation.items():
+        if space not in converted:
+            converted[space] = convert_colour(work, space)
+            smoothed[space] = smooth_for_segmentation(converted[space], sigma)
+        cs_image = converted[space]
+        need_colour = any("colour" in s for s in sims)
+        need_texture = any("texture" in s for s in sims)
+        if need_colour and space not in colour_idx:
+            colour_idx[space] = colour_bin_index(cs_image)
+        if need_texture and space not in texture_idx:
+            texture_idx[space] = texture_bin_index(cs_image)
+        labels = segment_smoothed(smoothed[space], k=k, min_size=k)
+        regions = region_features(labels, cs_image, colour=need_colour, texture=need_texture,
+                                  connectivity=connectivity,
+                                  colour_index=colour_idx.get(space),
+                                  texture_index=texture_idx.get(space))
+        n = len(regions)
+        # As in the authors' code, the initial regions enter once per segmentation, ranked
+        # just behind the first merge (position N); merged regions of each similarity get
+        # positions M..1, the last merge (the whole image) being 1.
+        all_boxes.append(regions.boxes)
+        all_priorities.append(np.full(n, float(n)))
+        for sim in sims:
+            merged = group_regions(regions, sim).merged_boxes
+            all_boxes.append(merged)
+            all_priorities.append(np.arange(len(merged), 0, -1, dtype=np.float64))
+
+    boxes = np.concatenate(all_boxes).astype(np.float64)
+    if work is not image:  # back to input pixels before the min-size filter
+        sx, sy = width / work.shape[1], height / work.shape[0]
+        boxes = boxes * np.array([sx, sy, sx, sy])
+        boxes = np.clip(np.rint(boxes), 0, [width, height, width, height])
+    boxes, values = rank_boxes(boxes, np.concatenate(all_priorities), seed=seed,
+                               min_size=min_size, max_boxes=max_boxes)
+    return boxes.astype(np.float32), (1.0 / (1.0 + values)).astype(np.float32)
+
+
+def _check_image(image) -> np.ndarray:
+    if not isinstance(image, np.ndarray):
+        raise SelectiveSearchError(f"image must be a numpy array, got {type(image).__name__}")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise SelectiveSearchError(f"image must be (H, W, 3) RGB, got shape {image.shape}")
+    if image.dtype != np.uint8:
+        raise SelectiveSearchError(f"image must be uint8, got dtype {image.dtype}")
+    if image.shape[0] < 2 or image.shape[1] < 2:
+        raise SelectiveSearchError(f"image too small for selective search: shape {image.shape}")
+    return np.ascontiguousarray(image)
