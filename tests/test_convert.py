@@ -106,3 +106,17 @@ def test_mapping_drops_background_deltas_and_rejects_foreign_keys():
     assert not any("num_batches_tracked" in k for k in mapped)
     with pytest.raises(CheckpointError, match="unknown keys"):
         map_torchvision_state({"classifier.weight": torch.zeros(1)})
+
+
+def test_shipped_torchvision_config_matches_the_converter():
+    from pathlib import Path
+
+    from detkit.config import load_config, to_dict
+    from detkit.convert import torchvision_r50_fpn_config
+    from detkit.schema import Config
+
+    path = Path(__file__).resolve().parents[1] / "configs/faster_rcnn/r50_fpn_torchvision_coco.yaml"
+    shipped = to_dict(load_config(path, Config))
+    built = to_dict(torchvision_r50_fpn_config())
+    assert shipped["model"] == built["model"]
+    assert shipped["data"]["input"] == built["data"]["input"]

@@ -229,9 +229,9 @@ class Trainer:
             total = sum(losses.values())
             if not torch.isfinite(total):
                 last = find_last_checkpoint(self.out_dir)
-                terms = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+                terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
                 raise TrainingError(
-                    f"loss became {float(total)} at iteration {it + 1} ({terms}); stopped before the update. "
+                    f"loss became {float(total.detach())} at iteration {it + 1} ({terms}); stopped before the update. "
                     f"Last good checkpoint: {last if last else 'none'}. Try a lower train.base_lr or "
                     "train.clip_grad_norm"
                 )

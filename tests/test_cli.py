@@ -1,0 +1,148 @@
+"""End to end through the command line: train -> eval -> demo on a tiny generated dataset,
+the detection-file evaluator, and the user-error paths (one line, exit code 2)."""
+import json
+
+import pytest
+
+from detkit.cli import main
+
+TINY = """
+data:
+  train:
+    format: shapes
+    root: {root}
+    split: train
+    shapes: &s {{num_train: 6, num_test: 3, seed: 1, image_size: [96, 112], object_size: [20, 40]}}
+  test:
+    format: shapes
+    root: {root}
+    split: test
+    shapes: *s
+  input: {{min_size_train: [96], max_size: 128, min_size_test: 96}}
+  batch_size: 2
+model:
+  backbone: {{name: tiny, out_channels: 16, tiny_widths: [8, 16, 16, 16]}}
+  anchors: {{sizes: [[16], [32], [64], [128], [256]]}}
+  roi_head: {{fc_dims: [32, 32], batch_size_per_image: 32}}
+  proposals: {{rpn: {{pre_nms_topk_train: 200, post_nms_topk_train: 100, pre_nms_topk_test: 100, post_nms_topk_test: 50}}}}
+train: {{max_iter: 4, warmup_iters: 2, checkpoint_period: 2, log_period: 2, device: cpu, num_threads: 1}}
+test: {{metric: voc, extra_metrics: [voc07, coco]}}
+"""
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    cfg = tmp / "tiny.yaml"
+    cfg.write_text(TINY.format(root=tmp / "shapes"))
+    out = tmp / "run"
+    assert main(["train", str(cfg), "--out", str(out), "--no-progress"]) == 0
+    return cfg, out
+
+
+def test_train_writes_the_run_folder(run):
+    cfg, out = run
+    for name in ("config.yaml", "metrics.jsonl", "model_final.pt", "model_0000002.pt", "eval.json", "detections.json"):
+        assert (out / name).is_file(), name
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    train = [r for r in records if "loss" in r]
+    assert [r["iter"] for r in train] == [2, 4]
+    for key in ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "lr", "s_per_iter", "eta_s"):
+        assert key in train[0]
+    evals = [r for r in records if "eval_mAP" in r]
+    assert len(evals) == 1 and "val_loss" in evals[0] and "val_loss_cls" in evals[0]
+    result = json.loads((out / "eval.json").read_text())
+    assert result["metric"] == "voc" and 0.0 <= result["mAP"] <= 1.0
+    assert set(result["per_class"]) == {"circle", "square", "triangle"}
+    assert set(result["extra"]) == {"voc07", "coco"}
+    # The saved config is the resolved one, with the class list filled in.
+    assert "circle" in (out / "config.yaml").read_text()
+
+
+def test_train_refuses_a_folder_with_a_run(run, capsys):
+    cfg, out = run
+    assert main(["train", str(cfg), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a run" in err[0] and "--resume" in err[0]
+
+
+def test_eval_and_evaluate_agree(run, tmp_path):
+    cfg, out = run
+    assert main(["eval", str(cfg), "--checkpoint", str(out / "model_final.pt"), "--out", str(tmp_path / "e"),
+                 "--no-progress"]) == 0
+    ours = json.loads((tmp_path / "e" / "eval.json").read_text())
+    # The same detections scored from the file by `detkit evaluate` give the same numbers.
+    data = tmp_path / "data.yaml"
+    data.write_text(f"format: shapes\nroot: {out.parent / 'shapes'}\nsplit: test\n"
+                    "shapes: {num_train: 6, num_test: 3, seed: 1, image_size: [96, 112], object_size: [20, 40]}\n")
+    assert main(["evaluate", "--dataset", str(data), "--detections", str(tmp_path / "e" / "detections.json"),
+                 "--metric", "voc", "--out", str(tmp_path / "ev.json")]) == 0
+    again = json.loads((tmp_path / "ev.json").read_text())
+    assert again["mAP"] == pytest.approx(ours["mAP"], abs=1e-12)
+    assert again["per_class"] == pytest.approx(ours["per_class"], nan_ok=True)
+
+
+def test_demo_writes_json_and_png_and_names_bad_inputs(run, tmp_path, capsys):
+    cfg, out = run
+    images = sorted((out.parent / "shapes" / "JPEGImages").glob("test_*.png"))
+    bad = tmp_path / "notes.png"
+    bad.write_text("this is not an image")
+    code = main(["demo", "--checkpoint", str(out / "model_final.pt"), "--out", str(tmp_path / "demo"),
+                 str(images[0]), str(bad), str(images[1])])
+    assert code == 1  # one input failed, the others were processed
+    assert "notes.png" in capsys.readouterr().err
+    for im in images[:2]:
+        record = json.loads((tmp_path / "demo" / f"{im.stem}.json").read_text())
+        assert record["width"] > 0 and isinstance(record["detections"], list)
+        for d in record["detections"]:
+            assert d["class"] in ("circle", "square", "triangle") and len(d["box"]) == 4
+        assert (tmp_path / "demo" / f"{im.stem}.png").stat().st_size > 0
+    assert not (tmp_path / "demo" / "notes.json").exists()
+
+
+def test_resume_from_a_finished_run_trains_further(run, tmp_path):
+    import shutil
+
+    cfg, out = run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    assert main(["train", str(cfg), "--out", str(copy), "--resume", "--no-progress", "train.max_iter=6"]) == 0
+    iters = [json.loads(line)["iter"] for line in open(copy / "metrics.jsonl") if "loss" in json.loads(line)]
+    assert iters == [2, 4, 6]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "missing.yaml"], "config file not found: missing.yaml"),
+        (["evaluate", "--dataset", "nope.yaml", "--detections", "d.json"], "dataset file not found: nope.yaml"),
+    ],
+)
+def test_user_errors_are_one_line(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"detkit: error: {message}"]
+
+
+def test_unknown_config_key_names_file_and_suggestion(tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("train:\n  max_iters: 10\n")
+    assert main(["train", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown key 'train.max_iters'" in err and "bad.yaml" in err and "train.max_iter" in err
+
+
+def test_checkpoint_of_another_architecture(run, tmp_path, capsys):
+    cfg, out = run
+    assert main(["eval", str(cfg), "--checkpoint", str(out / "model_final.pt"), "--out", str(tmp_path / "x"),
+                 "model.roi_head.fc_dims=[64,64]"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit this model" in err and "roi_head.box_head.fc6.weight" in err
+
+
+def test_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for cmd in ("train", "eval", "demo", "evaluate", "data", "convert"):
+        assert cmd in text
