@@ -220,8 +220,7 @@ def cmd_demo(args) -> int:
 
     cfg = load_run_config(args.config, args.overrides) if args.config else None
     predictor = Predictor.from_checkpoint(args.checkpoint, cfg)
-    if args.score_thresh is not None:
-        predictor.model.roi_head.score_thresh = args.score_thresh
+    predictor.model.roi_head.score_thresh = args.score_thresh
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     paths = expand_inputs(args.inputs)
@@ -346,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--config", help="config (default: the one stored in the checkpoint)")
     d.add_argument("--checkpoint", required=True)
     d.add_argument("--out", required=True)
-    d.add_argument("--score-thresh", type=float, help="minimum score to report (default: the config's)")
+X
     d.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     d.set_defaults(func=cmd_demo, overrides=[])
 

@@ -72,29 +72,28 @@ def _bilinear_entries(rois: Tensor, scale: float, size: int, sr: int, aligned: b
 
 
 class _SparseRoIAlignFn(torch.autograd.Function):
+    """Forward: torchvision's kernel (the reference). Backward: dF = W^T @ dOut with W the
+    sparse bilinear matrix, built only when a gradient is needed."""
+
     @staticmethod
     def forward(ctx, feature, rois, scale, size, sr, aligned):
-        n, c, h, w = feature.shape
-        rows, cols, weights = _bilinear_entries(rois, scale, size, sr, aligned, h, w)
-        coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), weights.to(feature.dtype),
-                                      (rois.shape[0] * size * size, n * h * w), check_invariants=False)
-        flat = feature.permute(0, 2, 3, 1).reshape(n * h * w, c)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            csr = coo.to_sparse_csr()  # coalesces: shared corners of neighbouring samples merge
-        out = (csr @ flat).view(rois.shape[0], size, size, c).permute(0, 3, 1, 2)
-        ctx.save_for_backward(coo)
-        ctx.shape = (n, c, h, w)
-        return out.contiguous()
+        ctx.save_for_backward(rois)
+        ctx.args = (scale, size, sr, aligned, tuple(feature.shape), feature.dtype)
+        return roi_align(feature, rois, size, scale, sr, aligned)
 
     @staticmethod
     def backward(ctx, grad):
-        (coo,) = ctx.saved_tensors
-        n, c, h, w = ctx.shape
-        g = grad.permute(0, 2, 3, 1).reshape(-1, c)
+        (rois,) = ctx.saved_tensors
+        scale, size, sr, aligned, (n, c, h, w), dtype = ctx.args
+        rows, cols, weights = _bilinear_entries(rois, scale, size, sr, aligned, h, w)
+        # W^T as CSR: one row per feature pixel; converting coalesces the entries of
+        # neighbouring samples that share a pixel.
+        coo_t = torch.sparse_coo_tensor(torch.stack([cols, rows]), weights.to(dtype),
+                                        (n * h * w, rois.shape[0] * size * size), check_invariants=False)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            csr_t = coo.t().to_sparse_csr()
+            csr_t = coo_t.to_sparse_csr()
+        g = grad.permute(0, 2, 3, 1).reshape(-1, c)
         grad_feature = (csr_t @ g).view(n, h, w, c).permute(0, 3, 1, 2)
         return grad_feature, None, None, None, None, None
 
