@@ -345,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--config", help="config (default: the one stored in the checkpoint)")
     d.add_argument("--checkpoint", required=True)
     d.add_argument("--out", required=True)
-X
+    d.add_argument("--score-thresh", type=float, default=0.5,
+                   help="minimum score to report and draw (default 0.5; evaluation keeps the config's 0.05)")
     d.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     d.set_defaults(func=cmd_demo, overrides=[])
 
