@@ -151,7 +151,7 @@ def build_backbone(cfg: BackboneConfig):
     return SingleMap(BACKBONES[cfg.name](cfg, ("c4",)), size_divisibility=16)
 
 
-def build_proposal_generator(cfg: ModelConfig, backbone):
+def build_proposal_generator(cfg: ModelConfig, backbone, input_cfg: InputConfig):
     p = cfg.proposals.rpn
     features = list(backbone.out_features)
     anchors = AnchorGenerator(
@@ -217,13 +217,33 @@ def build_roi_head(cfg: ModelConfig, backbone, num_classes: int):
     )
 
 
-PROPOSAL_GENERATORS = {"rpn": build_proposal_generator}
+def build_selective_search(cfg: ModelConfig, backbone, input_cfg: InputConfig):
+    from detkit.modeling.proposals.selective_search import SelectiveSearchProposals
+
+    s = cfg.proposals.selective_search
+    # SS looks at raw pixels: it undoes the pipeline's normalisation.
+    return SelectiveSearchProposals(s.mode, s.max_proposals, s.min_size, input_cfg.pixel_mean, input_cfg.pixel_std)
 
 
-def build_model(cfg: ModelConfig, num_classes: int) -> Detector:
-    """num_classes: foreground classes K."""
+def build_precomputed(cfg: ModelConfig, backbone, input_cfg: InputConfig):
+    from detkit.modeling.proposals.precomputed import PrecomputedProposals
+
+    p = cfg.proposals.precomputed
+    return PrecomputedProposals(p.path, p.max_proposals)
+
+
+PROPOSAL_GENERATORS = {
+    "rpn": build_proposal_generator,
+    "selective_search": build_selective_search,
+    "precomputed": build_precomputed,
+}
+
+
+def build_model(cfg: ModelConfig, num_classes: int, input_cfg: Optional[InputConfig] = None) -> Detector:
+    """num_classes: foreground classes K. input_cfg: the data pipeline's input settings
+    (proposal generators that look at raw pixels need its normalisation); default ImageNet's."""
     backbone = build_backbone(cfg.backbone)
-    proposal_generator = PROPOSAL_GENERATORS[cfg.proposals.method](cfg, backbone)
+    proposal_generator = PROPOSAL_GENERATORS[cfg.proposals.method](cfg, backbone, input_cfg or InputConfig())
     roi_head = build_roi_head(cfg, backbone, num_classes)
     return Detector(backbone, proposal_generator, roi_head, cfg.loss_weights, cfg.train_difficult)
 

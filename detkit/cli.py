@@ -7,6 +7,7 @@
     detkit data shapes --out DIR --num-train N --num-test M --seed S
     detkit data check DATA.yaml
     detkit convert --from torchvision SRC.pth --out CKPT
+    detkit proposals DATA_OR_CONFIG.yaml --method selective_search|rpn --out FILE [--eval] ...
 
 Errors a user can fix (bad config, dataset, checkpoint, input) print one line and exit 2;
 anything else is a bug and keeps its traceback.
@@ -154,7 +155,7 @@ def cmd_train(args) -> int:
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     torch.manual_seed(cfg.train.seed)  # model initialisation is part of the seeded run
-    model = build_model(cfg.model, len(classes))
+    model = build_model(cfg.model, len(classes), cfg.data.input)
     out.mkdir(parents=True, exist_ok=True)
     cfg.data.classes = list(classes)
     dump_config(cfg, out / "config.yaml")
@@ -165,7 +166,6 @@ def cmd_train(args) -> int:
                       progress=not args.no_progress)
     result = trainer.train()
     if result is not None:
-        result["s_per_img"] = result.get("s_per_img")
         _finish_eval(result, test_set, out)
     logger.info("done: %s", out)
     return 0

@@ -10,7 +10,7 @@ Top level:  data (datasets, input sizes, batching) / model (backbone, proposals,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Literal, Optional
+from typing import Dict, List, Literal, Optional, Union
 
 from detkit.config import PathStr
 
@@ -134,9 +134,37 @@ class RPNConfig:
 
 
 @dataclass
+class SelectiveSearchConfig:
+    """On-the-fly Selective Search (slow; precomputed files are the usual way, see
+    ``detkit proposals``). min_size is in network-input pixels (authors' code: 20)."""
+
+    mode: Literal["single", "fast", "quality"] = "fast"
+    max_proposals: int = 2000
+    min_size: float = 20.0
+
+
+@dataclass
+class PrecomputedConfig:
+    """Proposal files (.npz / .json / classic .mat) in original-image pixels: one path or a
+    list (e.g. the train and the test split's files; their images are pooled)."""
+
+    path: Optional[Union[PathStr, List[PathStr]]] = None
+    max_proposals: int = 2000
+
+
+@dataclass
 class ProposalConfig:
-    method: Literal["rpn"] = "rpn"
+    method: Literal["rpn", "selective_search", "precomputed"] = "rpn"
     rpn: RPNConfig = field(default_factory=RPNConfig)
+    selective_search: SelectiveSearchConfig = field(default_factory=SelectiveSearchConfig)
+    precomputed: PrecomputedConfig = field(default_factory=PrecomputedConfig)
+
+    def __post_init__(self):
+        if self.method == "precomputed" and not self.precomputed.path:
+            raise ValueError("proposals.method precomputed needs proposals.precomputed.path")
+        for name in ("selective_search", "precomputed"):
+            if getattr(self, name).max_proposals < 1:
+                raise ValueError(f"proposals.{name}.max_proposals must be >= 1")
 
 
 @dataclass

@@ -99,18 +99,21 @@ class ImageList:
     image_sizes: per image (h, w) of the valid region before padding (after resizing).
     orig_sizes: per image (h, w) of the original image; detections are mapped back to these.
     image_ids: per image its dataset id (used by precomputed proposal files).
+    flipped: per image whether the data pipeline mirrored it (precomputed proposals, which
+        are stored for the unflipped original, must be mirrored too).
     """
 
     tensor: torch.Tensor
     image_sizes: List[Tuple[int, int]]
     orig_sizes: Optional[List[Tuple[int, int]]] = None
     image_ids: Optional[List[ImageId]] = None
+    flipped: Optional[List[bool]] = None
 
     def __len__(self) -> int:
         return len(self.image_sizes)
 
     def to(self, device) -> "ImageList":
-        return ImageList(self.tensor.to(device), self.image_sizes, self.orig_sizes, self.image_ids)
+        return ImageList(self.tensor.to(device), self.image_sizes, self.orig_sizes, self.image_ids, self.flipped)
 
     @staticmethod
     def from_tensors(
@@ -119,6 +122,7 @@ class ImageList:
         pad_value: float = 0.0,
         orig_sizes=None,
         image_ids=None,
+        flipped=None,
     ) -> "ImageList":
         """Pads (C, H_i, W_i) images to a common (H, W), rounded up to a multiple of
         ``size_divisibility`` so that every FPN level has an integer size."""
@@ -134,4 +138,4 @@ class ImageList:
         batch = tensors[0].new_full((len(tensors), tensors[0].shape[0], max_h, max_w), pad_value)
         for img, pad in zip(tensors, batch):
             pad[:, : img.shape[-2], : img.shape[-1]].copy_(img)
-        return ImageList(batch, sizes, orig_sizes, image_ids)
+        return ImageList(batch, sizes, orig_sizes, image_ids, flipped)

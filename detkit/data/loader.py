@@ -30,6 +30,7 @@ class Collate:
             self.size_divisibility,
             orig_sizes=[t["orig_size"] for t in targets],
             image_ids=[t["image_id"] for t in targets],
+            flipped=[bool(t.get("flipped", False)) for t in targets],
         )
         return image_list, targets
 

@@ -32,7 +32,7 @@ def model_from_checkpoint(path, cfg: Optional[Config] = None, device="cpu"):
         if not classes:
             raise CheckpointError(f"{path} stores no class names and the config sets none (data.classes)")
         class_names = list(classes)
-    model = build_model(cfg.model, len(class_names))
+    model = build_model(cfg.model, len(class_names), cfg.data.input)
     load_model_state(model, state["model"], str(path))
     model.to(device).eval()
     return model, cfg, list(class_names)

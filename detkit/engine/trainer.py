@@ -218,7 +218,7 @@ class Trainer:
         bar = tqdm(total=t.max_iter, initial=self.start_iter, desc="train", disable=not self.progress,
                    dynamic_ncols=True)
         data_iter = iter(loader)
-        result = None
+        train_start = time.perf_counter()
         for it in range(self.start_iter, t.max_iter):
             t0 = time.perf_counter()
             images, targets = next(data_iter)
@@ -268,6 +268,11 @@ class Trainer:
                     bar.write(f"iter {done}: {res['metric']} mAP {res['mAP']:.4f}")
                 self.model.train()
         bar.close()
+        # Wall time of this session's iterations, periodic evaluations included.
+        train_minutes = (time.perf_counter() - train_start) / 60
+        self._log({"iter": t.max_iter, "train_minutes": train_minutes})
         self.save(t.max_iter, final=True)
         result = self.evaluate(t.max_iter)
+        if result is not None:
+            result["train_minutes"] = train_minutes
         return result

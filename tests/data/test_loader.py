@@ -138,3 +138,15 @@ def test_test_loader_keeps_dataset_order(tmp_path):
     assert subset == [["im7", "im6"], ["im0", "im1"]]
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         build_test_loader(dataset, batch_size=0)
+
+
+def test_collate_tells_which_images_were_flipped():
+    # Precomputed proposals are stored for the unflipped image: the batch must say which
+    # images the pipeline mirrored so that their proposals are mirrored too.
+    batch = [
+        (torch.zeros(3, 4, 4), {"image_id": "a", "orig_size": (4, 4), "flipped": True}),
+        (torch.zeros(3, 4, 4), {"image_id": "b", "orig_size": (4, 4)}),
+    ]
+    images, _ = Collate(1)(batch)
+    assert images.flipped == [True, False]
+    assert images.to("cpu").flipped == [True, False]

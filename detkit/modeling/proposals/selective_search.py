@@ -35,6 +35,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
+import torch
 
 from detkit.modeling.proposals.ss_features import (
     colour_bin_index,
@@ -59,7 +60,7 @@ from detkit.modeling.proposals.ss_segmentation import (
 __all__ = [
     "SelectiveSearchError", "Strategy", "Regions", "Hierarchy", "SIMILARITIES", "MODES",
     "parse_similarity", "strategies_for_mode", "region_features", "group_regions",
-    "hierarchical_grouping", "rank_boxes", "selective_search",
+    "hierarchical_grouping", "rank_boxes", "selective_search", "SelectiveSearchProposals",
 ]
 
 SIMILARITIES = ("colour", "texture", "size", "fill")
@@ -440,3 +441,60 @@ def _check_image(image) -> np.ndarray:
     if image.shape[0] < 2 or image.shape[1] < 2:
         raise SelectiveSearchError(f"image too small for selective search: shape {image.shape}")
     return np.ascontiguousarray(image)
+
+
+# --- the ProposalGenerator ---------------------------------------------------------------
+
+class SelectiveSearchProposals(torch.nn.Module):
+    """ProposalGenerator running ``selective_search`` on every image of the batch:
+    ``forward(images, features, targets=None) -> (proposals, {})``.
+
+    Each image is taken from ``images.tensor[i, :, :h, :w]`` ((h, w) = image_sizes[i], the
+    padding left out), un-normalised with ``pixel_mean`` / ``pixel_std`` (they must be the
+    data pipeline's ``Normalize`` values) and rounded to uint8 RGB; proposals are therefore
+    in network-input pixels, and ``min_size`` is too. Scores encode the rank (high = better).
+
+    This is slow (about a second per VOC-sized image in "fast" mode, far more at the network
+    input size or in "quality" mode) and runs on the CPU at every forward, also at every
+    training epoch. The papers that used Selective Search (R-CNN, SPP-net, Fast R-CNN)
+    computed proposals once per dataset: write them with ``detkit proposals ... --out
+    FILE.npz`` (parallel, resumable) and use ``PrecomputedProposals(FILE.npz)``. This module
+    serves demos, single images and checks.
+    """
+
+    def __init__(self, mode: str = "fast", max_proposals: int = 2000, min_size: float = 20,
+                 pixel_mean: Sequence[float] = (0.485, 0.456, 0.406),
+                 pixel_std: Sequence[float] = (0.229, 0.224, 0.225), seed: Optional[int] = 0):
+        super().__init__()
+        strategies_for_mode(mode)  # fails early on a bad mode name
+        if max_proposals < 1:
+            raise SelectiveSearchError(f"max_proposals must be >= 1, got {max_proposals!r}")
+        self.mode = mode
+        self.max_proposals = int(max_proposals)
+        self.min_size = float(min_size)
+        self.pixel_mean = tuple(float(m) for m in pixel_mean)
+        self.pixel_std = tuple(float(s) for s in pixel_std)
+        self.seed = seed
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, max_proposals={self.max_proposals}, min_size={self.min_size}"
+
+    def image_array(self, image: "torch.Tensor") -> np.ndarray:
+        """(3, h, w) normalised tensor -> (h, w, 3) uint8 RGB, as ``selective_search`` wants."""
+        from detkit.data.transforms import unnormalize
+
+        rgb = unnormalize(image.detach().float().cpu(), self.pixel_mean, self.pixel_std)
+        return rgb.mul_(255.0).round_().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+
+    @torch.no_grad()
+    def forward(self, images, features=None, targets=None):
+        from detkit.structures import Proposals
+
+        out = []
+        device = images.tensor.device
+        for i, (h, w) in enumerate(images.image_sizes):
+            array = self.image_array(images.tensor[i, :, :h, :w])
+            boxes, scores = selective_search(array, self.mode, min_size=self.min_size,
+                                             max_boxes=self.max_proposals, seed=self.seed)
+            out.append(Proposals(torch.from_numpy(boxes).to(device), torch.from_numpy(scores).to(device)))
+        return out, {}

@@ -1,0 +1,116 @@
+"""Selective Search and precomputed proposal files as the Detector's ProposalGenerator, built
+from a config (tiny backbone): the un-normalised image Selective Search sees is the exact
+uint8 input (padding left out), the RoI head receives the file's boxes scaled to the
+network input, and detections come back in original pixels."""
+import numpy as np
+import pytest
+import torch
+
+from detkit.build import build_model
+from detkit.config import ConfigError, from_dict
+from detkit.data.shapes import render_shapes_image
+from detkit.data.transforms import Normalize
+from detkit.modeling.proposals.precomputed import PrecomputedProposals, save_proposals
+from detkit.modeling.proposals.selective_search import SelectiveSearchProposals, selective_search
+from detkit.schema import ModelConfig
+from detkit.structures import ImageList
+
+
+def model_cfg(**proposals):
+    return from_dict(ModelConfig, {
+        "backbone": {"name": "tiny", "out_channels": 16, "tiny_widths": [8, 16, 16, 16]},
+        "roi_head": {"fc_dims": [32, 32], "score_thresh": 0.0},
+        "proposals": proposals,
+    })
+
+
+@pytest.fixture(scope="module")
+def image():
+    return render_shapes_image("test", 0, seed=0).image  # (H, W, 3) uint8, H and W not multiples of 32
+
+
+def batch_of(image, orig_scale=1.0):
+    t = torch.from_numpy(image).permute(2, 0, 1).float() / 255.0
+    t, _ = Normalize()(t, None)
+    h, w = image.shape[:2]
+    return ImageList.from_tensors([t], 32, orig_sizes=[(int(h * orig_scale), int(w * orig_scale))],
+                                  image_ids=["test_00000"])
+
+
+def test_selective_search_generator_sees_the_exact_image(image):
+    images = batch_of(image)
+    assert images.tensor.shape[-2:] != image.shape[:2]  # padded
+    gen = SelectiveSearchProposals("fast", max_proposals=50, min_size=10)
+    h, w = images.image_sizes[0]
+    np.testing.assert_array_equal(gen.image_array(images.tensor[0, :, :h, :w]), image)
+    (p,), losses = gen(images, {})
+    boxes, scores = selective_search(image, "fast", min_size=10, max_boxes=50, seed=0)
+    assert losses == {} and len(p) == len(boxes) <= 50
+    np.testing.assert_array_equal(p.boxes.numpy(), boxes)
+    np.testing.assert_array_equal(p.scores.numpy(), scores)
+    assert p.boxes.dtype == torch.float32 and (p.scores[:-1] >= p.scores[1:]).all()
+
+
+def test_detector_with_selective_search_proposals(image):
+    torch.manual_seed(0)
+    model = build_model(model_cfg(method="selective_search", selective_search={"mode": "single", "min_size": 10}), 3)
+    assert isinstance(model.proposal_generator, SelectiveSearchProposals)
+    assert model.proposal_generator.mode == "single" and model.proposal_generator.max_proposals == 2000
+    model.eval()
+    images = batch_of(image, orig_scale=2.0)  # the original was twice the network input
+    with torch.no_grad():
+        (det,), losses = model(images)
+    oh, ow = images.orig_sizes[0]
+    assert losses == {} and len(det) > 0
+    assert (det.boxes[:, 0::2] <= ow).all() and (det.boxes[:, 1::2] <= oh).all()
+    # at least one box lies beyond the network input: mapped to original pixels
+    assert (det.boxes[:, 2] > images.image_sizes[0][1]).any() or (det.boxes[:, 3] > images.image_sizes[0][0]).any()
+
+
+def test_detector_with_precomputed_proposals(image, tmp_path, monkeypatch):
+    h, w = image.shape[:2]
+    file_boxes = np.array([[0, 0, 2 * w, 2 * h], [20, 30, 80, 90], [100, 10, 140, 70]], np.float32)  # original px
+    path = save_proposals(tmp_path / "p.npz", {"test_00000": (file_boxes, np.array([0.9, 0.8, 0.7], np.float32))})
+    torch.manual_seed(0)
+    model = build_model(model_cfg(method="precomputed", precomputed={"path": str(path), "max_proposals": 2}), 3)
+    assert isinstance(model.proposal_generator, PrecomputedProposals)
+    model.eval()
+    seen = []
+    head_forward = model.roi_head.forward
+
+    def spy(images, features, proposals, targets=None):
+        seen.append(proposals)
+        return head_forward(images, features, proposals, targets)
+
+    monkeypatch.setattr(model.roi_head, "forward", spy)
+    with torch.no_grad():
+        (det,), _ = model(batch_of(image, orig_scale=2.0))
+    # the best two, halved into network-input pixels
+    torch.testing.assert_close(seen[0][0].boxes, torch.tensor([[0.0, 0.0, w, h], [10.0, 15.0, 40.0, 45.0]]))
+    assert len(det) > 0 and (det.boxes[:, 2] <= 2 * w).all() and (det.boxes[:, 3] <= 2 * h).all()
+
+
+def test_precomputed_config_takes_one_path_or_a_list(tmp_path):
+    one = build_model(model_cfg(method="precomputed", precomputed={"path": str(tmp_path / "a.npz")}), 3)
+    assert one.proposal_generator.paths == [tmp_path / "a.npz"] and one.proposal_generator.max_proposals == 2000
+    files = [str(tmp_path / "train.npz"), str(tmp_path / "test.npz")]
+    two = build_model(model_cfg(method="precomputed", precomputed={"path": files, "max_proposals": 7}), 3)
+    assert [str(p) for p in two.proposal_generator.paths] == files and two.proposal_generator.max_proposals == 7
+
+
+def test_proposal_config_validation():
+    with pytest.raises(ConfigError, match="needs proposals.precomputed.path"):
+        model_cfg(method="precomputed")
+    with pytest.raises(ConfigError, match="selective_search.max_proposals must be >= 1"):
+        model_cfg(method="selective_search", selective_search={"max_proposals": 0})
+    with pytest.raises(ConfigError):
+        model_cfg(method="edge_boxes")
+
+
+def test_selective_search_undoes_the_configured_normalisation():
+    from detkit.schema import InputConfig
+
+    inp = InputConfig(pixel_mean=[0.5, 0.5, 0.5], pixel_std=[0.25, 0.25, 0.25])
+    model = build_model(model_cfg(method="selective_search"), 3, inp)
+    assert model.proposal_generator.pixel_mean == (0.5, 0.5, 0.5)
+    assert model.proposal_generator.pixel_std == (0.25, 0.25, 0.25)
