@@ -191,6 +191,7 @@ def build_roi_head(cfg: ModelConfig, backbone, num_classes: int):
         kind=h.pooler,
         sampling_ratio=h.sampling_ratio,
         aligned=h.aligned,
+        cpu_sparse=h.cpu_sparse_roi_align,
     )
     box_head = MLPBoxHead(backbone.out_channels * h.pooler_resolution**2, h.fc_dims, h.dropout)
     fc_state = getattr(getattr(backbone, "body", None), "fc_state", None)

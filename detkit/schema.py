@@ -173,6 +173,9 @@ class RoIHeadConfig:
     pooler_resolution: int = 7
     sampling_ratio: int = 2
     aligned: bool = False
+    # RoIAlign on the CPU as a sparse matrix product (faster; equal up to float rounding);
+    # false: torchvision's kernel, bit for bit (converted torchvision weights).
+    cpu_sparse_roi_align: bool = True
     fc_dims: List[int] = field(default_factory=lambda: [1024, 1024])
     dropout: float = 0.0
     batch_size_per_image: int = 512
