@@ -146,3 +146,22 @@ def test_help_lists_subcommands(capsys):
     text = capsys.readouterr().out
     for cmd in ("train", "eval", "demo", "evaluate", "data", "convert"):
         assert cmd in text
+
+
+def test_python_dash_m_detkit_is_the_cli():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "detkit", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "train" in out.stdout and "proposals" in out.stdout
+
+
+def test_same_seed_same_losses(run, tmp_path):
+    cfg, _ = run
+    losses = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert main(["train", str(cfg), "--out", str(out), "--no-progress", "train.max_iter=2",
+                     "train.log_period=1", "train.checkpoint_period=0", "data.test=null"]) == 0
+        losses.append([json.loads(line)["loss"] for line in open(out / "metrics.jsonl") if "loss" in line])
+    assert losses[0] == losses[1] and len(losses[0]) == 2

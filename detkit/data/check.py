@@ -36,7 +36,7 @@ def check_dataset(dataset, decode_images: bool = True, progress: bool = True) ->
     warnings: List[str] = problems.lines(max_files=5) if problems is not None else []
     if decode_images:
         unreadable, mismatched = [], []
-        for r in tqdm(records, desc="decoding", disable=not progress, leave=False):
+        for r in tqdm(records, desc="decoding", disable=None if progress else True, leave=False):
             try:
                 image = read_image_array(r.file_name)
             except ImageReadError as exc:

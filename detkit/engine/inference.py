@@ -46,7 +46,9 @@ def run_inference(
     batches = 0
     start = time.perf_counter()
     try:
-        for images, targets in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+        # disable=None: a bar only on a terminal (no progress spam in logs).
+        bar = tqdm(loader, desc=desc, disable=None if progress else True, leave=False, dynamic_ncols=True)
+        for images, targets in bar:
             images = images.to(device)
             with autocast_context(device, amp):
                 detections, losses = model(images, targets if compute_losses else None)

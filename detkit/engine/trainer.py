@@ -215,8 +215,9 @@ class Trainer:
         self.model.train()
         sums: Dict[str, float] = defaultdict(float)
         count, period_start, data_time = 0, time.perf_counter(), 0.0
-        bar = tqdm(total=t.max_iter, initial=self.start_iter, desc="train", disable=not self.progress,
-                   dynamic_ncols=True)
+        # disable=None: a bar only on a terminal; elsewhere (CI, nohup) one log line per period.
+        bar = tqdm(total=t.max_iter, initial=self.start_iter, desc="train", dynamic_ncols=True,
+                   disable=None if self.progress else True)
         data_iter = iter(loader)
         train_start = time.perf_counter()
         for it in range(self.start_iter, t.max_iter):
@@ -258,6 +259,9 @@ class Trainer:
                 record["eta_s"] = record["s_per_iter"] * (t.max_iter - done)
                 self._log(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.4g}")
+                if bar.disable and self.progress:
+                    logger.info("iter %d/%d  loss %.4f  lr %.4g  %.3f s/iter  eta %.0f s", done, t.max_iter,
+                                record["loss"], record["lr"], record["s_per_iter"], record["eta_s"])
                 sums.clear()
                 count, period_start, data_time = 0, time.perf_counter(), 0.0
             if t.checkpoint_period and done % t.checkpoint_period == 0 and done != t.max_iter:

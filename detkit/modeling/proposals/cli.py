@@ -257,7 +257,7 @@ def _run_selective_search(records, args, partial: PartialRun) -> float:
     seconds = 0.0
     try:
         bar = tqdm(results, total=len(tasks), desc=f"selective search ({args.mode})", unit="img",
-                   disable=args.no_progress, dynamic_ncols=True)
+                   disable=True if args.no_progress else None, dynamic_ncols=True)
         for image_id, boxes, scores, sec in bar:
             partial.add(image_id, boxes, scores)
             seconds += sec
@@ -286,7 +286,7 @@ def _run_rpn(records, dataset, model, device, args, partial: PartialRun) -> floa
     try:
         with torch.no_grad():
             for images, _ in tqdm(loader, total=len(indices), desc="rpn", unit="img",
-                                  disable=args.no_progress, dynamic_ncols=True):
+                                  disable=True if args.no_progress else None, dynamic_ncols=True):
                 images = images.to(device)
                 start = time.perf_counter()
                 features = model.backbone(images.tensor)
