@@ -15,19 +15,11 @@ from detkit.data.dataset import DatasetError
 from detkit.schema import DatasetConfig
 
 
-@pytest.fixture
-def detkit_log(caplog):
-    """caplog for the "detkit" logger, which the CLI detaches from the root logger."""
-    logger = logging.getLogger("detkit")
-    propagate, logger.propagate = logger.propagate, True
-    caplog.set_level(logging.INFO, logger="detkit")
-    yield caplog
-    logger.propagate = propagate
+
 
 
 def warnings_of(caplog):
     return [r.getMessage() for r in caplog.records if r.name == "detkit" and r.levelno == logging.WARNING]
-
 
 def write_image(path: Path, width: int = 64, height: int = 48) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,10 @@ from detkit.data.voc import load_voc
 from detkit.schema import DatasetConfig
 
 
+
+def warnings_of(caplog):
+    return [r.getMessage() for r in caplog.records if r.name == "detkit" and r.levelno == logging.WARNING]
+
 def shared_dir() -> Path:
     env = os.environ.get("DETKIT_SHARED")
     return Path(env) if env else Path(__file__).resolve().parents[2] / ".." / "shared"
@@ -35,26 +39,12 @@ def bccd_root() -> Path:
 
 
 @pytest.fixture
-def detkit_log(caplog):
-    """caplog for the "detkit" logger, which the CLI detaches from the root logger."""
-    logger = logging.getLogger("detkit")
-    propagate, logger.propagate = logger.propagate, True
-    caplog.set_level(logging.INFO, logger="detkit")
-    yield caplog
-    logger.propagate = propagate
-
-
-@pytest.fixture
 def restore_logging():
     """``detkit.cli.main`` installs its own stderr handler; put the logger back afterwards."""
     logger = logging.getLogger("detkit")
     saved = (list(logger.handlers), logger.level, logger.propagate)
     yield
     logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
-
-
-def warnings_of(caplog):
-    return [r.getMessage() for r in caplog.records if r.name == "detkit" and r.levelno == logging.WARNING]
 
 
 # -- writing small VOC folders ----------------------------------------------------------------
