@@ -20,7 +20,7 @@ $(STAMP): setup.py requirements-torch.txt
 quickstart: $(STAMP)
 	$(PY) -m detkit train configs/faster_rcnn/quickstart_shapes.yaml --out $(RUN)
 	$(PY) -m detkit demo --checkpoint $(RUN)/model_final.pt --out $(RUN)/demo \
-		datasets/shapes/JPEGImages/test_0000*.png
+		"$${DETKIT_DATA:-datasets}/shapes/JPEGImages/test_0000*.png"
 	@echo "quick start done: $(RUN) (eval.json, metrics.jsonl, demo/*.png)"
 
 test: $(STAMP)

@@ -194,10 +194,17 @@ def build_roi_head(cfg: ModelConfig, backbone, num_classes: int):
         cpu_sparse=h.cpu_sparse_roi_align,
     )
     box_head = MLPBoxHead(backbone.out_channels * h.pooler_resolution**2, h.fc_dims, h.dropout)
-    fc_state = getattr(getattr(backbone, "body", None), "fc_state", None)
-    if fc_state is not None and list(h.fc_dims) == [4096, 4096] and h.pooler_resolution == 7:
-        # VGG-16's ImageNet fc6/fc7 initialise the Fast R-CNN head (Fast R-CNN sec. 2.2).
-        box_head.load_state_dict(fc_state)
+    body = getattr(backbone, "body", None)
+    fc_state = body.pop_fc_state() if hasattr(body, "pop_fc_state") else None
+    if fc_state is not None:
+        # VGG-16's ImageNet fc6/fc7 initialise the Fast R-CNN head (Fast R-CNN sec. 2.2) when
+        # the head has their shape (7x7x512 conv5 RoIs, two 4096-wide layers).
+        shapes = {k: tuple(v.shape) for k, v in box_head.state_dict().items()}
+        if shapes == {k: tuple(v.shape) for k, v in fc_state.items()}:
+            box_head.load_state_dict(fc_state)
+        else:
+            logger.info("VGG-16's fc6/fc7 weights not used: the box head has another shape (%s)",
+                        ", ".join(f"{k} {v}" for k, v in shapes.items() if k.endswith("weight")))
     # Fast R-CNN sec. 2.3: fg IoU >= 0.5, bg in [lo, 0.5), below lo ignored.
     labels = [-1, 0, 1] if h.bg_iou_thresh_lo > 0 else [0, 0, 1]
     return FastRCNNHead(

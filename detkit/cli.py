@@ -41,7 +41,7 @@ def _user_errors():
     from detkit.modeling.backbones.common import BackboneError
 
     errors = [CLIError, ConfigError, DatasetError, ImageReadError, CheckpointError, TrainingError,
-              DetectionFileError, BackboneError, FileExistsError, FileNotFoundError]
+              DetectionFileError, BackboneError]
     try:
         from detkit.modeling.proposals.precomputed import ProposalFileError
 
@@ -95,17 +95,20 @@ def load_dataset_yaml(path: str, which: str = "test"):
     return from_dict(DatasetConfig, data, origins), None
 
 
-def _default_out(config_path: str) -> Path:
+def _default_out(config_path: str, resume: bool = False) -> Path:
     """work_dirs/<config name>, or the first free work_dirs/<config name>_N: a default
-    folder never overwrites an earlier run."""
-    base = Path("work_dirs") / Path(config_path).stem
-    candidate, n = base, 1
+    folder never overwrites an earlier run. With ``resume``: the newest of those folders
+    that holds a run (so ``detkit train CFG --resume`` continues where the last run stopped)."""
     from detkit.engine.trainer import RUN_FILES
 
-    while candidate.exists() and any((candidate / f).exists() for f in RUN_FILES):
+    base = Path("work_dirs") / Path(config_path).stem
+    holds_run = lambda p: p.exists() and any((p / f).exists() for f in RUN_FILES)  # noqa: E731
+    candidate, n, last = base, 1, None
+    while holds_run(candidate):
+        last = candidate
         candidate = Path(f"{base}_{n}")
         n += 1
-    return candidate
+    return last if resume and last is not None else candidate
 
 
 def _evaluate_fn(cfg):
@@ -141,15 +144,33 @@ def _finish_eval(result, dataset, out_dir: Path, plot: bool = False) -> None:
 
 
 # -- commands ---------------------------------------------------------------------------------
+def _save_run_config(cfg, out: Path, resume: bool) -> None:
+    """config.yaml of a run is written once; a resume with another config keeps it and
+    saves the new one beside it (config_resume_<time>.yaml)."""
+    import time
+
+    from detkit.config import dump_config
+
+    path = out / "config.yaml"
+    if not (resume and path.exists()):
+        dump_config(cfg, path)
+        return
+    candidate = out / f"config_resume_{time.strftime('%Y%m%d-%H%M%S')}.yaml"
+    dump_config(cfg, candidate)
+    if candidate.read_bytes() == path.read_bytes():
+        candidate.unlink()
+    else:
+        logger.info("resuming with a changed config: saved as %s", candidate.name)
+
+
 def cmd_train(args) -> int:
     import torch
 
     from detkit.build import build_datasets, build_model, model_summary
-    from detkit.config import dump_config
     from detkit.engine.trainer import Trainer, check_output_dir
 
     cfg = load_run_config(args.config, args.overrides)
-    out = Path(args.out) if args.out else _default_out(args.config)
+    out = Path(args.out) if args.out else _default_out(args.config, args.resume)
     check_output_dir(out, args.resume)
     train_set, test_set, classes = build_datasets(cfg, need_train=True, need_test=cfg.data.test is not None)
     if cfg.train.num_threads > 0:
@@ -158,7 +179,7 @@ def cmd_train(args) -> int:
     model = build_model(cfg.model, len(classes), cfg.data.input)
     out.mkdir(parents=True, exist_ok=True)
     cfg.data.classes = list(classes)
-    dump_config(cfg, out / "config.yaml")
+    _save_run_config(cfg, out, args.resume)
     logger.info("train: %d images, %s; test: %s images; classes: %s", len(train_set), cfg.data.train.format,
                 len(test_set) if test_set else 0, ", ".join(classes))
     logger.info("model: %s; output: %s", model_summary(model), out)
@@ -284,7 +305,7 @@ def cmd_data_shapes(args) -> int:
     try:
         out = generate_shapes(args.out, num_train=args.num_train, num_test=args.num_test, seed=args.seed,
                               coco_json=args.coco_json, overwrite=args.overwrite)
-    except ValueError as exc:
+    except (ValueError, FileExistsError) as exc:
         raise CLIError(str(exc)) from None
     print(f"shapes dataset ready: {out} ({args.num_train} train, {args.num_test} test images)")
     return 0

@@ -14,6 +14,9 @@ from typing import Dict, List, Literal, Optional, Union
 
 from detkit.config import PathStr
 
+# The loss terms the detector's parts return (keys of model.loss_weights).
+LOSS_NAMES = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box")
+
 
 def _rel(**kw):
     """A path field resolved relative to the sibling ``root`` when that is set."""
@@ -91,6 +94,12 @@ class DataConfig:
     num_workers: int = 0
     aspect_ratio_grouping: bool = True
 
+    def __post_init__(self):
+        if self.batch_size < 1 or self.test_batch_size < 1:
+            raise ValueError(f"batch sizes must be >= 1, got {self.batch_size} / {self.test_batch_size}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+
 
 @dataclass
 class BackboneConfig:
@@ -136,7 +145,7 @@ class RPNConfig:
 @dataclass
 class SelectiveSearchConfig:
     """On-the-fly Selective Search (slow; precomputed files are the usual way, see
-    ``detkit proposals``). min_size is in network-input pixels (authors' code: 20)."""
+    ``detkit proposals``). min_size is in original-image pixels (authors' code: 20)."""
 
     mode: Literal["single", "fast", "quality"] = "fast"
     max_proposals: int = 2000
@@ -201,6 +210,15 @@ class ModelConfig:
     # Multiplies each named loss term (loss_rpn_cls, loss_rpn_box, loss_cls, loss_box).
     loss_weights: Dict[str, float] = field(default_factory=dict)
     train_difficult: bool = False
+
+    def __post_init__(self):
+        import difflib
+
+        for name in self.loss_weights:
+            if name not in LOSS_NAMES:
+                close = difflib.get_close_matches(name, LOSS_NAMES, n=1)
+                hint = f"did you mean '{close[0]}'?" if close else f"losses: {', '.join(LOSS_NAMES)}"
+                raise ValueError(f"loss_weights: unknown loss '{name}' ({hint})")
 
 
 @dataclass

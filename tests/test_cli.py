@@ -1,6 +1,7 @@
 """End to end through the command line: train -> eval -> demo on a tiny generated dataset,
 the detection-file evaluator, and the user-error paths (one line, exit code 2)."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -165,3 +166,71 @@ def test_same_seed_same_losses(run, tmp_path):
                      "train.log_period=1", "train.checkpoint_period=0", "data.test=null"]) == 0
         losses.append([json.loads(line)["loss"] for line in open(out / "metrics.jsonl") if "loss" in line])
     assert losses[0] == losses[1] and len(losses[0]) == 2
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.loss_weights={loss_rpn_clss: 2.0}", "unknown loss 'loss_rpn_clss' (did you mean 'loss_rpn_cls'?)"),
+        ("data.batch_size=0", "batch sizes must be >= 1"),
+    ],
+)
+def test_bad_values_fail_with_the_key(run, tmp_path, capsys, override, message):
+    cfg, _ = run
+    assert main(["train", str(cfg), "--out", str(tmp_path / "o"), override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_checkpoints_load_without_fetching_pretrained_weights(run, tmp_path):
+    # The stored config may name ImageNet weights (here a file that does not exist): every
+    # weight comes from the checkpoint, so evaluation must neither load nor download them.
+    from detkit.engine.checkpoint import load_checkpoint, save_checkpoint
+    from detkit.engine.predictor import model_from_checkpoint
+
+    cfg, out = run
+    state = load_checkpoint(out / "model_final.pt")
+    state["config"]["model"]["backbone"]["pretrained"] = str(tmp_path / "missing_imagenet.pth")
+    save_checkpoint(tmp_path / "ckpt.pt", state)
+    model, loaded_cfg, names = model_from_checkpoint(tmp_path / "ckpt.pt")
+    assert names == ["circle", "square", "triangle"] and not model.training
+
+
+def test_default_run_folder_never_reuses_and_resume_picks_the_newest(tmp_path, monkeypatch):
+    from detkit.cli import _default_out
+
+    monkeypatch.chdir(tmp_path)
+    assert _default_out("configs/x.yaml") == Path("work_dirs/x")
+    for name in ("x", "x_1"):
+        (tmp_path / "work_dirs" / name).mkdir(parents=True)
+        (tmp_path / "work_dirs" / name / "metrics.jsonl").write_text("{}\n")
+    assert _default_out("configs/x.yaml") == Path("work_dirs/x_2")
+    assert _default_out("configs/x.yaml", resume=True) == Path("work_dirs/x_1")
+
+
+def test_resume_keeps_the_original_config(run, tmp_path):
+    import shutil
+
+    cfg, out = run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    original = (copy / "config.yaml").read_bytes()
+    assert main(["train", str(cfg), "--out", str(copy), "--resume", "--no-progress", "train.max_iter=5"]) == 0
+    assert (copy / "config.yaml").read_bytes() == original
+    (changed,) = copy.glob("config_resume_*.yaml")
+    assert "max_iter: 5" in changed.read_text()
+
+
+def test_demo_boxes_are_the_evaluated_detections(run, tmp_path):
+    """The demo's boxes (original pixels) are the detections `detkit eval` scores."""
+    cfg, out = run
+    image = sorted((out.parent / "shapes" / "JPEGImages").glob("test_*.png"))[0]
+    assert main(["demo", "--checkpoint", str(out / "model_final.pt"), "--out", str(tmp_path / "d"),
+                 "--score-thresh", "0.05", str(image)]) == 0
+    demo = json.loads((tmp_path / "d" / f"{image.stem}.json").read_text())["detections"]
+    evaluated = [d for d in json.loads((out / "detections.json").read_text()) if d["image_id"] == image.stem]
+    assert len(demo) == len(evaluated) > 0
+    for d, e in zip(sorted(demo, key=lambda d: -d["score"]), sorted(evaluated, key=lambda e: -e["score"])):
+        x, y, w, h = e["bbox"]  # VOC file coordinates: xmin = x1 + 1, w = x2 - x1 - 1
+        assert d["box"] == pytest.approx([x - 1, y - 1, x + w, y + h], abs=0.01)
+        assert d["class"] == e["category"]

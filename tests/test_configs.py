@@ -25,7 +25,7 @@ def test_config_validates_and_builds(path):
     # Paper settings that the configs cite must survive inheritance.
     if path.name == "vgg16_voc07.yaml":
         assert cfg.model.proposals.rpn.post_nms_topk_test == 300  # Faster R-CNN sec. 4.1
-        assert cfg.model.roi_head.pooler == "roi_pool" and cfg.model.roi_head.bg_iou_thresh_lo == 0.1
+        assert cfg.model.roi_head.pooler == "roi_pool" and cfg.model.roi_head.bg_iou_thresh_lo == 0.0
         assert cfg.train.steps == [60000] and cfg.train.base_lr == 0.001
     if path.name == "bccd_r18_fpn.yaml":
         assert cfg.data.train.root.endswith("BCCD") and cfg.data.classes == ["Platelets", "RBC", "WBC"]

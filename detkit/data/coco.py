@@ -181,7 +181,8 @@ def load_coco(
             crowd.append(bool(ann.get("iscrowd", 0)))
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
         keep = sanitize_boxes(boxes, width, height, file_name, problems)
-        if not keep.any() and filter_empty:
+        # Crowd regions are no training positives: an image with only those is empty too.
+        if filter_empty and not (keep & ~np.asarray(crowd, bool).reshape(-1)).any():
             problems.add("skipped images without objects", file_name)
             continue
         records.append(
@@ -203,8 +204,7 @@ def load_coco(
         detail = "; ".join(problems.lines(1)) or "no images"
         raise DatasetError(f"{ann_file}: no usable images ({detail})")
     problems.warn()
-    dataset = DetectionDataset(
-        records, classes, native_offset=0.0, coco=coco, label_to_cat_id=label_to_cat, name=label_name
+    return DetectionDataset(
+        records, classes, native_offset=0.0, coco=coco, label_to_cat_id=label_to_cat, name=label_name,
+        problems=problems,
     )
-    dataset.problems = problems
-    return dataset

@@ -45,6 +45,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         label_to_cat_id: Optional[Dict[int, int]] = None,
         transforms: Optional[Callable] = None,
         name: str = "dataset",
+        problems=None,
     ):
         self.records: List[ImageRecord] = list(records)
         self.class_names: List[str] = list(class_names)
@@ -55,6 +56,8 @@ class DetectionDataset(torch.utils.data.Dataset):
         self.transforms = transforms
         self.name = name
         self.id_to_index: Dict[ImageId, int] = {r.image_id: i for i, r in enumerate(self.records)}
+        # What the loader skipped or fixed (a detkit.data.io.ProblemLog), for `detkit data check`.
+        self.problems = problems
 
     @property
     def num_classes(self) -> int:

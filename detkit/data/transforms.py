@@ -66,8 +66,12 @@ class ResizeShortestEdge:
 
     def __call__(self, image, target):
         h, w = image.shape[-2:]
-        # torch RNG: seeded by the trainer and per DataLoader worker.
-        short = self.min_sizes[int(torch.randint(len(self.min_sizes), ()))]
+        # torch RNG: seeded by the trainer and per DataLoader worker; a single size draws
+        # nothing, so test-time resizing never moves the training stream.
+        if len(self.min_sizes) == 1:
+            short = self.min_sizes[0]
+        else:
+            short = self.min_sizes[int(torch.randint(len(self.min_sizes), ()))]
         image = resize_image(image, resize_scale(h, w, short, self.max_size))
         nh, nw = image.shape[-2:]
         sy, sx = nh / h, nw / w

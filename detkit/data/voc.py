@@ -259,15 +259,13 @@ def load_voc(
             labels=np.asarray(labels, np.int64)[keep],
             difficult=np.asarray(difficult, bool)[keep],
         )
-        if len(record.boxes) == 0:
-            if filter_empty:
-                problems.add("skipped images without objects", str(xml_path))
-                continue
+        # Difficult boxes are no training positives: an image with only those is empty too.
+        if filter_empty and not (~record.difficult).any():
+            problems.add("skipped images without objects", str(xml_path))
+            continue
         records.append(record)
     if not records:
         detail = "; ".join(problems.lines(1)) or "no images"
         raise DatasetError(f"{label_name}: no usable images in {ann} ({detail})")
     problems.warn()
-    dataset = DetectionDataset(records, classes, native_offset=VOC_NATIVE_OFFSET, name=label_name)
-    dataset.problems = problems
-    return dataset
+    return DetectionDataset(records, classes, native_offset=VOC_NATIVE_OFFSET, name=label_name, problems=problems)

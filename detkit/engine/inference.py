@@ -71,6 +71,8 @@ def device_from_config(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but CUDA is not available (use train.device=auto or cpu)")
+        from detkit.config import ConfigError
+
+        raise ConfigError("train.device: 'cuda' requested but CUDA is not available (use auto or cpu)")
     return torch.device(name)
 

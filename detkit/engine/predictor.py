@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import copy
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -32,6 +33,9 @@ def model_from_checkpoint(path, cfg: Optional[Config] = None, device="cpu"):
         if not classes:
             raise CheckpointError(f"{path} stores no class names and the config sets none (data.classes)")
         class_names = list(classes)
+    # Every weight comes from the checkpoint: do not load (or download) ImageNet weights first.
+    cfg = copy.deepcopy(cfg)
+    cfg.model.backbone.pretrained = None
     model = build_model(cfg.model, len(class_names), cfg.data.input)
     load_model_state(model, state["model"], str(path))
     model.to(device).eval()

@@ -147,7 +147,8 @@ class Trainer:
             "iteration": iteration,
             "config": to_dict(self.cfg),
             "class_names": self.class_names,
-            "rng": {"torch": torch.get_rng_state()},
+            "rng": {"torch": torch.get_rng_state(),
+                    **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})},
         }
 
     def save(self, iteration: int, final: bool = False) -> Path:
@@ -164,9 +165,20 @@ class Trainer:
         if "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
+            # LambdaLR's load_state_dict writes the old run's schedule fields (max_iter,
+            # steps, ...) into our schedule object; a resumed run follows the schedule of the
+            # config it was resumed with, so a fresh one replaces it.
+            t = self.tcfg
+            self.schedule = LRSchedule(t.max_iter, t.warmup_iters, t.warmup_factor, t.lr_schedule, t.steps, t.gamma)
+            self.scheduler.lr_lambdas = [self.schedule] * len(self.optimizer.param_groups)
+            for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+                group["lr"] = base * self.schedule(self.scheduler.last_epoch)
             self.scaler.load_state_dict(state.get("scaler", {}))
-        if "rng" in state and "torch" in state["rng"]:
-            torch.set_rng_state(state["rng"]["torch"])
+        rng = state.get("rng", {})
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
         self.start_iter = int(state.get("iteration", 0))
         logger.info("resumed from %s at iteration %d", path, self.start_iter)
 
@@ -179,6 +191,13 @@ class Trainer:
     def evaluate(self, iteration: int) -> Optional[Dict]:
         if self.test_set is None or self.evaluate_fn is None:
             return None
+        # Evaluation (validation-loss sampling) must not move the training RNG: a run with
+        # eval_period and a resumed run then see the same random stream as a plain run.
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            return self._evaluate(iteration)
+
+    def _evaluate(self, iteration: int) -> Dict:
         dets, val_losses, sec_per_img = run_inference(
             self.model,
             self.test_set,

@@ -173,14 +173,17 @@ class RoIPooler(nn.Module):
         if self.kind == "roi_pool":
             return roi_pool(feature, rois, self.output_size, scale)
         if self.cpu_sparse and feature.device.type == "cpu" and self.sampling_ratio > 0:
-            return sparse_roi_align(feature, rois, self.output_size, scale, self.sampling_ratio, self.aligned)
+            return sparse_roi_align(feature, rois.to(feature.dtype), self.output_size, scale, self.sampling_ratio,
+                                    self.aligned)
         return roi_align(feature, rois, self.output_size, scale, self.sampling_ratio, self.aligned)
 
     def forward(self, features: List[Tensor], boxes: List[Tensor]) -> Tensor:
         """features: L tensors (N, C, H_l, W_l); boxes: N tensors (R_i, 4) -> (R, C, S, S)."""
         if len(features) != len(self.scales):
             raise ValueError(f"pooler expects {len(self.scales)} feature levels, got {len(features)}")
-        rois = boxes_to_rois([b.to(features[0].dtype) for b in boxes])
+        # RoIs stay float32 even when features are fp16 (autocast): fp16 would round a
+        # coordinate near 1000 px to 0.5 px.
+        rois = boxes_to_rois([b.float() for b in boxes])
         if len(features) == 1:
             return self._pool(features[0], rois, self.scales[0])
         levels = assign_levels(

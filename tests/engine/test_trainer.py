@@ -164,3 +164,38 @@ def test_bare_state_dict_checkpoints_load(tmp_path):
     torch.save({"w": torch.zeros(1)}, tmp_path / "bare.pt")
     assert set(load_checkpoint(tmp_path / "bare.pt")["model"]) == {"w"}
 
+
+
+def test_resume_follows_the_new_schedule(tmp_path):
+    # A cosine schedule saved at max_iter 4 ends at lr 0; resumed with max_iter 8 the lr must
+    # follow the new cosine (not the stored one, which would train at lr 0).
+    cfg = Config()
+    cfg.train = TrainConfig(max_iter=4, warmup_iters=0, lr_schedule="cosine", base_lr=0.1, device="cpu",
+                            log_period=1)
+    cfg.data.batch_size = 2
+    Trainer(cfg, _NaNAfter(10**9), _TinyDataset(), None, tmp_path, ["a"], progress=False).train()
+    cfg.train.max_iter = 8
+    trainer = Trainer(cfg, _NaNAfter(10**9), _TinyDataset(), None, tmp_path, ["a"], resume=True, progress=False)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    trainer.train()
+    lrs = [json.loads(line)["lr"] for line in open(tmp_path / "metrics.jsonl") if '"lr"' in line]
+    assert all(lr > 0 for lr in lrs[4:7])
+
+
+def test_evaluation_does_not_move_the_training_random_stream(tmp_path):
+    """Validation-loss sampling draws random numbers; with eval_period the training losses
+    must stay those of a run without it."""
+    def losses(eval_period, out):
+        torch.manual_seed(0)
+        cfg = Config()
+        cfg.train = TrainConfig(max_iter=4, warmup_iters=0, eval_period=eval_period, device="cpu", log_period=1)
+        cfg.data.batch_size = 2
+        model = _NaNAfter(10**9)
+        trainer = Trainer(cfg, model, _TinyDataset(), _TinyDataset(), out, ["a"],
+                          evaluate_fn=lambda dets, ds: {"metric": "voc", "mAP": 0.0}, progress=False)
+        # An "evaluation" that consumes the global RNG, as the validation loss does.
+        trainer._evaluate = lambda it: (torch.rand(100), {"metric": "voc", "mAP": 0.0})[1]
+        trainer.train()
+        return [json.loads(line)["loss"] for line in open(out / "metrics.jsonl") if '"loss"' in line]
+
+    assert losses(0, tmp_path / "a") == losses(1, tmp_path / "b")

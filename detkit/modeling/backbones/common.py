@@ -28,7 +28,9 @@ def norm_layer(kind: str) -> Optional[Callable[[int], nn.Module]]:
     if kind == "frozen_bn":
         return FrozenBatchNorm2d
     if kind == "gn":
-        return lambda c: nn.GroupNorm(min(32, c // 4) if c < 128 else 32, c)
+        # 32 groups (Wu & He) where possible, but at least 4 channels per group in narrow
+        # layers; always a group count that divides c.
+        return lambda c: nn.GroupNorm(max(g for g in range(1, max(1, min(32, c // 4)) + 1) if c % g == 0), c)
     if kind == "syncbn":
         return nn.SyncBatchNorm
     if kind == "none":
@@ -56,6 +58,16 @@ def keep_frozen_bn_in_eval(module: nn.Module) -> None:
             sub.eval()
 
 
+class Body(nn.Module):
+    """Base of the backbone bodies: ``train()`` keeps frozen BatchNorm layers in eval mode,
+    so a body used on its own (without the Detector) keeps its frozen statistics too."""
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        keep_frozen_bn_in_eval(self)
+        return self
+
+
 def load_pretrained(model: nn.Module, pretrained: str, weights_enum=None) -> None:
     """Load ``pretrained`` into a torchvision classification model: a local file (state dict,
     loaded with weights_only=True) or a torchvision weight name such as
@@ -79,8 +91,9 @@ def load_pretrained(model: nn.Module, pretrained: str, weights_enum=None) -> Non
         try:
             state = weights.get_state_dict(progress=False)
         except Exception as exc:  # offline: URLError and friends
+            reason = (str(exc).strip().splitlines() or [""])[0][:120]
             raise BackboneError(
-                f"cannot download {weights_enum.__name__}.{name} ({exc.__class__.__name__}); "
+                f"cannot download {weights_enum.__name__}.{name} ({exc.__class__.__name__}: {reason}); "
                 "download it elsewhere and pass the local file path"
             ) from None
     own = model.state_dict()

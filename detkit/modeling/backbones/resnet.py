@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 import torchvision
 from torch import Tensor, nn
 
-from detkit.modeling.backbones.common import BackboneError, freeze, load_pretrained, norm_layer
+from detkit.modeling.backbones.common import BackboneError, Body, freeze, load_pretrained, norm_layer
 
 _RESNETS = {
     "resnet18": (torchvision.models.resnet18, "ResNet18_Weights"),
@@ -28,7 +28,7 @@ _STAGES = ["c2", "c3", "c4", "c5"]
 _STRIDES = {"c2": 4, "c3": 8, "c4": 16, "c5": 32}
 
 
-class ResNetBody(nn.Module):
+class ResNetBody(Body):
     """(N, 3, H, W) -> OrderedDict of the requested stage outputs among c2..c5.
 
     norm: bn | frozen_bn | gn (see ``common.norm_layer``).

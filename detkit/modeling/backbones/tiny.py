@@ -13,12 +13,12 @@ from typing import Sequence
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock
 
-from detkit.modeling.backbones.common import BackboneError, freeze, norm_layer
+from detkit.modeling.backbones.common import BackboneError, Body, freeze, norm_layer
 
 _STAGES = ["c2", "c3", "c4", "c5"]
 
 
-class TinyResNetBody(nn.Module):
+class TinyResNetBody(Body):
     """widths: channels of c2..c5; blocks: basic blocks per stage; norm: bn | gn | frozen_bn."""
 
     def __init__(

@@ -17,13 +17,13 @@ from typing import Optional
 import torchvision
 from torch import Tensor, nn
 
-from detkit.modeling.backbones.common import BackboneError, freeze, load_pretrained
+from detkit.modeling.backbones.common import BackboneError, Body, freeze, load_pretrained
 
 _OUTPUTS = {"c2": 4, "c3": 8, "c4": 16, "c5": 32}
 _CHANNELS = {"c2": 256, "c3": 512, "c4": 512, "c5": 512}
 
 
-class VGGBody(nn.Module):
+class VGGBody(Body):
     """(N, 3, H, W) -> OrderedDict of the requested outputs among c2..c5 (see module doc).
     ``fc_state`` keeps VGG's fc6/fc7 weights (when pretrained) for the Fast R-CNN head."""
 
@@ -65,6 +65,12 @@ class VGGBody(nn.Module):
         if not 0 <= frozen_stages <= 5:
             raise BackboneError(f"VGG-16 frozen_stages must be in 0..5, got {frozen_stages}")
         freeze([getattr(self, f"block{i + 1}") for i in range(frozen_stages)])
+
+    def pop_fc_state(self):
+        """VGG-16's ImageNet fc6/fc7 weights (or None), handed over once: the body keeps no
+        copy of these ~480 MB afterwards."""
+        state, self.fc_state = self.fc_state, None
+        return state
 
     def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
         out = OrderedDict()

@@ -161,13 +161,19 @@ class RPN(nn.Module):
         labels, matched_boxes = [], []
         for target, (h, w) in zip(targets, image_sizes):
             gt = target["boxes"].to(anchors.device)
-            matched, lab = self.matcher(pairwise_iou(gt, anchors))
-            lab = lab.to(torch.int64)
+            iou = pairwise_iou(gt, anchors)
+            outside = None
             if self.allowed_border >= 0:
                 b = self.allowed_border
                 outside = (
                     (anchors[:, 0] < -b) | (anchors[:, 1] < -b) | (anchors[:, 2] > w + b) | (anchors[:, 3] > h + b)
                 )
+                # Removed before matching (as py-faster-rcnn does), so a GT near the border
+                # gets its best *inside* anchor as the low-quality positive.
+                iou[:, outside] = -1.0
+            matched, lab = self.matcher(iou)
+            lab = lab.to(torch.int64)
+            if outside is not None:
                 lab[outside] = -1
             labels.append(lab)
             matched_boxes.append(gt[matched] if len(gt) else torch.zeros_like(anchors))

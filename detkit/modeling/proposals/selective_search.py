@@ -452,7 +452,8 @@ class SelectiveSearchProposals(torch.nn.Module):
     Each image is taken from ``images.tensor[i, :, :h, :w]`` ((h, w) = image_sizes[i], the
     padding left out), un-normalised with ``pixel_mean`` / ``pixel_std`` (they must be the
     data pipeline's ``Normalize`` values) and rounded to uint8 RGB; proposals are therefore
-    in network-input pixels, and ``min_size`` is too. Scores encode the rank (high = better).
+    in network-input pixels; ``min_size`` is in original-image pixels (scaled to the input),
+    as in ``detkit proposals`` files. Scores encode the rank (high = better).
 
     This is slow (about a second per VOC-sized image in "fast" mode, far more at the network
     input size or in "quality" mode) and runs on the CPU at every forward, also at every
@@ -494,7 +495,13 @@ class SelectiveSearchProposals(torch.nn.Module):
         device = images.tensor.device
         for i, (h, w) in enumerate(images.image_sizes):
             array = self.image_array(images.tensor[i, :, :h, :w])
-            boxes, scores = selective_search(array, self.mode, min_size=self.min_size,
+            # min_size is in original pixels, as for `detkit proposals` files: scale it to
+            # the network input so both paths keep the same boxes.
+            scale = 1.0
+            if images.orig_sizes is not None:
+                oh, ow = images.orig_sizes[i]
+                scale = min(h / oh, w / ow)
+            boxes, scores = selective_search(array, self.mode, min_size=self.min_size * scale,
                                              max_boxes=self.max_proposals, seed=self.seed)
             out.append(Proposals(torch.from_numpy(boxes).to(device), torch.from_numpy(scores).to(device)))
         return out, {}

@@ -80,6 +80,19 @@ def test_allowed_border_ignores_cross_boundary_anchors():
     assert labels.tolist() == [[-1, -1, -1, -1]]
 
 
+def test_border_gt_gets_its_best_inside_anchor():
+    # offset 0: a0 [-8, -8, 8, 8] crosses the border, a3 [8, 8, 24, 24] lies inside.
+    # GT [0, 0, 12, 12]: IoU with a0 = 64 / (256 + 144 - 64) = 0.19, with a3 = 16 / 384 = 0.042;
+    # a0 is its best anchor overall but is ignored, so the low-quality positive must be a3
+    # (chosen among inside anchors, as py-faster-rcnn drops outside anchors before matching).
+    gt = [{"boxes": torch.tensor([[0.0, 0.0, 12.0, 12.0]])}]
+    rpn = make_rpn(offset=0.0, allowed_border=0)
+    anchors = rpn.anchor_generator([torch.zeros(1, 4, 2, 2)], (32, 32))[0]
+    labels, matched = rpn.label_anchors(anchors, gt, [(32, 32)])
+    assert labels.tolist() == [[-1, -1, -1, 1]]
+    torch.testing.assert_close(matched[0, 3], gt[0]["boxes"][0])
+
+
 def test_losses_hand_computed_zero_logits():
     rpn = make_rpn()
     constant_head(rpn, 0.0)
