@@ -103,7 +103,8 @@ def test_proposal_config_validation():
         model_cfg(method="precomputed")
     with pytest.raises(ConfigError, match="selective_search.max_proposals must be >= 1"):
         model_cfg(method="selective_search", selective_search={"max_proposals": 0})
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="proposals.method: expected one of 'rpn', 'selective_search', "
+                                          "'precomputed', got str 'edge_boxes'"):
         model_cfg(method="edge_boxes")
 
 

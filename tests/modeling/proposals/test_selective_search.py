@@ -450,8 +450,11 @@ def test_selective_search_scale_maps_boxes_back_to_input_pixels():
 def test_selective_search_custom_strategies_and_grey_input():
     image, _ = draw_shapes(4, size=96)
     grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-    boxes, _ = selective_search(grey, mode=[Strategy("I", 50, "S"), Strategy("I", 50, "F")])
-    assert len(boxes) > 0
+    boxes, _ = selective_search(grey, mode=[Strategy("I", 50, "S"), Strategy("I", 50, "F")], min_size=0)
+    # Every hierarchy ends in the region covering the whole (connected) image, and grey input
+    # must be accepted as a 1-channel image of the same size.
+    assert [0, 0, 96, 96] in boxes.tolist()
+    assert boxes.min() >= 0 and boxes.max() <= 96 and len(boxes) > 4
 
 
 def test_selective_search_quality_mode_runs_every_colour_space_and_similarity():
