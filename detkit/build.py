@@ -253,7 +253,8 @@ def build_model(cfg: ModelConfig, num_classes: int, input_cfg: Optional[InputCon
     backbone = build_backbone(cfg.backbone)
     proposal_generator = PROPOSAL_GENERATORS[cfg.proposals.method](cfg, backbone, input_cfg or InputConfig())
     roi_head = build_roi_head(cfg, backbone, num_classes)
-    return Detector(backbone, proposal_generator, roi_head, cfg.loss_weights, cfg.train_difficult)
+    return Detector(backbone, proposal_generator, roi_head, cfg.loss_weights, cfg.train_difficult,
+                    channels_last_inference=cfg.channels_last_inference)
 
 
 def model_summary(model) -> str:

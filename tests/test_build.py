@@ -140,3 +140,25 @@ def test_tiny_backbone_has_no_pretrained_weights():
     cfg = from_dict(ModelConfig, {"backbone": {"name": "tiny", "pretrained": "x.pth"}})
     with pytest.raises(BackboneError, match="no pretrained weights"):
         build_backbone(cfg.backbone)
+
+
+def test_channels_last_inference_gives_the_same_detections_and_not_in_training():
+    torch.manual_seed(0)
+    model = build_model(fpn_cfg(roi_head={"score_thresh": 0.0}), num_classes=3)
+    seen = []
+    model.backbone.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    images, targets = batch(model)
+    model.train()
+    model(images, targets)
+    model.eval()
+    with torch.no_grad():
+        fast, _ = model(images)
+        model.channels_last_inference = False
+        plain, _ = model(images)
+    assert seen == [False, True, False]
+    for a, b in zip(fast, plain):
+        assert len(a) == len(b) > 0
+        torch.testing.assert_close(a.boxes, b.boxes, atol=1e-3, rtol=0)
+        torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=0)
+        assert torch.equal(a.labels, b.labels)

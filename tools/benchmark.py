@@ -61,6 +61,7 @@ def _case_config(name: str):
         cfg = torchvision_r50_fpn_config()
         # Timing, not bit-for-bit parity: detkit's default (sparse) CPU RoIAlign.
         cfg.model.roi_head.cpu_sparse_roi_align = True
+        cfg.model.channels_last_inference = True
         return cfg, 90
     if name == "bccd":
         cfg = load_config(ROOT / "configs/faster_rcnn/bccd_r18_fpn.yaml", Config)

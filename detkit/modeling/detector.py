@@ -47,6 +47,7 @@ class Detector(nn.Module):
         roi_head: nn.Module,
         loss_weights: Optional[Dict[str, float]] = None,
         train_difficult: bool = False,
+        channels_last_inference: bool = False,
     ):
         super().__init__()
         self.backbone = backbone
@@ -54,6 +55,10 @@ class Detector(nn.Module):
         self.roi_head = roi_head
         self.loss_weights = dict(loss_weights or {})
         self.train_difficult = train_difficult
+        # In eval mode the backbone gets channels-last images (faster oneDNN convolutions on
+        # the CPU). Training stays NCHW: torch's CPU backward of some strided 1x1 convolutions
+        # crashes on channels-last inputs (e.g. 12 -> 24 channels).
+        self.channels_last_inference = channels_last_inference
 
     @property
     def size_divisibility(self) -> int:
@@ -82,7 +87,10 @@ class Detector(nn.Module):
     ) -> Tuple[List[Detections], Dict[str, Tensor]]:
         """-> (detections per image in original pixels; [] in training mode), losses."""
         targets = self._training_targets(targets, images.tensor.device)
-        features = self.backbone(images.tensor)
+        x = images.tensor
+        if self.channels_last_inference and not self.training:
+            x = x.contiguous(memory_format=torch.channels_last)
+        features = self.backbone(x)
         proposals, proposal_losses = self.proposal_generator(images, features, targets)
         proposals = [p.detach() for p in proposals]
         detections, head_losses = self.roi_head(images, features, proposals, targets)
