@@ -275,7 +275,7 @@ def cmd_demo(args) -> int:
         }
         (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
         save_rgb(out / f"{stem}.png", draw_detections(image, boxes, scores, labels, predictor.class_names))
-        logger.info("%s: %d detections", path, len(boxes))
+        logger.info("%s: %d detection%s", path, len(boxes), "" if len(boxes) == 1 else "s")
     logger.info("wrote %d results to %s", len(paths) - failed, out)
     return 1 if failed else 0
 
