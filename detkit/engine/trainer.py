@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import time
 from collections import defaultdict
@@ -85,6 +86,17 @@ def seed_everything(seed: int) -> None:
 
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "model_final.pt", "eval.json")
+
+
+def _record_iter(line: str) -> float:
+    """The iteration a metrics.jsonl line belongs to. A line cut off by a crash counts as
+    past every checkpoint (a resume drops it); a record without an iteration is kept."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return float("inf")
+    it = record.get("iter") if isinstance(record, dict) else None
+    return float(it) if isinstance(it, (int, float)) else float("-inf")
 
 
 def check_output_dir(out_dir: Path, resume: bool) -> None:
@@ -159,6 +171,7 @@ class Trainer:
         path = find_last_checkpoint(self.out_dir)
         if path is None:
             logger.info("no checkpoint in %s: starting from scratch", self.out_dir)
+            self._trim_metrics(0)
             return
         state = load_checkpoint(path)
         load_model_state(self.model, state["model"], str(path))
@@ -180,7 +193,23 @@ class Trainer:
         if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.start_iter = int(state.get("iteration", 0))
+        self._trim_metrics(self.start_iter)
         logger.info("resumed from %s at iteration %d", path, self.start_iter)
+
+    def _trim_metrics(self, last_iter: int) -> None:
+        """Drop metrics.jsonl records past ``last_iter``: a crashed run logged iterations
+        after its last checkpoint, and the resumed run trains (and logs) them again."""
+        path = self.out_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for line in lines if _record_iter(line) <= last_iter]
+        if len(kept) < len(lines):
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line.rstrip("\n") + "\n" for line in kept), encoding="utf-8")
+            os.replace(tmp, path)
+            logger.info("metrics.jsonl: dropped %d records after iteration %d (they are redone)",
+                        len(lines) - len(kept), last_iter)
 
     # -- logging -----------------------------------------------------------------------------
     def _log(self, record: Dict) -> None:

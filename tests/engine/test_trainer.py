@@ -199,3 +199,23 @@ def test_evaluation_does_not_move_the_training_random_stream(tmp_path):
         return [json.loads(line)["loss"] for line in open(out / "metrics.jsonl") if '"loss"' in line]
 
     assert losses(0, tmp_path / "a") == losses(1, tmp_path / "b")
+
+
+def test_resume_drops_metrics_logged_after_the_last_checkpoint(tmp_path):
+    # A run that crashed at iteration 3 logged iterations 1-3 but checkpointed only at 2; the
+    # resumed run redoes iteration 3, so metrics.jsonl must hold each iteration once.
+    cfg = Config()
+    cfg.train = TrainConfig(max_iter=2, checkpoint_period=2, warmup_iters=0, device="cpu", log_period=1)
+    cfg.data.batch_size = 2
+    Trainer(cfg, _NaNAfter(10**9), _TinyDataset(), None, tmp_path, ["a"], progress=False).train()
+    (tmp_path / "model_final.pt").rename(tmp_path / "model_0000002.pt")
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"note": "no iteration"}) + "\n")
+        f.write(json.dumps({"iter": 3, "loss": 1.0}) + "\n")
+        f.write('{"iter": 4, "lo')  # cut off by the crash
+    cfg.train.max_iter = 4
+    Trainer(cfg, _NaNAfter(10**9), _TinyDataset(), None, tmp_path, ["a"], resume=True, progress=False).train()
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["iter"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert all(r["loss"] != 1.0 for r in records if "loss" in r)  # iteration 3 is the redone one
+    assert {"note": "no iteration"} in records
