@@ -248,8 +248,10 @@ class TrainConfig:
     def __post_init__(self):
         if self.max_iter < 1:
             raise ValueError(f"max_iter must be >= 1, got {self.max_iter}")
-        if any(s <= 0 or s > self.max_iter for s in self.steps):
-            raise ValueError(f"steps must lie in 1..max_iter ({self.max_iter}), got {self.steps}")
+        # Steps past max_iter are allowed (the trainer warns and ignores them, as detectron2
+        # does) so that `train.max_iter=N` alone shortens a recipe.
+        if any(s <= 0 for s in self.steps):
+            raise ValueError(f"steps must be positive iterations, got {self.steps}")
 
 
 @dataclass

@@ -201,6 +201,7 @@ def load_voc(
 
     records: List[ImageRecord] = []
     seen = set()
+    unknown = set()  # object names outside the class list
     for image_id in ids:
         if image_id in seen:
             problems.add("skipped ids listed twice in the split", image_id)
@@ -242,6 +243,7 @@ def load_voc(
             label = class_to_label.get(obj_name)
             if label is None:
                 problems.add("dropped objects of classes not in the class list", str(xml_path))
+                unknown.add(obj_name)
                 continue
             boxes.append(box)
             labels.append(label)
@@ -267,5 +269,11 @@ def load_voc(
     if not records:
         detail = "; ".join(problems.lines(1)) or "no images"
         raise DatasetError(f"{label_name}: no usable images in {ann} ({detail})")
+    if unknown and not any(len(r.labels) for r in records):
+        # Typically a class list inherited from another dataset's recipe.
+        raise DatasetError(
+            f"{label_name}: no object in {ann} is of the classes {classes}; found "
+            f"{sorted(unknown)} (set classes to these, or to null to infer them)"
+        )
     problems.warn()
     return DetectionDataset(records, classes, native_offset=VOC_NATIVE_OFFSET, name=label_name, problems=problems)

@@ -141,6 +141,9 @@ class Trainer:
         self.model = model.to(self.device)
         self.optimizer = build_optimizer(self.model, self.tcfg)
         t = self.tcfg
+        late = [step for step in t.steps if step > t.max_iter]
+        if late and t.lr_schedule == "step":
+            logger.warning("train.steps %s lie past max_iter %d and are ignored", late, t.max_iter)
         self.schedule = LRSchedule(t.max_iter, t.warmup_iters, t.warmup_factor, t.lr_schedule, t.steps, t.gamma)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)

@@ -241,6 +241,22 @@ def test_classes_given_fix_the_label_order_and_drop_others(tmp_path, detkit_log)
         load_voc(root, classes=["dog", "dog"])
 
 
+def test_a_class_list_matching_no_object_is_an_error_naming_the_found_classes(tmp_path):
+    # The usual cause: a recipe's class list (e.g. BCCD's) inherited by a run on other data.
+    root = tmp_path / "ds"
+    write_xml(root / "annotations" / "a.xml", [("cat", (1, 1, 5, 5), 0), ("dog", (3, 3, 9, 9), 0)])
+    write_xml(root / "annotations" / "b.xml", [])
+    write_image(root / "images" / "a.jpg")
+    write_image(root / "images" / "b.jpg")
+    with pytest.raises(DatasetError) as err:
+        load_voc(root, classes=["RBC", "WBC"])
+    assert str(err.value) == (
+        f"ds:all: no object in {root / 'annotations'} is of the classes ['RBC', 'WBC']; "
+        "found ['cat', 'dog'] (set classes to these, or to null to infer them)")
+    # One listed class present is enough: the rest is the counted skip of the test above.
+    assert load_voc(root, classes=["cat"]).records[0].labels.tolist() == [1]
+
+
 def test_every_split_of_a_folder_gets_the_same_inferred_classes(tmp_path):
     root = make_plain(tmp_path / "ds", ["a"])
     write_xml(root / "annotations" / "b.xml", [("zebra", (1, 1, 5, 5), 0)])

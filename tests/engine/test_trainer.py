@@ -1,5 +1,6 @@
 """Trainer pieces: schedule values, optimizer groups, NaN stop, resume, checkpoints."""
 import json
+import logging
 import math
 
 import pytest
@@ -219,3 +220,16 @@ def test_resume_drops_metrics_logged_after_the_last_checkpoint(tmp_path):
     assert [r["iter"] for r in records if "loss" in r] == [1, 2, 3, 4]
     assert all(r["loss"] != 1.0 for r in records if "loss" in r)  # iteration 3 is the redone one
     assert {"note": "no iteration"} in records
+
+
+def test_steps_past_max_iter_are_ignored_with_a_warning(tmp_path, caplog):
+    # Shortening a recipe with train.max_iter alone must work (detectron2 does the same).
+    cfg = Config()
+    cfg.train = TrainConfig(max_iter=2, steps=[1, 480], gamma=0.5, warmup_iters=0, device="cpu", log_period=1)
+    cfg.data.batch_size = 2
+    with caplog.at_level(logging.WARNING, logger="detkit"):
+        trainer = Trainer(cfg, _NaNAfter(10**9), _TinyDataset(), None, tmp_path, ["a"], progress=False)
+    assert "train.steps [480] lie past max_iter 2 and are ignored" in caplog.text
+    assert trainer.schedule(0) == 1.0 and trainer.schedule(1) == 0.5
+    with pytest.raises(ValueError, match=r"steps must be positive iterations, got \[0, 5\]"):
+        TrainConfig(max_iter=10, steps=[0, 5])
