@@ -4,6 +4,8 @@ COCO boxes are continuous [x, y, w, h] in pixels, so detkit's xyxy is (x, y, x +
 and ``native_offset`` is 0. ``iscrowd`` regions become ``difficult`` (neither training
 positives nor counted by the metrics). Category ids may be any integers: labels 1..K follow
 the categories sorted by id, and ``label_to_cat_id`` maps back for detection files.
+Annotations may leave out ``id``, ``area`` and ``iscrowd`` (as many exported files do): they
+are filled in memory (fresh ids, the box's area, 0) so that COCOeval can read them.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ def _load_json(ann_file: Path) -> dict:
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise DatasetError(f"{ann_file}: not a COCO json (missing or non-list '{key}')")
-    image_ids, cat_ids = set(), set()
+    image_ids, cat_ids, ann_ids = set(), set(), set()
     for i, im in enumerate(data["images"]):
         if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
             raise DatasetError(f"{ann_file}: images[{i}] needs 'id' and 'file_name'")
@@ -79,6 +81,26 @@ def _load_json(ann_file: Path) -> dict:
             raise DatasetError(f"{ann_file}: annotations[{i}].category_id must be an integer, "
                                f"got {_short(ann['category_id'])}")
         ann["category_id"] = int(ann["category_id"])
+        if "iscrowd" in ann and ann["iscrowd"] not in (0, 1):  # True/False compare equal too
+            raise DatasetError(f"{ann_file}: annotations[{i}].iscrowd must be 0 or 1, got {_short(ann['iscrowd'])}")
+        if "id" in ann:
+            if not _is_id(ann["id"]):
+                raise DatasetError(f"{ann_file}: annotations[{i}].id must be an integer or a string, "
+                                   f"got {_short(ann['id'])}")
+            if ann["id"] in ann_ids:
+                # pycocotools indexes annotations by id: a repeat would silently hide one.
+                raise DatasetError(f"{ann_file}: annotations[{i}].id {ann['id']!r} is used twice")
+            ann_ids.add(ann["id"])
+    # Fields many hand-made or exported files leave out, which pycocotools' evaluation needs:
+    # iscrowd (0), area (the box's: the segment area is unknown) and a unique annotation id.
+    next_id = max([a for a in ann_ids if _is_int(a)], default=0) + 1
+    for ann in data["annotations"]:
+        ann.setdefault("iscrowd", 0)
+        if not _is_number(ann.get("area")):
+            ann["area"] = float(ann["bbox"][2]) * float(ann["bbox"][3])
+        if "id" not in ann:
+            ann["id"] = next_id
+            next_id += 1
     return data
 
 

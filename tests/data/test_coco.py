@@ -210,6 +210,13 @@ BAD_FILES = [
      "annotations[0].category_id must be an integer, got 3.5"),
     ({"annotations": [{"image_id": 1, "category_id": "3", "bbox": [1, 2, 3, 4]}]},
      "annotations[0].category_id must be an integer, got '3'"),
+    ({"annotations": [{"image_id": 1, "category_id": 3, "bbox": [1, 2, 3, 4], "iscrowd": 2}]},
+     "annotations[0].iscrowd must be 0 or 1, got 2"),
+    ({"annotations": [{"id": 5, "image_id": 1, "category_id": 3, "bbox": [1, 2, 3, 4]},
+                      {"id": 5, "image_id": 1, "category_id": 3, "bbox": [5, 6, 3, 4]}]},
+     "annotations[1].id 5 is used twice"),
+    ({"annotations": [{"id": [5], "image_id": 1, "category_id": 3, "bbox": [1, 2, 3, 4]}]},
+     "annotations[0].id must be an integer or a string, got [5]"),
 ]
 
 
@@ -259,3 +266,23 @@ def test_cli_reports_a_malformed_json_in_one_line(tmp_path, capsys):
     finally:
         logger.handlers[:], logger.level, logger.propagate = saved
     assert capsys.readouterr().err == f"detkit: error: {path}: not valid JSON (line 1: Expecting value)\n"
+
+
+def test_minimal_annotations_get_the_fields_coco_evaluation_needs(tmp_path):
+    # Hand-made and exported files often omit id, area and iscrowd; pycocotools' COCOeval
+    # reads all three. They are filled in memory (box area, 0, fresh ids after the largest).
+    from detkit.evaluation.coco import coco_evaluate
+
+    anns = [{"id": 4, "image_id": 1, "category_id": 3, "bbox": [10, 5, 20, 30]},
+            {"image_id": 2, "category_id": 7, "bbox": [30, 20, 10, 10], "area": 55.0},
+            {"image_id": 2, "category_id": 7, "bbox": [2, 2, 8, 8]}]
+    path = make_coco(tmp_path, annotations=anns, categories=[{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}])
+    dataset = load_coco(path, tmp_path / "images")
+    stored = sorted(dataset.coco.dataset["annotations"], key=lambda a: a["id"])
+    assert [(a["id"], a["area"], a["iscrowd"]) for a in stored] == [(4, 600.0, 0), (5, 55.0, 0), (6, 64.0, 0)]
+    assert json.loads(path.read_text())["annotations"] == anns  # the user's file is untouched
+    # Exact detections of every box: AP 1 for both classes (a crash or a lost box would not be).
+    dets = {r.image_id: {"boxes": r.boxes, "scores": np.ones(len(r.labels)), "labels": r.labels}
+            for r in dataset.records}
+    result = coco_evaluate(dataset, dets)
+    assert result["per_class"] == {"cat": pytest.approx(1.0), "dog": pytest.approx(1.0)}
