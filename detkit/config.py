@@ -58,6 +58,8 @@ from typing import Any, Dict, Iterable, List, NewType, Optional, Sequence, Tuple
 
 import yaml
 
+from detkit import errors as _errors
+
 __all__ = [
     "COMMAND_LINE",
     "ConfigError",
@@ -81,13 +83,9 @@ COMMAND_LINE = "command line"
 Origins = Dict[str, str]
 
 
-class ConfigError(ValueError):
-    """A config problem, always reported on one line naming the key, the file and the fault."""
-
-    def __init__(self, message: str):
-        # One line whatever the caller passes (YAML problems and __post_init__ messages may
-        # contain newlines); log scrapers and test asserts rely on it.
-        super().__init__(" ".join(str(message).split()))
+# A config problem, always reported on one line naming the key, the file and the fault
+# (DetkitError folds newlines: YAML problems and __post_init__ messages may contain them).
+ConfigError = _errors.ConfigError
 
 
 # --------------------------------------------------------------------------------------------

@@ -267,3 +267,15 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     test: TestConfig = field(default_factory=TestConfig)
+
+
+def load_run_config(path, overrides=()) -> Config:
+    """A run config file (with ``_base_`` inheritance and ``a.b.c=value`` overrides),
+    validated against ``Config``."""
+    import os
+
+    from detkit.config import ConfigError, load_config
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    return load_config(path, Config, list(overrides))

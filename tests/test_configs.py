@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from detkit.build import build_model
+from detkit.modeling.build import build_model
 from detkit.config import load_config
 from detkit.schema import Config
 

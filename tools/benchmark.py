@@ -54,7 +54,7 @@ def _load_images(n: int):
 
 def _case_config(name: str):
     from detkit.config import load_config
-    from detkit.convert import torchvision_r50_fpn_config
+    from detkit.engine.convert import torchvision_r50_fpn_config
     from detkit.schema import Config
 
     if name == "r50_fpn":
@@ -78,8 +78,10 @@ def _timeit(fn):
 def run_case(name: str, images, n_images: int, steps: int, warmup: int):
     import torch
 
-    from detkit.build import build_model, dataset_transforms
-    from detkit.convert import build_torchvision_model, map_torchvision_state, set_torchvision_mode
+    from detkit.data.build import dataset_transforms
+    from detkit.modeling.build import build_model
+    from detkit.engine.convert import map_torchvision_state
+    from torchvision_baseline import build_torchvision_model, set_torchvision_mode
     from detkit.structures import ImageList
 
     cfg, k = _case_config(name)

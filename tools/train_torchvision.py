@@ -2,7 +2,7 @@
 
     python tools/train_torchvision.py configs/faster_rcnn/bccd_r18_fpn.yaml --out DIR [key=value ...]
 
-Same datasets and class list, backbone (``detkit.convert.build_torchvision_model``), input
+Same datasets and class list, backbone (``tools/torchvision_baseline.py``), input
 sizes, flips, batch size, aspect-ratio grouping, seed, optimiser (SGD, the same parameter
 groups), warmup and schedule, iterations; evaluated by detkit's evaluator. Writes
 DIR/{config.yaml, metrics.jsonl, model_final.pt, eval.json} like ``detkit train``.
@@ -29,10 +29,11 @@ def main(argv=None) -> int:
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from detkit.build import build_datasets
-    from detkit.cli import _evaluate_fn, load_run_config
+    from detkit.data.build import build_datasets
+    from detkit.engine.evaluate import evaluate_detections
+    from detkit.schema import load_run_config
     from detkit.config import dump_config
-    from detkit.convert import build_torchvision_model, set_torchvision_mode
+    from torchvision_baseline import build_torchvision_model, set_torchvision_mode
     from detkit.data.loader import GroupedBatchSampler
     from detkit.data.transforms import Compose, RandomHorizontalFlip
     from detkit.engine.checkpoint import save_checkpoint
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
             o = model([image])[0]
             dets[target["image_id"]] = {k: o[k].numpy() for k in ("boxes", "scores", "labels")}
     sec = (time.perf_counter() - t0) / max(len(test_set), 1)
-    result = _evaluate_fn(cfg)(dets, test_set)
+    result = evaluate_detections(cfg.test, dets, test_set)
     result["s_per_img"] = sec
     result["train_minutes"] = train_time / 60
     write_result(result, out / "eval.json")

@@ -18,11 +18,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from detkit.errors import DatasetError
 from detkit.structures import ImageId, ImageRecord
 
 
-class DatasetError(Exception):
-    """A dataset that cannot be used at all; the message is one line naming the file."""
 
 
 class DetectionDataset(torch.utils.data.Dataset):

@@ -11,13 +11,13 @@ import cv2
 import numpy as np
 import torch
 
+from detkit.errors import ImageReadError
+
 logger = logging.getLogger("detkit")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
-class ImageReadError(Exception):
-    """An image that is missing or cannot be decoded; the message names the file."""
 
 
 def read_image_array(path) -> np.ndarray:

@@ -14,11 +14,11 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from detkit.errors import CheckpointError
+
 CHECKPOINT_FORMAT = "detkit-1"
 
 
-class CheckpointError(Exception):
-    """A checkpoint that cannot be read or does not fit the model; one line."""
 
 
 def save_checkpoint(path, state: Dict) -> Path:

@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from detkit.data.loader import build_test_loader
+from detkit.errors import ConfigError
 
 
 def autocast_context(device: torch.device, enabled: bool):
@@ -67,12 +68,14 @@ def run_inference(
     return dets, {k: v / max(batches, 1) for k, v in loss_sums.items()}, seconds
 
 
-def device_from_config(name: str) -> torch.device:
+def device_from_config(name: str, key: str = "train.device") -> torch.device:
+    """auto | cpu | cuda -> a torch device; ``key`` names the setting in the error (a config
+    key, or a command-line option such as ``--device``)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from detkit.config import ConfigError
-
-        raise ConfigError("train.device: 'cuda' requested but CUDA is not available (use auto or cpu)")
+        raise ConfigError(f"{key}: 'cuda' requested but CUDA is not available (use auto or cpu)")
+    if name not in ("cpu", "cuda"):
+        raise ConfigError(f"{key}: unknown device {name!r} (use auto, cpu or cuda)")
     return torch.device(name)
 

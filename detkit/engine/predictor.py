@@ -11,7 +11,8 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from detkit.build import build_model, dataset_transforms
+from detkit.data.build import dataset_transforms
+from detkit.modeling.build import build_model
 from detkit.config import from_dict
 from detkit.engine.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from detkit.engine.inference import device_from_config

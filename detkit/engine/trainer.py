@@ -33,13 +33,12 @@ from detkit.config import to_dict
 from detkit.data.loader import build_train_loader
 from detkit.engine.checkpoint import find_last_checkpoint, load_checkpoint, load_model_state, save_checkpoint
 from detkit.engine.inference import autocast_context, device_from_config, run_inference
+from detkit.errors import TrainingError
 from detkit.schema import Config, TrainConfig
 
 logger = logging.getLogger("detkit")
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite loss, ...); the message says what and where."""
 
 
 class LRSchedule:

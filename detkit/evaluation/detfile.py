@@ -38,13 +38,12 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
+from detkit.errors import DetectionFileError
 from detkit.structures import ImageId
 
 Dets = Dict[ImageId, dict]
 
 
-class DetectionFileError(ValueError):
-    """A detection file that cannot be used; the one-line message names the file and entry."""
 
 
 def _field(det, key: str) -> np.ndarray:

@@ -13,7 +13,9 @@ Recall does not look at classes.
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence, Union
+import math
+from pathlib import Path
+from typing import Dict, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -119,3 +121,64 @@ def recall_curve(
 def dataset_gt_boxes(dataset) -> list:
     """Per record, its (G, 4) ground-truth boxes without the difficult / crowd ones."""
     return [rec.boxes[~rec.difficult] for rec in dataset.records]
+
+
+# -- summaries and plots (detkit proposals --eval / --plot) -------------------------------
+def _nan_to_none(x):
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+
+def recall_summary(gt: Sequence[np.ndarray], proposals: Sequence[np.ndarray],
+                   counts: Sequence[int] = DEFAULT_NUM_PROPOSALS) -> dict:
+    """{"num_gt", "mean_proposals", "recall": {N: {"0.5": r, "0.7": r}}, "AR": {N: ar}}
+    (string keys, NaN as None: ready for JSON)."""
+    res = proposal_recall(gt, proposals, counts)
+    return {
+        "num_gt": res["num_gt"],
+        "mean_proposals": float(np.mean([len(p) for p in proposals])) if len(proposals) else 0.0,
+        "recall": {str(n): {str(t): _nan_to_none(res["recall"][n][t]) for t in (0.5, 0.7)} for n in counts},
+        "AR": {str(n): _nan_to_none(res["AR"][n]) for n in counts},
+    }
+
+
+def format_recall(name: str, summary: dict, num_images: int) -> str:
+    def f(v):
+        return "   n/a" if v is None else f"{v:.4f}"
+
+    lines = [f"{name}: {num_images} images, {summary['num_gt']} ground-truth boxes, "
+             f"{summary['mean_proposals']:.1f} proposals/image",
+             f"{'N':>6}  {'R@0.5':>6}  {'R@0.7':>6}  {'AR':>6}"]
+    for n, r in summary["recall"].items():
+        lines.append(f"{n:>6}  {f(r['0.5'])}  {f(r['0.7'])}  {f(summary['AR'][n])}")
+    return "\n".join(lines)
+
+
+def plot_recall(curves: Sequence[Tuple[str, Sequence[np.ndarray]]], gt: Sequence[np.ndarray], path) -> Path:
+    """curves: (label, proposals per image sorted best first) per method -> a PNG with
+    recall@0.5, recall@0.7 and AR (IoU 0.5:0.95) against the number of proposals (log x)."""
+    from matplotlib.figure import Figure
+
+    most = max([len(p) for _, props in curves for p in props] + [1])
+    counts = np.unique(np.round(np.logspace(0, math.log10(most), 40)).astype(np.int64))
+    thresholds = np.round(DEFAULT_IOU_THRESHOLDS, 6)
+    fig = Figure(figsize=(13, 4))
+    axes = fig.subplots(1, 3)
+    for label, props in curves:
+        best = best_iou_at_counts(gt, props, counts)  # (G, C)
+        if best.shape[0] == 0:
+            continue
+        r5 = (best >= 0.5).mean(axis=0)
+        r7 = (best >= 0.7).mean(axis=0)
+        ar = (best[:, :, None] >= thresholds[None, None, :]).mean(axis=(0, 2))
+        for ax, y in zip(axes, (r5, r7, ar)):
+            ax.plot(counts, y, label=label)
+    for ax, title in zip(axes, ("recall at IoU 0.5", "recall at IoU 0.7", "average recall (IoU 0.5:0.95)")):
+        ax.set(xscale="log", ylim=(0, 1.02), xlabel="number of proposals", title=title)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("recall")
+    axes[0].legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path

@@ -1,7 +1,7 @@
 """The one Detector of detkit: backbone -> proposal generator -> RoI head.
 
 R-CNN, SPP-net, Fast R-CNN and Faster R-CNN differ only in which parts they plug in
-(``detkit.build`` does it from a config); this file reads top to bottom:
+(``detkit.modeling.build`` does it from a config); this file reads top to bottom:
 
     features              = backbone(images.tensor)                 # dict name -> (N, C, H, W)
     proposals, rpn_losses = proposal_generator(images, features, targets)

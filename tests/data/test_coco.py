@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from detkit.build import build_dataset
+from detkit.data.build import build_dataset
 from detkit.cli import main
 from detkit.data.coco import load_coco
 from detkit.data.dataset import DatasetError

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import detkit.data.voc as voc_mod
-from detkit.build import DATASET_FORMATS, build_dataset
+from detkit.data.build import DATASET_FORMATS, build_dataset
 from detkit.cli import main
 from detkit.data.dataset import DatasetError
 from detkit.data.io import ImageReadError

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from detkit.errors import BackboneError
 
-class BackboneError(ValueError):
-    """A backbone option that cannot work (unknown name, weights that do not fit, ...)."""
+
 
 
 def norm_layer(kind: str) -> Optional[Callable[[int], nn.Module]]:

@@ -10,8 +10,7 @@ import pytest
 import scipy.io
 import torch
 
-from detkit.modeling.proposals.precomputed import (
-    PrecomputedProposals,
+from detkit.data.proposal_files import (
     ProposalFileError,
     convert_json,
     convert_mat,
@@ -21,6 +20,7 @@ from detkit.modeling.proposals.precomputed import (
     read_mat,
     save_proposals,
 )
+from detkit.modeling.proposals.precomputed import PrecomputedProposals
 from detkit.structures import ImageList, Proposals
 
 

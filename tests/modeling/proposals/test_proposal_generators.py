@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from detkit.build import build_model
+from detkit.modeling.build import build_model
 from detkit.config import ConfigError, from_dict
 from detkit.data.shapes import render_shapes_image
 from detkit.data.transforms import Normalize
-from detkit.modeling.proposals.precomputed import PrecomputedProposals, save_proposals
+from detkit.data.proposal_files import save_proposals
+from detkit.modeling.proposals.precomputed import PrecomputedProposals
 from detkit.modeling.proposals.selective_search import SelectiveSearchProposals, selective_search
 from detkit.schema import ModelConfig
 from detkit.structures import ImageList

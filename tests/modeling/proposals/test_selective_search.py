@@ -6,8 +6,6 @@ import pytest
 from skimage.segmentation import felzenszwalb
 
 from detkit.modeling.proposals.selective_search import (
-    CTSF,
-    TSF,
     Regions,
     SelectiveSearchError,
     Strategy,
@@ -19,7 +17,8 @@ from detkit.modeling.proposals.selective_search import (
     selective_search,
     strategies_for_mode,
 )
-from detkit.modeling.proposals.ss_features import (
+from detkit.modeling.proposals.selective_search.grouping import CTSF, TSF
+from detkit.modeling.proposals.selective_search.features import (
     colour_histograms,
     fill_similarity,
     histogram_intersection,
@@ -27,7 +26,7 @@ from detkit.modeling.proposals.ss_features import (
     texture_bin_index,
     texture_histograms,
 )
-from detkit.modeling.proposals.ss_segmentation import (
+from detkit.modeling.proposals.selective_search.segmentation import (
     check_label_map,
     convert_colour,
     initial_regions,

@@ -4,7 +4,7 @@ pixels on a batch of two differently sized images; the config reaches the parts 
 import pytest
 import torch
 
-from detkit.build import build_backbone, build_model
+from detkit.modeling.build import build_backbone, build_model
 from detkit.config import from_dict
 from detkit.modeling.backbones.common import BackboneError
 from detkit.schema import ModelConfig

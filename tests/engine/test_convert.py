@@ -11,7 +11,7 @@ from detkit.cli import main as cli_main
 from detkit.data.transforms import build_transforms
 from detkit.engine.checkpoint import CheckpointError
 from detkit.engine.predictor import Predictor
-from detkit.convert import map_torchvision_state
+from detkit.engine.convert import map_torchvision_state
 
 # 352 px shorter side: small enough for a fast test, and the padded 352 x 480 input gives an
 # odd P5 (11 x 15), which exercises torchvision's stride rule for P6 (352 // 6 = 58, not 64).
@@ -112,10 +112,10 @@ def test_shipped_torchvision_config_matches_the_converter():
     from pathlib import Path
 
     from detkit.config import load_config, to_dict
-    from detkit.convert import torchvision_r50_fpn_config
+    from detkit.engine.convert import torchvision_r50_fpn_config
     from detkit.schema import Config
 
-    path = Path(__file__).resolve().parents[1] / "configs/faster_rcnn/r50_fpn_torchvision_coco.yaml"
+    path = Path(__file__).resolve().parents[2] / "configs/faster_rcnn/r50_fpn_torchvision_coco.yaml"
     shipped = to_dict(load_config(path, Config))
     built = to_dict(torchvision_r50_fpn_config())
     assert shipped["model"] == built["model"]

@@ -1,4 +1,6 @@
-"""Config -> objects, in one place, with one explicit name -> builder table per kind.
+"""Config -> model, in one place, with one explicit name -> builder table per kind:
+``BACKBONES``, ``PROPOSAL_GENERATORS``, ``ROI_HEADS``. Each table is the single source of
+its names (the schema's Literal types are tested against them).
 
 Nothing here is filled by import side effects: to add a backbone, add a line to
 ``BACKBONES``. Every object built here can also be built by hand with keyword arguments
@@ -7,12 +9,9 @@ Nothing here is filled by import side effects: to add a backbone, add a line to
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
-from detkit.data.dataset import DatasetError, DetectionDataset
-from detkit.data.transforms import build_transforms
-from detkit.modeling.backbones.common import BackboneError
+from detkit.errors import BackboneError
 from detkit.modeling.backbones.fpn import FPN
 from detkit.modeling.backbones.resnet import ResNetBody, SingleMap
 from detkit.modeling.backbones.tiny import TinyResNetBody
@@ -22,99 +21,12 @@ from detkit.modeling.detector import Detector
 from detkit.modeling.heads.fast_rcnn import FastRCNNHead, FastRCNNPredictor, MLPBoxHead
 from detkit.modeling.poolers import RoIPooler
 from detkit.modeling.proposals.anchors import AnchorGenerator
+from detkit.modeling.proposals.precomputed import PrecomputedProposals
 from detkit.modeling.proposals.rpn import RPN, RPNHead
-from detkit.schema import BackboneConfig, Config, DatasetConfig, InputConfig, ModelConfig
+from detkit.modeling.proposals.selective_search import SelectiveSearchProposals
+from detkit.schema import BackboneConfig, InputConfig, ModelConfig
 
 logger = logging.getLogger("detkit")
-
-
-# -- datasets ------------------------------------------------------------------------------
-def _load_voc(cfg: DatasetConfig, classes, name):
-    from detkit.data.voc import load_voc
-
-    return load_voc(
-        cfg.root,
-        cfg.split,
-        ann_dir=cfg.ann_dir,
-        img_dir=cfg.img_dir,
-        split_file=cfg.split_file,
-        holdout=cfg.holdout,
-        seed=cfg.seed,
-        classes=classes,
-        filter_empty=cfg.filter_empty,
-        name=name,
-    )
-
-
-def _load_coco(cfg: DatasetConfig, classes, name):
-    from detkit.data.coco import load_coco
-
-    img_dir = cfg.img_dir or (cfg.root if cfg.root else str(Path(cfg.ann_file).parent))
-    return load_coco(cfg.ann_file, img_dir, classes=classes, filter_empty=cfg.filter_empty, name=name)
-
-
-def _load_shapes(cfg: DatasetConfig, classes, name):
-    from detkit.data.shapes import CLASS_NAMES, generate_shapes
-
-    s = cfg.shapes
-    try:
-        generate_shapes(
-            cfg.root,
-            num_train=s.num_train,
-            num_test=s.num_test,
-            seed=s.seed,
-            image_size=tuple(s.image_size),
-            object_size=tuple(s.object_size),
-            objects_per_image=tuple(s.objects_per_image),
-        )
-    except (FileExistsError, ValueError) as exc:
-        raise DatasetError(str(exc)) from None
-    return _load_voc(cfg, classes or list(CLASS_NAMES), name)
-
-
-DATASET_FORMATS = {"voc": _load_voc, "coco": _load_coco, "shapes": _load_shapes}
-
-
-def build_dataset(
-    cfg: DatasetConfig, classes: Optional[Sequence[str]] = None, transforms=None, name: Optional[str] = None
-) -> DetectionDataset:
-    """Loads the split ``cfg`` describes; ``classes`` (label order) overrides cfg.classes."""
-    if cfg is None:
-        raise DatasetError("no dataset configured")
-    dataset = DATASET_FORMATS[cfg.format](cfg, list(classes) if classes else cfg.classes, name)
-    dataset.transforms = transforms
-    return dataset
-
-
-def dataset_transforms(cfg: InputConfig, train: bool):
-    return build_transforms(
-        train,
-        min_size_train=cfg.min_size_train,
-        max_size=cfg.max_size,
-        min_size_test=cfg.min_size_test,
-        flip_prob=cfg.flip_prob,
-        color_jitter=tuple(cfg.color_jitter) if cfg.color_jitter else None,
-        mean=cfg.pixel_mean,
-        std=cfg.pixel_std,
-    )
-
-
-def build_datasets(cfg: Config, need_train: bool = True, need_test: bool = True):
-    """(train dataset or None, test dataset or None, class names). The test split uses the
-    train split's class list so labels agree."""
-    classes = cfg.data.classes
-    train = test = None
-    if need_train:
-        if cfg.data.train is None:
-            raise DatasetError("the config has no data.train dataset")
-        train = build_dataset(cfg.data.train, classes, dataset_transforms(cfg.data.input, True), name="train")
-        classes = train.class_names
-    if need_test:
-        if cfg.data.test is None:
-            raise DatasetError("the config has no data.test dataset")
-        test = build_dataset(cfg.data.test, classes, dataset_transforms(cfg.data.input, False), name="test")
-        classes = test.class_names
-    return train, test, list(classes) if classes else None
 
 
 # -- model ---------------------------------------------------------------------------------
@@ -151,7 +63,7 @@ def build_backbone(cfg: BackboneConfig):
     return SingleMap(BACKBONES[cfg.name](cfg, ("c4",)), size_divisibility=16)
 
 
-def build_proposal_generator(cfg: ModelConfig, backbone, input_cfg: InputConfig):
+def build_rpn(cfg: ModelConfig, backbone, input_cfg: InputConfig) -> RPN:
     p = cfg.proposals.rpn
     features = list(backbone.out_features)
     anchors = AnchorGenerator(
@@ -225,33 +137,34 @@ def build_roi_head(cfg: ModelConfig, backbone, num_classes: int):
     )
 
 
-def build_selective_search(cfg: ModelConfig, backbone, input_cfg: InputConfig):
-    from detkit.modeling.proposals.selective_search import SelectiveSearchProposals
-
+def build_selective_search(cfg: ModelConfig, backbone, input_cfg: InputConfig) -> SelectiveSearchProposals:
     s = cfg.proposals.selective_search
     # SS looks at raw pixels: it undoes the pipeline's normalisation.
     return SelectiveSearchProposals(s.mode, s.max_proposals, s.min_size, input_cfg.pixel_mean, input_cfg.pixel_std)
 
 
-def build_precomputed(cfg: ModelConfig, backbone, input_cfg: InputConfig):
-    from detkit.modeling.proposals.precomputed import PrecomputedProposals
-
+def build_precomputed(cfg: ModelConfig, backbone, input_cfg: InputConfig) -> PrecomputedProposals:
     p = cfg.proposals.precomputed
     return PrecomputedProposals(p.path, p.max_proposals)
 
 
 PROPOSAL_GENERATORS = {
-    "rpn": build_proposal_generator,
+    "rpn": build_rpn,
     "selective_search": build_selective_search,
     "precomputed": build_precomputed,
 }
+
+
+def build_proposal_generator(cfg: ModelConfig, backbone, input_cfg: Optional[InputConfig] = None):
+    """The ProposalGenerator named by ``cfg.proposals.method``."""
+    return PROPOSAL_GENERATORS[cfg.proposals.method](cfg, backbone, input_cfg or InputConfig())
 
 
 def build_model(cfg: ModelConfig, num_classes: int, input_cfg: Optional[InputConfig] = None) -> Detector:
     """num_classes: foreground classes K. input_cfg: the data pipeline's input settings
     (proposal generators that look at raw pixels need its normalisation); default ImageNet's."""
     backbone = build_backbone(cfg.backbone)
-    proposal_generator = PROPOSAL_GENERATORS[cfg.proposals.method](cfg, backbone, input_cfg or InputConfig())
+    proposal_generator = build_proposal_generator(cfg, backbone, input_cfg)
     roi_head = build_roi_head(cfg, backbone, num_classes)
     return Detector(backbone, proposal_generator, roi_head, cfg.loss_weights, cfg.train_difficult,
                     channels_last_inference=cfg.channels_last_inference)

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-import detkit.modeling.proposals.cli as pcli
-from detkit.build import build_model, dataset_transforms
+import detkit.engine.proposals as pcli
+from detkit.data.build import dataset_transforms
+from detkit.modeling.build import build_model
 from detkit.cli import main
 from detkit.config import from_dict, to_dict
 from detkit.data.io import read_image_array
@@ -18,7 +19,7 @@ from detkit.data.shapes import generate_shapes
 from detkit.data.voc import load_voc
 from detkit.engine.checkpoint import save_checkpoint
 from detkit.evaluation.recall import proposal_recall
-from detkit.modeling.proposals.precomputed import load_proposals, save_proposals
+from detkit.data.proposal_files import load_proposals, save_proposals
 from detkit.modeling.proposals.selective_search import selective_search
 from detkit.schema import Config
 from detkit.structures import ImageList

@@ -197,15 +197,16 @@ def test_checkpoints_load_without_fetching_pretrained_weights(run, tmp_path):
 
 
 def test_default_run_folder_never_reuses_and_resume_picks_the_newest(tmp_path, monkeypatch):
-    from detkit.cli import _default_out
+    from detkit.cli.common import default_out
+    from detkit.engine.trainer import RUN_FILES
 
     monkeypatch.chdir(tmp_path)
-    assert _default_out("configs/x.yaml") == Path("work_dirs/x")
+    assert default_out("configs/x.yaml", RUN_FILES) == Path("work_dirs/x")
     for name in ("x", "x_1"):
         (tmp_path / "work_dirs" / name).mkdir(parents=True)
         (tmp_path / "work_dirs" / name / "metrics.jsonl").write_text("{}\n")
-    assert _default_out("configs/x.yaml") == Path("work_dirs/x_2")
-    assert _default_out("configs/x.yaml", resume=True) == Path("work_dirs/x_1")
+    assert default_out("configs/x.yaml", RUN_FILES) == Path("work_dirs/x_2")
+    assert default_out("configs/x.yaml", RUN_FILES, resume=True) == Path("work_dirs/x_1")
 
 
 def test_resume_keeps_the_original_config(run, tmp_path):

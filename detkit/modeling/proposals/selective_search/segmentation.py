@@ -15,13 +15,13 @@ import cv2
 import numpy as np
 from skimage.segmentation import felzenszwalb
 
+from detkit.errors import SelectiveSearchError
+
 # Canonical names as the paper writes them; lookups are case-insensitive.
 COLOUR_SPACES = ("RGB", "HSV", "Lab", "rgI", "H", "I")
 _CANONICAL = {name.lower(): name for name in COLOUR_SPACES}
 
 
-class SelectiveSearchError(ValueError):
-    """Bad input to Selective Search; the message is one line naming the value."""
 
 
 def canonical_colour_space(name: str) -> str:

@@ -1,0 +1,48 @@
+"""``detkit eval CONFIG --checkpoint CKPT [--out DIR] [--plot] [key=value ...]``
+
+Runs a checkpoint over the config's test split and scores it with the config's metric(s);
+writes eval.json and detections.json (and PR curves with ``--plot``).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from detkit.cli.common import load_run_config
+from detkit.data.build import build_dataset, dataset_transforms
+from detkit.engine.evaluate import evaluate_detections, summary_lines, write_evaluation
+from detkit.engine.inference import device_from_config, run_inference
+from detkit.engine.predictor import model_from_checkpoint
+from detkit.errors import UsageError
+
+NAME = "eval"
+logger = logging.getLogger("detkit")
+
+
+def add_parser(sub) -> None:
+    e = sub.add_parser(NAME, help="evaluate a checkpoint on the config's test set")
+    e.add_argument("config")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--out", help="output folder (default: <checkpoint folder>/eval)")
+    e.add_argument("--plot", action="store_true", help="also write per-class PR curves")
+    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("overrides", nargs="*", metavar="key=value")
+    e.set_defaults(func=run)
+
+
+def run(args) -> int:
+    cfg = load_run_config(args.config, args.overrides)
+    device = device_from_config(cfg.train.device)
+    model, cfg, classes = model_from_checkpoint(args.checkpoint, cfg, device)
+    if cfg.data.test is None:
+        raise UsageError(f"{args.config}: no data.test dataset to evaluate on")
+    dataset = build_dataset(cfg.data.test, classes, dataset_transforms(cfg.data.input, False), name="test")
+    dets, _, sec = run_inference(model, dataset, cfg.data.test_batch_size, device, cfg.data.num_workers,
+                                 amp=cfg.train.amp and device.type == "cuda", progress=not args.no_progress)
+    result = evaluate_detections(cfg.test, dets, dataset)
+    result["s_per_img"] = sec
+    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "eval"
+    write_evaluation(result, dets, dataset, out, plot=args.plot)
+    print(summary_lines(result))
+    logger.info("%.3f s/img; results in %s", sec, out)
+    return 0

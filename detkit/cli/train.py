@@ -1,0 +1,74 @@
+"""``detkit train CONFIG [--out DIR] [--resume] [--no-progress] [key=value ...]``
+
+Trains the detector a config describes, runs its stages in order (SGD training, then the
+offline stages some pipelines have, then evaluation) and writes the run folder
+(``detkit.engine.trainer``). A folder that already holds a run is only continued with
+``--resume``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from detkit.cli.common import default_out, load_run_config
+from detkit.config import dump_config
+from detkit.data.build import build_datasets
+from detkit.engine.evaluate import evaluator_for, summary_lines, write_evaluation
+from detkit.engine.trainer import RUN_FILES, Trainer, check_output_dir
+from detkit.modeling.build import build_model, model_summary
+
+NAME = "train"
+logger = logging.getLogger("detkit")
+
+
+def add_parser(sub) -> None:
+    t = sub.add_parser(NAME, help="train a detector from a YAML config")
+    t.add_argument("config")
+    t.add_argument("--out", help="run folder (default: work_dirs/<config name>, never reusing a finished run)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar (the periodic log lines stay)")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_iter=100")
+    t.set_defaults(func=run)
+
+
+def save_run_config(cfg, out: Path, resume: bool) -> None:
+    """config.yaml of a run is written once; a resume with another config keeps it and
+    saves the new one beside it (config_resume_<time>.yaml)."""
+    path = out / "config.yaml"
+    if not (resume and path.exists()):
+        dump_config(cfg, path)
+        return
+    candidate = out / f"config_resume_{time.strftime('%Y%m%d-%H%M%S')}.yaml"
+    dump_config(cfg, candidate)
+    if candidate.read_bytes() == path.read_bytes():
+        candidate.unlink()
+    else:
+        logger.info("resuming with a changed config: saved as %s", candidate.name)
+
+
+def run(args) -> int:
+    cfg = load_run_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else default_out(args.config, RUN_FILES, args.resume)
+    check_output_dir(out, args.resume)
+    train_set, test_set, classes = build_datasets(cfg, need_train=True, need_test=cfg.data.test is not None)
+    if cfg.train.num_threads > 0:
+        torch.set_num_threads(cfg.train.num_threads)
+    torch.manual_seed(cfg.train.seed)  # model initialisation is part of the seeded run
+    model = build_model(cfg.model, len(classes), cfg.data.input)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.data.classes = list(classes)
+    save_run_config(cfg, out, args.resume)
+    logger.info("train: %d images, %s; test: %s images; classes: %s", len(train_set), cfg.data.train.format,
+                len(test_set) if test_set else 0, ", ".join(classes))
+    logger.info("model: %s; output: %s", model_summary(model), out)
+    trainer = Trainer(cfg, model, train_set, test_set, out, classes, evaluator_for(cfg.test), resume=args.resume,
+                      progress=not args.no_progress)
+    result = trainer.train()
+    if result is not None:
+        write_evaluation(result, result.get("dets"), test_set, out)
+        print(summary_lines(result))
+    logger.info("done: %s", out)
+    return 0
