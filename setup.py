@@ -1,5 +1,6 @@
 """detkit: the two-stage detection lineage (Selective Search -> R-CNN -> SPP-net ->
 Fast R-CNN -> Faster R-CNN) behind one proposal interface and one region-head interface."""
+
 from setuptools import find_packages, setup
 
 setup(

@@ -2,6 +2,7 @@
 (files, folders or globs; ``--config CONFIG`` to override the stored config). Writes
 DIR/<stem>.json (boxes xyxy in original pixels, scores, class names) and DIR/<stem>.png.
 The same as ``detkit demo``."""
+
 import sys
 from pathlib import Path
 

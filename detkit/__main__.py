@@ -1,4 +1,5 @@
 """``python -m detkit`` is the ``detkit`` command."""
+
 import sys
 
 from detkit.cli import main

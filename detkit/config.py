@@ -44,6 +44,7 @@ true/false), str, PathStr, Any, Optional[X], Union of those, List[X], Tuple[X, .
 Tuple[X, Y] (YAML lists), Dict[K, V], Literal[...], nested dataclasses. Schemas that use
 string annotations (``from __future__ import annotations``) must be defined at module level.
 """
+
 from __future__ import annotations
 
 import copy
@@ -109,13 +110,16 @@ def _yaml12_resolvers() -> dict:
 
     add("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF")
     # int before float: the first matching resolver wins.
-    add("int", r"^(?:[-+]?(?:0|[1-9][0-9_]*) | [-+]?0x[0-9a-fA-F_]+ | [-+]?0b[01_]+)$",
-        "-+0123456789")
-    add("float", r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    add("int", r"^(?:[-+]?(?:0|[1-9][0-9_]*) | [-+]?0x[0-9a-fA-F_]+ | [-+]?0b[01_]+)$", "-+0123456789")
+    add(
+        "float",
+        r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
                      |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
                      |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
                      |[-+]?\.(?:inf|Inf|INF)
-                     |\.(?:nan|NaN|NAN))$""", "-+0123456789.")
+                     |\.(?:nan|NaN|NAN))$""",
+        "-+0123456789.",
+    )
     return {k: v for k, v in table.items() if v}
 
 
@@ -133,9 +137,8 @@ class _Loader(yaml.SafeLoader):
                 key = self.construct_object(key_node)
                 if key in seen:
                     raise yaml.constructor.ConstructorError(
-                        None, None,
-                        f"duplicate key {key!r} (first at line {seen[key] + 1})",
-                        key_node.start_mark)
+                        None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark
+                    )
                 seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
 
@@ -180,6 +183,7 @@ def _parse_yaml(text: str, where: str, one_line_input: bool = False) -> Any:
 # --------------------------------------------------------------------------------------------
 # Messages
 # --------------------------------------------------------------------------------------------
+
 
 def _display(origin: str) -> str:
     """A file relative to the cwd when it lies below it, else as stored."""
@@ -231,6 +235,7 @@ def _join(prefix: str, key: Any) -> str:
 # Loading and merging
 # --------------------------------------------------------------------------------------------
 
+
 def _node_paths(data: dict, prefix: str = "") -> Iterable[str]:
     for key, value in data.items():
         if key == "_delete_":
@@ -247,8 +252,7 @@ def _drop_origins(origins: Origins, path: str) -> None:
         del origins[key]
 
 
-def _merge_into(dst: dict, dst_origins: Origins, src: dict, src_origins: Origins,
-                prefix: str = "") -> None:
+def _merge_into(dst: dict, dst_origins: Origins, src: dict, src_origins: Origins, prefix: str = "") -> None:
     """Deep-merge ``src`` into ``dst`` (in place), moving origins along."""
     for key, value in src.items():
         if key == "_delete_":
@@ -257,8 +261,10 @@ def _merge_into(dst: dict, dst_origins: Origins, src: dict, src_origins: Origins
         if isinstance(value, dict):
             delete = value.get("_delete_", False)
             if not isinstance(delete, bool):
-                raise ConfigError(f"{_join(path, '_delete_')} must be true or false, got "
-                                  f"{_show_value(delete)}{_suffix(src_origins.get(path))}")
+                raise ConfigError(
+                    f"{_join(path, '_delete_')} must be true or false, got "
+                    f"{_show_value(delete)}{_suffix(src_origins.get(path))}"
+                )
             if delete or not isinstance(dst.get(key), dict):
                 _drop_origins(dst_origins, path)
                 dst[key] = {}
@@ -273,8 +279,9 @@ def _merge_into(dst: dict, dst_origins: Origins, src: dict, src_origins: Origins
 def _read_yaml_file(path: str, included_from: Optional[str], spelled: str) -> dict:
     if not os.path.isfile(path):
         if included_from is not None:
-            raise ConfigError(f"{_display(included_from)}: _base_ file '{spelled}' not found "
-                              f"(looked for {_display(path)})")
+            raise ConfigError(
+                f"{_display(included_from)}: _base_ file '{spelled}' not found (looked for {_display(path)})"
+            )
         raise ConfigError(f"config file '{spelled}' not found")
     try:
         with open(path, encoding="utf-8") as f:
@@ -285,23 +292,22 @@ def _read_yaml_file(path: str, included_from: Optional[str], spelled: str) -> di
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{_display(path)}: the top level must be a mapping of keys, "
-                          f"got {_show_value(data)}")
+        raise ConfigError(f"{_display(path)}: the top level must be a mapping of keys, got {_show_value(data)}")
     return data
 
 
-def _load_chain(path: str, stack: List[str], included_from: Optional[str],
-                spelled: str) -> Tuple[dict, Origins]:
+def _load_chain(path: str, stack: List[str], included_from: Optional[str], spelled: str) -> Tuple[dict, Origins]:
     if path in stack:
-        cycle = stack[stack.index(path):] + [path]
+        cycle = stack[stack.index(path) :] + [path]
         raise ConfigError("cycle in _base_: " + " -> ".join(_display(p) for p in cycle))
     raw = _read_yaml_file(path, included_from, spelled)
     bases = raw.pop("_base_", [])
     if isinstance(bases, str):
         bases = [bases]
     if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
-        raise ConfigError(f"{_display(path)}: _base_ must be a file path or a list of file "
-                          f"paths, got {_show_value(bases)}")
+        raise ConfigError(
+            f"{_display(path)}: _base_ must be a file path or a list of file paths, got {_show_value(bases)}"
+        )
     data: dict = {}
     origins: Origins = {}
     here = os.path.dirname(path)
@@ -340,15 +346,18 @@ def _interpolate_str(text: str, path: str, origin: Optional[str]) -> str:
             return "${"
         name, default = match.group(1), match.group(2)
         if name is None:
-            raise ConfigError(f"{path}: malformed '${{...}}' in {text!r}; write ${{VAR}} or "
-                              f"${{VAR:default}}, or $${{ for a literal ${{{_suffix(origin)}")
+            raise ConfigError(
+                f"{path}: malformed '${{...}}' in {text!r}; write ${{VAR}} or "
+                f"${{VAR:default}}, or $${{ for a literal ${{{_suffix(origin)}"
+            )
         value = os.environ.get(name)
         if value is not None:
             return value
         if default is not None:
             return default
-        raise ConfigError(f"{path}: environment variable {name} is not set and "
-                          f"'{token}' has no default{_suffix(origin)}")
+        raise ConfigError(
+            f"{path}: environment variable {name} is not set and '{token}' has no default{_suffix(origin)}"
+        )
 
     return _INTERP.sub(replace, text)
 
@@ -395,8 +404,8 @@ def resolve_path(value: str, origin: Optional[str]) -> str:
 # Overrides
 # --------------------------------------------------------------------------------------------
 
-def apply_overrides(data: dict, overrides: Sequence[str],
-                    origins: Optional[Origins] = None) -> dict:
+
+def apply_overrides(data: dict, overrides: Sequence[str], origins: Optional[Origins] = None) -> dict:
     """Apply ``"a.b.c=value"`` overrides to ``data`` in place (and record them in ``origins``
     as :data:`COMMAND_LINE`); returns ``data``.
 
@@ -414,8 +423,9 @@ def apply_overrides(data: dict, overrides: Sequence[str],
         key = key.strip()
         parts = key.split(".")
         if not eq or not all(parts):
-            raise ConfigError(f"malformed override '{item}': expected KEY=VALUE with a dotted "
-                              "KEY, e.g. model.rpn.nms_thresh=0.7")
+            raise ConfigError(
+                f"malformed override '{item}': expected KEY=VALUE with a dotted KEY, e.g. model.rpn.nms_thresh=0.7"
+            )
         value = _parse_yaml(text, f"override '{item}'", one_line_input=True)
         value = interpolate(value, {key: COMMAND_LINE}, key)
         node, prefix = data, ""
@@ -426,13 +436,14 @@ def apply_overrides(data: dict, overrides: Sequence[str],
                 _drop_origins(origins, prefix)
                 origins[prefix] = COMMAND_LINE
             elif not isinstance(node[part], dict):
-                raise ConfigError(f"override '{item}': '{prefix}' is "
-                                  f"{_show_value(node[part])}, not a mapping"
-                                  f"{_suffix(origins.get(prefix))}")
+                raise ConfigError(
+                    f"override '{item}': '{prefix}' is "
+                    f"{_show_value(node[part])}, not a mapping"
+                    f"{_suffix(origins.get(prefix))}"
+                )
             node = node[part]
         src = {parts[-1]: value}
-        _merge_into(node, origins, src, {_join(prefix, p): COMMAND_LINE
-                                         for p in _node_paths(src)}, prefix)
+        _merge_into(node, origins, src, {_join(prefix, p): COMMAND_LINE for p in _node_paths(src)}, prefix)
     return data
 
 
@@ -474,8 +485,7 @@ def _type_name(tp: Any) -> str:
             return f"list of {_type_name(args[0])}"
         return f"list of {len(args)} items ({', '.join(_type_name(a) for a in args)})"
     if origin in (dict, Dict):
-        return f"mapping of {_type_name(args[0])} to {_type_name(args[1])}" if args \
-            else "mapping"
+        return f"mapping of {_type_name(args[0])} to {_type_name(args[1])}" if args else "mapping"
     if tp is dict:
         return "mapping"
     return getattr(tp, "__name__", str(tp))
@@ -491,12 +501,10 @@ class _Ctx:
         self.root, self.is_path = root, is_path
 
     def child(self, key, is_path=False) -> "_Ctx":
-        return _Ctx(_join(self.path, key), _join(self.opath, key), self.origins, self.root,
-                    is_path)
+        return _Ctx(_join(self.path, key), _join(self.opath, key), self.origins, self.root, is_path)
 
     def item(self, index) -> "_Ctx":
-        return _Ctx(f"{self.path}[{index}]", self.opath, self.origins, self.root,
-                    self.is_path)
+        return _Ctx(f"{self.path}[{index}]", self.opath, self.origins, self.root, self.is_path)
 
     @property
     def origin(self) -> Optional[str]:
@@ -504,8 +512,9 @@ class _Ctx:
 
     def type_error(self, tp, value) -> "_TypeMismatch":
         where = self.path or "<top level>"
-        return _TypeMismatch(f"{where}: expected {_type_name(tp)}, got {_show_value(value)}"
-                             f"{_suffix(self.origin)}", self.path)
+        return _TypeMismatch(
+            f"{where}: expected {_type_name(tp)}, got {_show_value(value)}{_suffix(self.origin)}", self.path
+        )
 
 
 class _TypeMismatch(ConfigError):
@@ -538,8 +547,7 @@ def _unknown_key(cls: type, key: str, ctx: _Ctx) -> ConfigError:
         hint = f" (did you mean '{_join(ctx.path, close[0])}'?)"
     else:
         # Leave out the key's own ancestors: 'model.rpn' is no fix for 'model.rpn.nms'.
-        candidates = [p for p in _all_key_paths(ctx.root)
-                      if not (sub.opath + ".").startswith(p + ".")]
+        candidates = [p for p in _all_key_paths(ctx.root) if not (sub.opath + ".").startswith(p + ".")]
         close = difflib.get_close_matches(sub.opath, candidates, n=1)
         if close:
             hint = f" (did you mean '{close[0]}'?)"
@@ -569,8 +577,12 @@ def _build_dataclass(cls: type, value: Any, ctx: _Ctx) -> Any:
         if f.name in value:
             anchor = f.metadata.get("relative_to")
             raw = value[f.name]
-            if anchor and kwargs.get(anchor) and isinstance(raw, str) and raw and not os.path.isabs(
-                os.path.expanduser(raw)
+            if (
+                anchor
+                and kwargs.get(anchor)
+                and isinstance(raw, str)
+                and raw
+                and not os.path.isabs(os.path.expanduser(raw))
             ):
                 sub = ctx.child(f.name)
                 converted = _convert(hints[f.name], raw, sub)
@@ -579,8 +591,7 @@ def _build_dataclass(cls: type, value: Any, ctx: _Ctx) -> Any:
             sub = ctx.child(f.name, is_path=bool(f.metadata.get("path", False)))
             kwargs[f.name] = _convert(hints[f.name], value[f.name], sub)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"missing required key '{ctx.child(f.name).path}'"
-                              f"{_suffix(ctx.origin)}")
+            raise ConfigError(f"missing required key '{ctx.child(f.name).path}'{_suffix(ctx.origin)}")
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -670,8 +681,9 @@ def _convert(tp: Any, value: Any, ctx: _Ctx) -> Any:
                 try:
                     k = _convert(key_tp, k, _Ctx(sub.path, ctx.opath, ctx.origins, ctx.root))
                 except ConfigError:
-                    raise ConfigError(f"{sub.path}: key expected {_type_name(key_tp)}, got "
-                                      f"{_show_value(k)}{_suffix(ctx.origin)}") from None
+                    raise ConfigError(
+                        f"{sub.path}: key expected {_type_name(key_tp)}, got {_show_value(k)}{_suffix(ctx.origin)}"
+                    ) from None
             out[k] = _convert(val_tp, v, sub)
         return out
     raise TypeError(f"detkit.config: unsupported schema annotation {tp!r} at '{ctx.path}'")
@@ -699,6 +711,7 @@ def load_config(path, schema_cls: type, overrides: Sequence[str] = ()) -> Any:
 # Writing
 # --------------------------------------------------------------------------------------------
 
+
 def to_dict(instance: Any) -> Any:
     """Plain YAML-safe data (dict/list/str/int/float/bool/None) in schema field order."""
     if dataclasses.is_dataclass(instance) and not isinstance(instance, type):
@@ -721,8 +734,14 @@ def dump_config(instance: Any, path) -> None:
     parent = os.path.dirname(path)
     if parent:
         os.makedirs(parent, exist_ok=True)
-    text = yaml.dump(_escape(to_dict(instance)), Dumper=_Dumper, sort_keys=False,
-                     default_flow_style=None, allow_unicode=True, width=100)
+    text = yaml.dump(
+        _escape(to_dict(instance)),
+        Dumper=_Dumper,
+        sort_keys=False,
+        default_flow_style=None,
+        allow_unicode=True,
+        width=100,
+    )
     with open(path, "w", encoding="utf-8") as f:
         f.write("# Resolved detkit config (bases merged, overrides applied, paths absolute).\n")
         f.write(text)

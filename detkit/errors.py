@@ -9,6 +9,7 @@ The subclasses only say which part of detkit noticed the problem. Several also d
 ``ValueError`` (as before this module existed) so that callers that caught ValueError keep
 working.
 """
+
 from __future__ import annotations
 
 

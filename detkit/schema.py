@@ -7,6 +7,7 @@ torchvision's Faster R-CNN where a choice had to be made.
 Top level:  data (datasets, input sizes, batching) / model (backbone, proposals, RoI head) /
             train (optimiser and schedule) / test (evaluation).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -274,7 +275,8 @@ def load_run_config(path, overrides=()) -> Config:
     validated against ``Config``."""
     import os
 
-    from detkit.config import ConfigError, load_config
+    from detkit.config import load_config
+    from detkit.errors import ConfigError
 
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")

@@ -12,6 +12,7 @@ Conventions, stated once:
 - Shape shorthand used in docstrings: N images in a batch, R boxes (regions), K foreground
   classes, A anchors per location, C channels, H x W spatial size.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

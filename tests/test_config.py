@@ -1,5 +1,6 @@
 """Tests of detkit.config: _base_ merging, origins, interpolation, paths, overrides, schema
 validation messages and the dump/load round trip. Every expectation is written out by hand."""
+
 from __future__ import annotations
 
 import os
@@ -23,10 +24,10 @@ from detkit.config import (
     to_dict,
 )
 
-
 # ----------------------------------------------------------------------------------------
 # Small schemas (module level: string annotations are resolved with the module's globals)
 # ----------------------------------------------------------------------------------------
+
 
 @dataclass
 class RPN:
@@ -86,21 +87,35 @@ def in_tmp(tmp_path, monkeypatch):
 # _base_ inheritance and origins
 # ----------------------------------------------------------------------------------------
 
+
 def test_single_base_deep_merge_and_origins(in_tmp):
-    base = write(in_tmp, "base.yaml", """
+    base = write(
+        in_tmp,
+        "base.yaml",
+        """
         a: 1
         b: {c: 2, d: 3, l: [1, 2, 3]}
-    """)
-    child = write(in_tmp, "child.yaml", """
+    """,
+    )
+    child = write(
+        in_tmp,
+        "child.yaml",
+        """
         _base_: base.yaml
         b: {c: 5, l: [9]}
         e: x
-    """)
+    """,
+    )
     data, origins = load_yaml("child.yaml")
     assert data == {"a": 1, "b": {"c": 5, "d": 3, "l": [9]}, "e": "x"}
     assert origins == {
-        "": str(child), "a": str(base), "b": str(child), "b.c": str(child),
-        "b.d": str(base), "b.l": str(child), "e": str(child),
+        "": str(child),
+        "a": str(base),
+        "b": str(child),
+        "b.c": str(child),
+        "b.d": str(base),
+        "b.l": str(child),
+        "e": str(child),
     }
 
 
@@ -119,11 +134,15 @@ def test_several_bases_later_base_wins(in_tmp):
 
 def test_nested_base_chain_paths_relative_to_including_file(in_tmp):
     write(in_tmp, "configs/_base_/models/m.yaml", "model: {num_classes: 20, pooler: roi_pool}\n")
-    write(in_tmp, "configs/_base_/mid.yaml", """
+    write(
+        in_tmp,
+        "configs/_base_/mid.yaml",
+        """
         _base_: models/m.yaml
         model: {num_classes: 3}
         lr: 0.02
-    """)
+    """,
+    )
     write(in_tmp, "configs/exp/x.yaml", "_base_: ../_base_/mid.yaml\nlr: 0.005\n")
     data, origins = load_yaml(in_tmp / "configs/exp/x.yaml")
     assert data == {"model": {"num_classes": 3, "pooler": "roi_pool"}, "lr": 0.005}
@@ -134,10 +153,14 @@ def test_nested_base_chain_paths_relative_to_including_file(in_tmp):
 
 def test_delete_replaces_instead_of_merging(in_tmp):
     write(in_tmp, "base.yaml", "opt: {type: sgd, lr: 0.1, momentum: 0.9}\nkeep: 1\n")
-    write(in_tmp, "child.yaml", """
+    write(
+        in_tmp,
+        "child.yaml",
+        """
         _base_: base.yaml
         opt: {_delete_: true, type: adam, lr: 0.001}
-    """)
+    """,
+    )
     data, origins = load_yaml("child.yaml")
     assert data == {"opt": {"type": "adam", "lr": 0.001}, "keep": 1}
     assert "opt.momentum" not in origins
@@ -223,7 +246,10 @@ def test_duplicate_key_is_an_error(in_tmp):
 
 
 def test_yaml12_scalars(in_tmp):
-    write(in_tmp, "s.yaml", """
+    write(
+        in_tmp,
+        "s.yaml",
+        """
         lr: 1e-3
         big: 2E+4
         half: .5
@@ -236,11 +262,23 @@ def test_yaml12_scalars(in_tmp):
         hex: 0x10
         n: null
         tilde: ~
-    """)
+    """,
+    )
     data, _ = load_yaml("s.yaml")
-    assert data == {"lr": 0.001, "big": 20000.0, "half": 0.5, "on_": "on", "yes_": "yes",
-                    "t": True, "octal_like": "010", "time_like": "1:30",
-                    "date": "2024-01-02", "hex": 16, "n": None, "tilde": None}
+    assert data == {
+        "lr": 0.001,
+        "big": 20000.0,
+        "half": 0.5,
+        "on_": "on",
+        "yes_": "yes",
+        "t": True,
+        "octal_like": "010",
+        "time_like": "1:30",
+        "date": "2024-01-02",
+        "hex": 16,
+        "n": None,
+        "tilde": None,
+    }
     assert type(data["lr"]) is float and type(data["hex"]) is int
 
 
@@ -248,19 +286,29 @@ def test_yaml12_scalars(in_tmp):
 # Environment interpolation
 # ----------------------------------------------------------------------------------------
 
+
 def test_env_interpolation(in_tmp, monkeypatch):
     monkeypatch.setenv("DK_A", "alpha")
     monkeypatch.delenv("DK_UNSET", raising=False)
-    write(in_tmp, "e.yaml", """
+    write(
+        in_tmp,
+        "e.yaml",
+        """
         a: ${DK_A}/x
         b: ${DK_UNSET:fallback}-${DK_A:ignored}
         c: ["pre_${DK_UNSET:}", 3]
         d: $${DK_A} stays
         n: {deep: "${DK_UNSET:../rel/dir}"}
-    """)
+    """,
+    )
     data, _ = load_yaml("e.yaml")
-    assert data == {"a": "alpha/x", "b": "fallback-alpha", "c": ["pre_", 3],
-                    "d": "${DK_A} stays", "n": {"deep": "../rel/dir"}}
+    assert data == {
+        "a": "alpha/x",
+        "b": "fallback-alpha",
+        "c": ["pre_", 3],
+        "d": "${DK_A} stays",
+        "n": {"deep": "../rel/dir"},
+    }
 
 
 def test_env_undefined_without_default(in_tmp, monkeypatch):
@@ -269,8 +317,9 @@ def test_env_undefined_without_default(in_tmp, monkeypatch):
     write(in_tmp, "child.yaml", "_base_: base.yaml\n")
     with pytest.raises(ConfigError) as e:
         load_yaml("child.yaml")
-    assert str(e.value) == ("data.root: environment variable DK_UNSET is not set and "
-                            "'${DK_UNSET}' has no default (in base.yaml)")
+    assert str(e.value) == (
+        "data.root: environment variable DK_UNSET is not set and '${DK_UNSET}' has no default (in base.yaml)"
+    )
     # a child that overrides the value means the base's variable is never needed
     write(in_tmp, "fixed.yaml", "_base_: base.yaml\ndata: {root: /abs}\n")
     assert load_yaml("fixed.yaml")[0] == {"data": {"root": "/abs"}}
@@ -278,8 +327,11 @@ def test_env_undefined_without_default(in_tmp, monkeypatch):
 
 def test_env_malformed_reference(in_tmp):
     write(in_tmp, "m.yaml", "a: ${1BAD}\n")
-    with pytest.raises(ConfigError, match=r"^a: malformed '\$\{\.\.\.\}' in '\$\{1BAD\}'.*"
-                                          r"\(in m.yaml\)$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^a: malformed '\$\{\.\.\.\}' in '\$\{1BAD\}'.*"
+        r"\(in m.yaml\)$",
+    ):
         load_yaml("m.yaml")
 
 
@@ -287,15 +339,20 @@ def test_env_malformed_reference(in_tmp):
 # Overrides
 # ----------------------------------------------------------------------------------------
 
+
 def test_overrides_are_typed_by_yaml():
     data = {"a": {"b": 1}}
     origins = {"": "/x.yaml", "a": "/x.yaml", "a.b": "/x.yaml"}
-    out = apply_overrides(data, ["a.b=0.01", "a.i=7", "a.l=[1,2]", "a.n=null", "a.t=true",
-                                 "a.s=abc", "a.e=", "a.q='1'", "new.deep.key=x=y"], origins)
+    out = apply_overrides(
+        data,
+        ["a.b=0.01", "a.i=7", "a.l=[1,2]", "a.n=null", "a.t=true", "a.s=abc", "a.e=", "a.q='1'", "new.deep.key=x=y"],
+        origins,
+    )
     assert out is data
-    assert data == {"a": {"b": 0.01, "i": 7, "l": [1, 2], "n": None, "t": True, "s": "abc",
-                          "e": None, "q": "1"},
-                    "new": {"deep": {"key": "x=y"}}}
+    assert data == {
+        "a": {"b": 0.01, "i": 7, "l": [1, 2], "n": None, "t": True, "s": "abc", "e": None, "q": "1"},
+        "new": {"deep": {"key": "x=y"}},
+    }
     assert [type(data["a"][k]) for k in ("b", "i", "t", "s")] == [float, int, bool, str]
     assert origins["a.b"] == COMMAND_LINE and origins["new.deep.key"] == COMMAND_LINE
     assert origins["a"] == "/x.yaml"
@@ -306,25 +363,32 @@ def test_override_dict_merges_and_null_parent_is_replaced():
     origins = {}
     apply_overrides(data, ["m={y: 3, z: 4}", "rpn.nms_thresh=0.5"], origins)
     assert data == {"m": {"x": 1, "y": 3, "z": 4}, "rpn": {"nms_thresh": 0.5}}
-    assert origins == {"m": COMMAND_LINE, "m.y": COMMAND_LINE, "m.z": COMMAND_LINE,
-                       "rpn": COMMAND_LINE, "rpn.nms_thresh": COMMAND_LINE}
+    assert origins == {
+        "m": COMMAND_LINE,
+        "m.y": COMMAND_LINE,
+        "m.z": COMMAND_LINE,
+        "rpn": COMMAND_LINE,
+        "rpn.nms_thresh": COMMAND_LINE,
+    }
 
 
 def test_malformed_overrides():
     with pytest.raises(ConfigError) as e:
         apply_overrides({}, ["lr0.1"])
-    assert str(e.value) == ("malformed override 'lr0.1': expected KEY=VALUE with a dotted KEY, "
-                            "e.g. model.rpn.nms_thresh=0.7")
+    assert str(e.value) == (
+        "malformed override 'lr0.1': expected KEY=VALUE with a dotted KEY, e.g. model.rpn.nms_thresh=0.7"
+    )
     with pytest.raises(ConfigError, match=r"^malformed override 'a\.\.b=1'"):
         apply_overrides({}, ["a..b=1"])
     with pytest.raises(ConfigError) as e:
         apply_overrides({}, ["a=[1,"])
-    assert str(e.value) == ("override 'a=[1,': invalid YAML at column 4: expected the node "
-                            "content, but found '<stream end>' (while parsing a flow node)")
+    assert str(e.value) == (
+        "override 'a=[1,': invalid YAML at column 4: expected the node "
+        "content, but found '<stream end>' (while parsing a flow node)"
+    )
     with pytest.raises(ConfigError) as e:
         apply_overrides({"lr": 0.1}, ["lr.x=1"], {"lr": "/abs/c.yaml"})
-    assert str(e.value) == ("override 'lr.x=1': 'lr' is float 0.1, not a mapping "
-                            "(in /abs/c.yaml)")
+    assert str(e.value) == ("override 'lr.x=1': 'lr' is float 0.1, not a mapping (in /abs/c.yaml)")
 
 
 def test_override_interpolates(monkeypatch):
@@ -337,22 +401,31 @@ def test_override_interpolates(monkeypatch):
 # Schema validation
 # ----------------------------------------------------------------------------------------
 
+
 def test_load_config_builds_typed_instance(in_tmp):
-    write(in_tmp, "base.yaml", """
+    write(
+        in_tmp,
+        "base.yaml",
+        """
         model:
           num_classes: 3
           rpn: {nms_thresh: 1, anchor_sizes: [16, 32]}
           input_size: [480, 640]
           loss_weights: {loss_cls: 1, loss_box: 2.5}
         seed: abc
-    """)
+    """,
+    )
     cfg = load_config("base.yaml", Cfg, ["lr=0.1", "model.rpn.pre_nms_top_n=300"])
-    assert cfg == Cfg(model=Model(num_classes=3,
-                                  rpn=RPN(nms_thresh=1.0, pre_nms_top_n=300,
-                                          anchor_sizes=(16, 32)),
-                                  input_size=(480, 640),
-                                  loss_weights={"loss_cls": 1.0, "loss_box": 2.5}),
-                      lr=0.1, seed="abc")
+    assert cfg == Cfg(
+        model=Model(
+            num_classes=3,
+            rpn=RPN(nms_thresh=1.0, pre_nms_top_n=300, anchor_sizes=(16, 32)),
+            input_size=(480, 640),
+            loss_weights={"loss_cls": 1.0, "loss_box": 2.5},
+        ),
+        lr=0.1,
+        seed="abc",
+    )
     # int accepted for float fields is stored as float; tuples become tuples
     assert type(cfg.model.rpn.nms_thresh) is float
     assert type(cfg.model.loss_weights["loss_cls"]) is float
@@ -362,15 +435,20 @@ def test_load_config_builds_typed_instance(in_tmp):
 
 def test_unknown_key_message_with_file_and_suggestion(in_tmp):
     write(in_tmp, "configs/_base_/m.yaml", "model: {num_classes: 3}\n")
-    write(in_tmp, "configs/faster_rcnn/x.yaml", """
+    write(
+        in_tmp,
+        "configs/faster_rcnn/x.yaml",
+        """
         _base_: ../_base_/m.yaml
         model:
           rpn: {nms_thres: 0.5}
-    """)
+    """,
+    )
     with pytest.raises(ConfigError) as e:
         load_config("configs/faster_rcnn/x.yaml", Cfg)
-    assert str(e.value) == ("unknown key 'model.rpn.nms_thres' in configs/faster_rcnn/x.yaml "
-                            "(did you mean 'model.rpn.nms_thresh'?)")
+    assert str(e.value) == (
+        "unknown key 'model.rpn.nms_thres' in configs/faster_rcnn/x.yaml (did you mean 'model.rpn.nms_thresh'?)"
+    )
 
 
 def test_unknown_key_suggestion_from_all_paths_and_no_suggestion(in_tmp):
@@ -378,26 +456,22 @@ def test_unknown_key_suggestion_from_all_paths_and_no_suggestion(in_tmp):
     with pytest.raises(ConfigError) as e:
         load_config("x.yaml", Cfg)
     # nothing close among model's own keys, so the whole schema is searched
-    assert str(e.value) == ("unknown key 'model.nms_thresh' in x.yaml "
-                            "(did you mean 'model.rpn.nms_thresh'?)")
+    assert str(e.value) == ("unknown key 'model.nms_thresh' in x.yaml (did you mean 'model.rpn.nms_thresh'?)")
     with pytest.raises(ConfigError) as e:
         from_dict(Cfg, {"model": {"num_classes": 3, "rpn": {"nms": 0.5}}})
     # 'model.rpn' itself (an ancestor) is no suggestion; without origins there is no file
-    assert str(e.value) == ("unknown key 'model.rpn.nms' in the config "
-                            "(did you mean 'model.rpn.nms_thresh'?)")
+    assert str(e.value) == ("unknown key 'model.rpn.nms' in the config (did you mean 'model.rpn.nms_thresh'?)")
     write(in_tmp, "y.yaml", "model: {num_classes: 3}\nzzz: 1\n")
     with pytest.raises(ConfigError) as e:
         load_config("y.yaml", Cfg)
-    assert str(e.value) == ("unknown key 'zzz' in y.yaml "
-                            "(valid keys: model, data, lr, max_iter, flip, seed, extra)")
+    assert str(e.value) == ("unknown key 'zzz' in y.yaml (valid keys: model, data, lr, max_iter, flip, seed, extra)")
 
 
 def test_unknown_key_from_command_line(in_tmp):
     write(in_tmp, "x.yaml", "model: {num_classes: 3}\n")
     with pytest.raises(ConfigError) as e:
         load_config("x.yaml", Cfg, ["model.polier=roi_pool"])
-    assert str(e.value) == ("unknown key 'model.polier' on the command line "
-                            "(did you mean 'model.pooler'?)")
+    assert str(e.value) == ("unknown key 'model.polier' on the command line (did you mean 'model.pooler'?)")
 
 
 def test_wrong_type_names_key_expected_type_and_file(in_tmp):
@@ -416,18 +490,24 @@ def test_wrong_type_names_key_expected_type_and_file(in_tmp):
         ({"data": {"name": 5}}, "data.name: expected str, got int 5"),
         ({"data": None}, "data: expected mapping (Data), got null"),
         ({"seed": 1.5}, "seed: expected int or str, got float 1.5"),
-        ({"model": {"num_classes": 3, "rpn": {"anchor_sizes": [8, "x"]}}},
-         "model.rpn.anchor_sizes[1]: expected int, got str 'x'"),
-        ({"model": {"num_classes": 3, "rpn": {"aspect_ratios": 1.0}}},
-         "model.rpn.aspect_ratios: expected list of float, got float 1.0"),
-        ({"model": {"num_classes": 3, "input_size": [1, 2, 3]}},
-         "model.input_size: expected list of 2 items (int, int), got list [1, 2, 3]"),
-        ({"model": {"num_classes": 3, "loss_weights": {"loss_cls": "a"}}},
-         "model.loss_weights.loss_cls: expected float, got str 'a'"),
-        ({"model": {"num_classes": 3, "loss_weights": {1: 1.0}}},
-         "model.loss_weights.1: key expected str, got int 1"),
-        ({"model": {"num_classes": 3, "rpn": 4}},
-         "model.rpn: expected mapping (RPN) or null, got int 4"),
+        (
+            {"model": {"num_classes": 3, "rpn": {"anchor_sizes": [8, "x"]}}},
+            "model.rpn.anchor_sizes[1]: expected int, got str 'x'",
+        ),
+        (
+            {"model": {"num_classes": 3, "rpn": {"aspect_ratios": 1.0}}},
+            "model.rpn.aspect_ratios: expected list of float, got float 1.0",
+        ),
+        (
+            {"model": {"num_classes": 3, "input_size": [1, 2, 3]}},
+            "model.input_size: expected list of 2 items (int, int), got list [1, 2, 3]",
+        ),
+        (
+            {"model": {"num_classes": 3, "loss_weights": {"loss_cls": "a"}}},
+            "model.loss_weights.loss_cls: expected float, got str 'a'",
+        ),
+        ({"model": {"num_classes": 3, "loss_weights": {1: 1.0}}}, "model.loss_weights.1: key expected str, got int 1"),
+        ({"model": {"num_classes": 3, "rpn": 4}}, "model.rpn: expected mapping (RPN) or null, got int 4"),
     ]
     for extra, message in cases:
         with pytest.raises(ConfigError) as e:
@@ -446,8 +526,7 @@ def test_literal_lists_allowed_values(in_tmp):
     write(in_tmp, "x.yaml", "model: {num_classes: 3, pooler: roi_alin}\n")
     with pytest.raises(ConfigError) as e:
         load_config("x.yaml", Cfg)
-    assert str(e.value) == ("model.pooler: expected one of 'roi_pool', 'roi_align', "
-                            "got str 'roi_alin' (in x.yaml)")
+    assert str(e.value) == ("model.pooler: expected one of 'roi_pool', 'roi_align', got str 'roi_alin' (in x.yaml)")
 
 
 def test_missing_required_key(in_tmp):
@@ -480,19 +559,28 @@ def test_optional_null_and_defaults(in_tmp):
 # Path fields
 # ----------------------------------------------------------------------------------------
 
+
 def test_paths_resolve_relative_to_defining_file(in_tmp, monkeypatch):
     monkeypatch.delenv("DK_DATA", raising=False)
-    write(in_tmp, "configs/_base_/datasets/d.yaml", """
+    write(
+        in_tmp,
+        "configs/_base_/datasets/d.yaml",
+        """
         data:
           root: ${DK_DATA:../../../../shared/data}/BCCD
           extra_roots: [a, /abs/b, ~/c]
           cache_dir: cache
           name: ../not/a/path
-    """)
-    write(in_tmp, "configs/exp/x.yaml", """
+    """,
+    )
+    write(
+        in_tmp,
+        "configs/exp/x.yaml",
+        """
         _base_: ../_base_/datasets/d.yaml
         model: {num_classes: 3}
-    """)
+    """,
+    )
     elsewhere = in_tmp / "somewhere/else"
     elsewhere.mkdir(parents=True)
     monkeypatch.chdir(elsewhere)  # the cwd must not matter for file-set paths
@@ -514,8 +602,7 @@ def test_override_paths_resolve_relative_to_cwd(in_tmp, monkeypatch):
     work = in_tmp / "work"
     work.mkdir()
     monkeypatch.chdir(work)
-    cfg = load_config(in_tmp / "configs/x.yaml", Cfg,
-                      ["data.cache_dir=tmp/cache", "data.extra_roots=[e]"])
+    cfg = load_config(in_tmp / "configs/x.yaml", Cfg, ["data.cache_dir=tmp/cache", "data.extra_roots=[e]"])
     assert cfg.data.root == str(in_tmp / "configs/here")
     assert cfg.data.cache_dir == str(work / "tmp/cache")
     assert cfg.data.extra_roots == [str(work / "e")]
@@ -541,20 +628,27 @@ def test_path_type_errors(in_tmp):
 # Writing and the round trip
 # ----------------------------------------------------------------------------------------
 
+
 def test_to_dict_plain_types_in_schema_order():
     cfg = Cfg(model=Model(num_classes=2, rpn=None), data=Data(root="/r"))
     assert to_dict(cfg) == {
-        "model": {"num_classes": 2, "pooler": "roi_align", "rpn": None,
-                  "input_size": [600, 1000], "loss_weights": {}},
+        "model": {"num_classes": 2, "pooler": "roi_align", "rpn": None, "input_size": [600, 1000], "loss_weights": {}},
         "data": {"root": "/r", "extra_roots": [], "cache_dir": None, "name": "bccd"},
-        "lr": 0.01, "max_iter": 100, "flip": True, "seed": 0, "extra": None,
+        "lr": 0.01,
+        "max_iter": 100,
+        "flip": True,
+        "seed": 0,
+        "extra": None,
     }
     assert list(to_dict(cfg)) == ["model", "data", "lr", "max_iter", "flip", "seed", "extra"]
 
 
 def test_dump_load_round_trip(in_tmp, monkeypatch):
     monkeypatch.setenv("DK_A", "alpha")
-    write(in_tmp, "configs/base.yaml", """
+    write(
+        in_tmp,
+        "configs/base.yaml",
+        """
         model:
           num_classes: 3
           rpn: {nms_thresh: 0.65, anchor_sizes: [8]}
@@ -562,7 +656,8 @@ def test_dump_load_round_trip(in_tmp, monkeypatch):
         data: {root: ../data, extra_roots: [x], name: "1e-3"}
         seed: "yes"
         extra: {note: "$${LITERAL} and ${DK_A}", when: 1:30}
-    """)
+    """,
+    )
     cfg = load_config("configs/base.yaml", Cfg, ["lr=0.25", "data.cache_dir=c"])
     assert cfg.extra == {"note": "${LITERAL} and alpha", "when": "1:30"}
     assert cfg.data.name == "1e-3" and cfg.seed == "yes"

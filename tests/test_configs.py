@@ -1,12 +1,13 @@
 """Every shipped config validates against the schema and builds its model (pretrained
 weights switched off: tests never download)."""
+
 from pathlib import Path
 
 import pytest
 import torch
 
-from detkit.modeling.build import build_model
 from detkit.config import load_config
+from detkit.modeling.build import build_model
 from detkit.schema import Config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*/*.yaml"))

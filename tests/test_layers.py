@@ -1,6 +1,7 @@
 """The folder tree is the architecture: each layer of detkit imports only from layers below
 it (DESIGN.md, Layout), and nothing imports the CLI. Checked on the source (every import
 statement, also the ones inside functions), so a lazy import cannot sneak a cycle in."""
+
 import ast
 from pathlib import Path
 
@@ -12,12 +13,17 @@ PACKAGE = Path(__file__).resolve().parents[1] / "detkit"
 # stay inside its own part (detkit.data.voc -> detkit.data.io). data and evaluation are side
 # by side: neither imports the other.
 LAYERS = {
-    "errors": 0, "structures": 0.1, "config": 0.1, "visualize": 0.1,
+    "errors": 0,
+    "structures": 0.1,
+    "config": 0.1,
+    "visualize": 0.1,
     "schema": 0.5,  # built on config
-    "evaluation": 1, "data": 1,
+    "evaluation": 1,
+    "data": 1,
     "modeling": 2,
     "engine": 3,
-    "cli": 4, "__main__": 5,
+    "cli": 4,
+    "__main__": 5,
 }
 
 
@@ -49,7 +55,9 @@ SOURCES = sorted(p for p in PACKAGE.rglob("*.py") if p.name != "__init__.py" or 
 
 
 def test_every_part_has_a_layer():
-    parts = {p.name.removesuffix(".py") for p in PACKAGE.iterdir() if not p.name.startswith("__") or p.name == "__main__.py"}
+    parts = {
+        p.name.removesuffix(".py") for p in PACKAGE.iterdir() if not p.name.startswith("__") or p.name == "__main__.py"
+    }
     parts.discard("__pycache__")
     assert parts - set(LAYERS) == set(), "give new top-level modules a layer in tests/test_layers.py"
 

@@ -14,6 +14,7 @@ absent). Each measurement alternates torchvision and detkit (A B A B ...) so tha
 elsewhere hits both alike; the report gives medians and the ratio detkit / torchvision
 (< 1: detkit faster). Not a test: timings go to stdout and --json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,11 +78,11 @@ def _timeit(fn):
 
 def run_case(name: str, images, n_images: int, steps: int, warmup: int):
     import torch
+    from torchvision_baseline import build_torchvision_model, set_torchvision_mode
 
     from detkit.data.build import dataset_transforms
-    from detkit.modeling.build import build_model
     from detkit.engine.convert import map_torchvision_state
-    from torchvision_baseline import build_torchvision_model, set_torchvision_mode
+    from detkit.modeling.build import build_model
     from detkit.structures import ImageList
 
     cfg, k = _case_config(name)
@@ -112,8 +113,8 @@ def run_case(name: str, images, n_images: int, steps: int, warmup: int):
         dk_infer(i % len(images))
     for i in range(n_images):
         j = i % len(images)
-        tv_inf.append(_timeit(lambda: tv_infer(j)))
-        dk_inf.append(_timeit(lambda: dk_infer(j)))
+        tv_inf.append(_timeit(lambda j=j: tv_infer(j)))
+        dk_inf.append(_timeit(lambda j=j: dk_infer(j)))
 
     # Training steps: batch of 2 images, SGD step included.
     tv_opt = torch.optim.SGD([p for p in tv.parameters() if p.requires_grad], lr=1e-5, momentum=0.9)
@@ -130,8 +131,13 @@ def run_case(name: str, images, n_images: int, steps: int, warmup: int):
         tv_opt.step()
 
     def dk_step():
-        pairs = [train_tf(tensors[i], {"boxes": torch.as_tensor(images[i][1]),
-                                       "labels": torch.as_tensor(images[i][2]), "scale": (1.0, 1.0)}) for i in batch]
+        pairs = [
+            train_tf(
+                tensors[i],
+                {"boxes": torch.as_tensor(images[i][1]), "labels": torch.as_tensor(images[i][2]), "scale": (1.0, 1.0)},
+            )
+            for i in batch
+        ]
         il = ImageList.from_tensors([p[0] for p in pairs], dk.size_divisibility)
         _, losses = dk(il, [p[1] for p in pairs])
         dk_opt.zero_grad()
@@ -179,10 +185,13 @@ def main():
     for case in args.cases:
         r = run_case(case, images, args.images, args.steps, args.warmup)
         results.append(r)
-        print(f"{case:8s} {r['input']}: inference torchvision {r['torchvision_infer_s_per_img']:.3f} s/img, "
-              f"detkit {r['detkit_infer_s_per_img']:.3f} s/img (ratio {r['infer_ratio']:.2f}); "
-              f"training torchvision {r['torchvision_train_s_per_step']:.3f} s/step, "
-              f"detkit {r['detkit_train_s_per_step']:.3f} s/step (ratio {r['train_ratio']:.2f})", flush=True)
+        print(
+            f"{case:8s} {r['input']}: inference torchvision {r['torchvision_infer_s_per_img']:.3f} s/img, "
+            f"detkit {r['detkit_infer_s_per_img']:.3f} s/img (ratio {r['infer_ratio']:.2f}); "
+            f"training torchvision {r['torchvision_train_s_per_step']:.3f} s/step, "
+            f"detkit {r['detkit_train_s_per_step']:.3f} s/step (ratio {r['train_ratio']:.2f})",
+            flush=True,
+        )
     report = {
         "date": date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",

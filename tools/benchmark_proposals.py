@@ -19,6 +19,7 @@ image, so that load from other users of a shared machine hits both alike.
 Default images: the first 15 of BCCD's ImageSets/Main/test.txt under the shared data folder
 (``$DETKIT_SHARED/data/BCCD`` or ``../shared/data/BCCD`` beside the repository).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,13 @@ import xml.etree.ElementTree as ET
 from datetime import datetime, timezone
 from pathlib import Path
 
-THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-               "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
+THREAD_VARS = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+)
 
 # Runs inside --opencv-python as a long-lived worker, so that its images interleave with
 # detkit's (a load spike from other users of the machine then hits both sides alike).
@@ -83,12 +89,14 @@ def parse_args(argv=None):
     p.add_argument("--mode", default="fast", choices=("single", "fast", "quality"))
     p.add_argument("--counts", default="100,300,1000,2000", help="recall after the first n boxes")
     p.add_argument("--threads", type=int, default=1, help="threads for both sides")
-    p.add_argument("--min-size", type=float, default=None,
-                   help="detkit's min box side (default: selective_search's default)")
+    p.add_argument(
+        "--min-size", type=float, default=None, help="detkit's min box side (default: selective_search's default)"
+    )
     p.add_argument("--scale", type=float, default=None, help="detkit's resize factor (default none)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--opencv-python", default=sys.executable,
-                   help="interpreter whose cv2 has ximgproc (default: this one)")
+    p.add_argument(
+        "--opencv-python", default=sys.executable, help="interpreter whose cv2 has ximgproc (default: this one)"
+    )
     p.add_argument("--skip-opencv", action="store_true", help="measure detkit only")
     p.add_argument("--json", type=Path, default=None, help="write the figures to this file")
     return p.parse_args(argv)
@@ -147,17 +155,23 @@ class OpenCVWorker:
     """OpenCV-contrib's selective search in a subprocess of ``python`` (see OPENCV_WORKER)."""
 
     def __init__(self, python: str, mode: str, threads: int, tmp: Path):
-        probe = subprocess.run([python, "-c", "import cv2; cv2.ximgproc.segmentation"],
-                               capture_output=True, text=True)
+        probe = subprocess.run([python, "-c", "import cv2; cv2.ximgproc.segmentation"], capture_output=True, text=True)
         if probe.returncode != 0:
-            sys.exit(f"benchmark_proposals: {python} has no OpenCV-contrib (cv2.ximgproc); install "
-                     f"it in a separate venv: python3 -m venv /work/bench-venv && "
-                     f"/work/bench-venv/bin/pip install numpy opencv-contrib-python-headless, "
-                     f"then pass --opencv-python /work/bench-venv/bin/python")
+            sys.exit(
+                f"benchmark_proposals: {python} has no OpenCV-contrib (cv2.ximgproc); install "
+                f"it in a separate venv: python3 -m venv /work/bench-venv && "
+                f"/work/bench-venv/bin/pip install numpy opencv-contrib-python-headless, "
+                f"then pass --opencv-python /work/bench-venv/bin/python"
+            )
         env = dict(os.environ, **{var: str(threads) for var in THREAD_VARS})
         self.tmp = tmp
-        self.proc = subprocess.Popen([python, "-c", OPENCV_WORKER, mode, str(threads)], env=env,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [python, "-c", OPENCV_WORKER, mode, str(threads)],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         self._read()  # "ready": imports done before the first timed image
 
     def _read(self) -> str:
@@ -183,6 +197,7 @@ class OpenCVWorker:
 
 def detkit_runner(mode, min_size, scale, seed):
     import cv2
+
     from detkit.modeling.proposals.selective_search import selective_search
 
     kwargs = {"mode": mode, "scale": scale, "seed": seed}
@@ -242,8 +257,11 @@ def main(argv=None):
     items = load_split(args.root, args.split, args.num_images)
     images = [path for path, _ in items]
     gt = [boxes for _, boxes in items]
-    print(f"{len(images)} images from {args.root} ({args.split}), mode={args.mode}, "
-          f"threads={args.threads}, {sum(len(g) for g in gt)} GT boxes", flush=True)
+    print(
+        f"{len(images)} images from {args.root} ({args.split}), mode={args.mode}, "
+        f"threads={args.threads}, {sum(len(g) for g in gt)} GT boxes",
+        flush=True,
+    )
 
     runners = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -258,22 +276,27 @@ def main(argv=None):
                 boxes, seconds = run(path, index)
                 outputs[name][0].append(boxes)
                 outputs[name][1].append(seconds)
-            print(f"  {index + 1}/{len(images)} " + "  ".join(
-                f"{name} {outputs[name][1][-1]:.2f}s" for name in runners), flush=True)
+            print(
+                f"  {index + 1}/{len(images)} " + "  ".join(f"{name} {outputs[name][1][-1]:.2f}s" for name in runners),
+                flush=True,
+            )
         if worker is not None:
             worker.close()
     rows = [summarise(name, boxes, times, gt, counts) for name, (boxes, times) in outputs.items()]
 
-    header = f"{'method':16s} {'s/img':>7s} {'boxes/img':>9s} " + " ".join(
-        f"{'R@' + k:>7s}" for k in rows[0]["recall"])
+    header = f"{'method':16s} {'s/img':>7s} {'boxes/img':>9s} " + " ".join(f"{'R@' + k:>7s}" for k in rows[0]["recall"])
     print(header)
     for row in rows:
-        print(f"{row['method']:16s} {row['seconds_per_image']:7.3f} {row['boxes_per_image']:9.0f} "
-              + " ".join(f"{v:7.3f}" for v in row["recall"].values()))
+        print(
+            f"{row['method']:16s} {row['seconds_per_image']:7.3f} {row['boxes_per_image']:9.0f} "
+            + " ".join(f"{v:7.3f}" for v in row["recall"].values())
+        )
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_description(),
-        "threads": args.threads, "mode": args.mode, "split": args.split,
+        "threads": args.threads,
+        "mode": args.mode,
+        "split": args.split,
         "images": [Path(p).name for p in images],
         "num_gt": sum(len(g) for g in gt),
         "detkit_options": {"min_size": args.min_size, "scale": args.scale, "seed": args.seed},
@@ -287,8 +310,10 @@ def main(argv=None):
             "recall": {k: dk_row["recall"][k] / max(cv_row["recall"][k], 1e-9) for k in dk_row["recall"]},
         }
         r = report["ratios_detkit_over_opencv"]
-        print(f"detkit/opencv    time x{r['time']:.2f}  boxes x{r['boxes']:.2f}  recall "
-              + " ".join(f"{k}:x{v:.3f}" for k, v in r["recall"].items()))
+        print(
+            f"detkit/opencv    time x{r['time']:.2f}  boxes x{r['boxes']:.2f}  recall "
+            + " ".join(f"{k}:x{v:.3f}" for k, v in r["recall"].items())
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))

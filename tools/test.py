@@ -1,4 +1,5 @@
 """Thin wrapper: ``python tools/test.py CONFIG --checkpoint CKPT [--out DIR]`` is ``detkit eval``."""
+
 import sys
 from pathlib import Path
 

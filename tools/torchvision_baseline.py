@@ -2,6 +2,7 @@
 the side-by-side benchmarks (tools/benchmark.py) and trainings (tools/train_torchvision.py,
 tools/parity_suite.py). Benchmark code, so it lives in tools/, not in the library.
 """
+
 from __future__ import annotations
 
 from detkit.modeling.backbones.common import freeze, norm_layer
@@ -26,11 +27,11 @@ def build_torchvision_model(cfg: Config, num_classes: int):
     from torchvision.models.detection import FasterRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
     from torchvision.models.detection.backbone_utils import BackboneWithFPN
-    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor as TVPredictor, TwoMLPHead
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor as TVPredictor
+    from torchvision.models.detection.faster_rcnn import TwoMLPHead
     from torchvision.models.detection.rpn import RPNHead as TVRPNHead
     from torchvision.ops import MultiScaleRoIAlign
     from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
-
 
     m, b = cfg.model, cfg.model.backbone
     if not b.fpn or not b.name.startswith("resnet"):
@@ -46,11 +47,21 @@ def build_torchvision_model(cfg: Config, num_classes: int):
         freeze([body.conv1, body.bn1])
     for i in range(1, b.frozen_stages):
         freeze([getattr(body, f"layer{i}")])
-    channels = [getattr(body, f"layer{i}")[-1].conv3.out_channels if hasattr(getattr(body, f"layer{i}")[-1], "conv3")
-                else getattr(body, f"layer{i}")[-1].conv2.out_channels for i in range(1, 5)]
+    channels = [
+        getattr(body, f"layer{i}")[-1].conv3.out_channels
+        if hasattr(getattr(body, f"layer{i}")[-1], "conv3")
+        else getattr(body, f"layer{i}")[-1].conv2.out_channels
+        for i in range(1, 5)
+    ]
     fpn_norm = norm_layer(b.fpn_norm) if b.fpn_norm and b.fpn_norm != "none" else None
-    backbone = BackboneWithFPN(body, {f"layer{i}": str(i - 1) for i in range(1, 5)}, channels, b.out_channels,
-                               extra_blocks=LastLevelMaxPool(), norm_layer=fpn_norm)
+    backbone = BackboneWithFPN(
+        body,
+        {f"layer{i}": str(i - 1) for i in range(1, 5)},
+        channels,
+        b.out_channels,
+        extra_blocks=LastLevelMaxPool(),
+        norm_layer=fpn_norm,
+    )
     sizes = [tuple(s) for s in m.anchors.sizes]
     ratios = [tuple(r) for r in m.anchors.aspect_ratios]
     if len(ratios) == 1:

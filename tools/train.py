@@ -1,5 +1,6 @@
 """Thin wrapper: ``python tools/train.py CONFIG [--out DIR] [--resume] [key=value ...]``
 is ``detkit train``."""
+
 import sys
 from pathlib import Path
 

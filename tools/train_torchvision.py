@@ -7,6 +7,7 @@ sizes, flips, batch size, aspect-ratio grouping, seed, optimiser (SGD, the same 
 groups), warmup and schedule, iterations; evaluated by detkit's evaluator. Writes
 DIR/{config.yaml, metrics.jsonl, model_final.pt, eval.json} like ``detkit train``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,18 +28,18 @@ def main(argv=None) -> int:
 
     import torch
     from torch.utils.data import DataLoader
+    from torchvision_baseline import build_torchvision_model, set_torchvision_mode
     from tqdm import tqdm
 
-    from detkit.data.build import build_datasets
-    from detkit.engine.evaluate import evaluate_detections
-    from detkit.schema import load_run_config
     from detkit.config import dump_config
-    from torchvision_baseline import build_torchvision_model, set_torchvision_mode
+    from detkit.data.build import build_datasets
     from detkit.data.loader import GroupedBatchSampler
     from detkit.data.transforms import Compose, RandomHorizontalFlip
     from detkit.engine.checkpoint import save_checkpoint
+    from detkit.engine.evaluate import evaluate_detections
     from detkit.engine.trainer import LRSchedule, build_optimizer, check_output_dir, seed_everything
     from detkit.evaluation.report import format_table, write_result
+    from detkit.schema import load_run_config
 
     cfg = load_run_config(args.config, args.overrides)
     out = Path(args.out)
@@ -58,10 +59,15 @@ def main(argv=None) -> int:
     optimizer = build_optimizer(model, t)
     schedule = LRSchedule(t.max_iter, t.warmup_iters, t.warmup_factor, t.lr_schedule, t.steps, t.gamma)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    sampler = GroupedBatchSampler(train_set.aspect_ratios(), cfg.data.batch_size, t.seed,
-                                  cfg.data.aspect_ratio_grouping)
-    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                        collate_fn=lambda b: ([x[0] for x in b], [x[1] for x in b]))
+    sampler = GroupedBatchSampler(
+        train_set.aspect_ratios(), cfg.data.batch_size, t.seed, cfg.data.aspect_ratio_grouping
+    )
+    loader = DataLoader(
+        train_set,
+        batch_sampler=sampler,
+        num_workers=cfg.data.num_workers,
+        collate_fn=lambda b: ([x[0] for x in b], [x[1] for x in b]),
+    )
     set_torchvision_mode(model, True)
     data = iter(loader)
     log = open(out / "metrics.jsonl", "a", encoding="utf-8")
@@ -87,14 +93,20 @@ def main(argv=None) -> int:
         sums["loss"] = sums.get("loss", 0.0) + float(total.detach())
         if (it + 1) % t.log_period == 0 or it + 1 == t.max_iter:
             n = t.log_period if (it + 1) % t.log_period == 0 else (it + 1) % t.log_period
-            rec = {"iter": it + 1, "lr": optimizer.param_groups[0]["lr"], **{k: v / n for k, v in sums.items()},
-                   "s_per_iter": (time.perf_counter() - period) / n}
+            rec = {
+                "iter": it + 1,
+                "lr": optimizer.param_groups[0]["lr"],
+                **{k: v / n for k, v in sums.items()},
+                "s_per_iter": (time.perf_counter() - period) / n,
+            }
             log.write(json.dumps(rec) + "\n")
             log.flush()
             sums, period = {}, time.perf_counter()
     train_time = time.perf_counter() - start
-    save_checkpoint(out / "model_final.pt", {"model": model.state_dict(), "class_names": list(classes),
-                                             "iteration": t.max_iter, "source": "torchvision"})
+    save_checkpoint(
+        out / "model_final.pt",
+        {"model": model.state_dict(), "class_names": list(classes), "iteration": t.max_iter, "source": "torchvision"},
+    )
     set_torchvision_mode(model, False)
     dets = {}
     t0 = time.perf_counter()
@@ -108,8 +120,12 @@ def main(argv=None) -> int:
     result["s_per_img"] = sec
     result["train_minutes"] = train_time / 60
     write_result(result, out / "eval.json")
-    log.write(json.dumps({"iter": t.max_iter, "eval_mAP": result["mAP"], "eval_s_per_img": sec,
-                          "train_minutes": train_time / 60}) + "\n")
+    log.write(
+        json.dumps(
+            {"iter": t.max_iter, "eval_mAP": result["mAP"], "eval_s_per_img": sec, "train_minutes": train_time / 60}
+        )
+        + "\n"
+    )
     log.close()
     print(format_table(result))
     for metric, r in result.get("extra", {}).items():

@@ -14,6 +14,7 @@ error in one fails loudly instead of hiding the verb). Errors a user can fix
 (``detkit.errors.DetkitError``) print one line and exit with 2; anything else is a bug and
 keeps its traceback.
 """
+
 from __future__ import annotations
 
 import argparse

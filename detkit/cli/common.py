@@ -4,6 +4,7 @@ run-folder defaults, expanding input globs, and printing an evaluation.
 Errors a user can fix are ``detkit.errors.DetkitError``s; ``detkit.cli.main`` prints them
 as one line and exits with 2.
 """
+
 from __future__ import annotations
 
 import glob
@@ -20,8 +21,7 @@ from detkit.schema import Config, DatasetConfig, load_run_config
 
 logger = logging.getLogger("detkit")
 
-__all__ = ["setup_logging", "load_run_config", "load_dataset_yaml", "is_full_config", "default_out",
-           "expand_inputs"]
+__all__ = ["setup_logging", "load_run_config", "load_dataset_yaml", "is_full_config", "default_out", "expand_inputs"]
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -3,6 +3,7 @@
 Maps torchvision's ``fasterrcnn_resnet50_fpn`` weights onto detkit's R50-FPN Faster R-CNN
 (``detkit.engine.convert``).
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,8 +1,9 @@
 """``detkit data shapes|check``: dataset tools.
 
-    detkit data shapes --out DIR [--num-train N] [--num-test M] [--seed S] [--coco-json]
-    detkit data check DATA_OR_CONFIG.yaml [--split train|test] [--no-decode]
+detkit data shapes --out DIR [--num-train N] [--num-test M] [--seed S] [--coco-json]
+detkit data check DATA_OR_CONFIG.yaml [--split train|test] [--no-decode]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,14 @@ def _help(parser: argparse.ArgumentParser) -> int:
 
 def run_shapes(args) -> int:
     try:
-        out = generate_shapes(args.out, num_train=args.num_train, num_test=args.num_test, seed=args.seed,
-                              coco_json=args.coco_json, overwrite=args.overwrite)
+        out = generate_shapes(
+            args.out,
+            num_train=args.num_train,
+            num_test=args.num_test,
+            seed=args.seed,
+            coco_json=args.coco_json,
+            overwrite=args.overwrite,
+        )
     except (ValueError, FileExistsError) as exc:
         raise UsageError(str(exc)) from None
     print(f"shapes dataset ready: {out} ({args.num_train} train, {args.num_test} test images)")

@@ -4,6 +4,7 @@ Runs a checkpoint on image files, folders or glob patterns and writes, per image
 with the detections drawn and a JSON with the boxes in the image's own pixels. An
 unreadable input is reported and skipped (exit status 1), the others still run.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,12 @@ def add_parser(sub) -> None:
     d.add_argument("--config", help="config (default: the one stored in the checkpoint)")
     d.add_argument("--checkpoint", required=True)
     d.add_argument("--out", required=True)
-    d.add_argument("--score-thresh", type=float, default=0.5,
-                   help="minimum score to report and draw (default 0.5; evaluation keeps the config's 0.05)")
+    d.add_argument(
+        "--score-thresh",
+        type=float,
+        default=0.5,
+        help="minimum score to report and draw (default 0.5; evaluation keeps the config's 0.05)",
+    )
     d.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     d.set_defaults(func=run, overrides=[])
 
@@ -61,8 +66,12 @@ def run(args) -> int:
             "width": int(image.shape[1]),
             "height": int(image.shape[0]),
             "detections": [
-                {"box": [round(float(v), 2) for v in b], "score": round(float(s), 4),
-                 "label": int(lab), "class": predictor.class_names[int(lab) - 1]}
+                {
+                    "box": [round(float(v), 2) for v in b],
+                    "score": round(float(s), 4),
+                    "label": int(lab),
+                    "class": predictor.class_names[int(lab) - 1],
+                }
                 for b, s, lab in zip(boxes, scores, labels)
             ],
         }

@@ -3,6 +3,7 @@
 Runs a checkpoint over the config's test split and scores it with the config's metric(s);
 writes eval.json and detections.json (and PR curves with ``--plot``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,8 +38,15 @@ def run(args) -> int:
     if cfg.data.test is None:
         raise UsageError(f"{args.config}: no data.test dataset to evaluate on")
     dataset = build_dataset(cfg.data.test, classes, dataset_transforms(cfg.data.input, False), name="test")
-    dets, _, sec = run_inference(model, dataset, cfg.data.test_batch_size, device, cfg.data.num_workers,
-                                 amp=cfg.train.amp and device.type == "cuda", progress=not args.no_progress)
+    dets, _, sec = run_inference(
+        model,
+        dataset,
+        cfg.data.test_batch_size,
+        device,
+        cfg.data.num_workers,
+        amp=cfg.train.amp and device.type == "cuda",
+        progress=not args.no_progress,
+    )
     result = evaluate_detections(cfg.test, dets, dataset)
     result["s_per_img"] = sec
     out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "eval"

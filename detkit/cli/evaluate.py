@@ -2,6 +2,7 @@
 
 Scores a detection file (COCO-style results list, see the README) against a dataset.
 """
+
 from __future__ import annotations
 
 import logging

@@ -16,6 +16,7 @@
   ``<out stem>.recall.json``. ``--plot PNG``: recall against the number of proposals (log
   x), one curve per file, the Faster R-CNN paper's Selective-Search-vs-RPN comparison.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,15 +56,20 @@ def add_parser(sub) -> None:
     p.add_argument("--limit", type=int, help="only the first N images of the split")
     p.add_argument("--workers", type=int, default=1, help="processes for Selective Search (default 1)")
     p.add_argument("--max-proposals", type=int, default=2000, help="proposals kept per image (default 2000)")
-    p.add_argument("--min-size", type=float, default=20.0,
-                   help="Selective Search: drop boxes narrower/lower than this, original pixels (default 20)")
+    p.add_argument(
+        "--min-size",
+        type=float,
+        default=20.0,
+        help="Selective Search: drop boxes narrower/lower than this, original pixels (default 20)",
+    )
     p.add_argument("--seed", type=int, default=0, help="Selective Search ranking seed")
     p.add_argument("--checkpoint", help="--method rpn: the trained detector")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="--method rpn")
     p.add_argument("--eval", action="store_true", help="print recall / AR and write <out stem>.recall.json")
     p.add_argument("--plot", metavar="PNG", help="draw recall against the number of proposals")
-    p.add_argument("--compare", nargs="+", default=[], metavar="FILE",
-                   help="other proposal files to evaluate / plot beside --out")
+    p.add_argument(
+        "--compare", nargs="+", default=[], metavar="FILE", help="other proposal files to evaluate / plot beside --out"
+    )
     p.add_argument("--overwrite", action="store_true", help="recompute and replace an existing --out")
     p.add_argument("--reuse", action="store_true", help="use an existing --out as it is (only --eval / --plot)")
     p.add_argument("--flush-every", type=int, default=20, help="images per partial chunk (default 20)")
@@ -122,11 +128,19 @@ def run(args) -> int:
         if not records:
             raise ProposalFileError(f"proposal file {out} has no proposals for any image of {dataset.name}")
     else:
-        job = ProposalJob(method=args.method, mode=args.mode, max_proposals=args.max_proposals,
-                          min_size=args.min_size, seed=args.seed, workers=args.workers,
-                          flush_every=args.flush_every, progress=not args.no_progress,
-                          checkpoint=args.checkpoint, config=args.dataset if full_config else None,
-                          dataset_settings=_dataset_settings(ds_cfg))
+        job = ProposalJob(
+            method=args.method,
+            mode=args.mode,
+            max_proposals=args.max_proposals,
+            min_size=args.min_size,
+            seed=args.seed,
+            workers=args.workers,
+            flush_every=args.flush_every,
+            progress=not args.no_progress,
+            checkpoint=args.checkpoint,
+            config=args.dataset if full_config else None,
+            dataset_settings=_dataset_settings(ds_cfg),
+        )
         rpn_model = None
         if args.method == "rpn":
             cfg = load_run_config(args.dataset) if full_config else None
@@ -135,6 +149,10 @@ def run(args) -> int:
 
     if args.eval or args.plot:
         files = [(out, table, meta)] + [(Path(o), *load_proposals(o)) for o in args.compare]
-        evaluate_proposal_files(files, records, recall_json=recall_path(out) if args.eval else None,
-                                plot=Path(args.plot) if args.plot else None)
+        evaluate_proposal_files(
+            files,
+            records,
+            recall_json=recall_path(out) if args.eval else None,
+            plot=Path(args.plot) if args.plot else None,
+        )
     return 0

@@ -5,6 +5,7 @@ offline stages some pipelines have, then evaluation) and writes the run folder
 (``detkit.engine.trainer``). A folder that already holds a run is only continued with
 ``--resume``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -61,11 +62,25 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cfg.data.classes = list(classes)
     save_run_config(cfg, out, args.resume)
-    logger.info("train: %d images, %s; test: %s images; classes: %s", len(train_set), cfg.data.train.format,
-                len(test_set) if test_set else 0, ", ".join(classes))
+    logger.info(
+        "train: %d images, %s; test: %s images; classes: %s",
+        len(train_set),
+        cfg.data.train.format,
+        len(test_set) if test_set else 0,
+        ", ".join(classes),
+    )
     logger.info("model: %s; output: %s", model_summary(model), out)
-    trainer = Trainer(cfg, model, train_set, test_set, out, classes, evaluator_for(cfg.test), resume=args.resume,
-                      progress=not args.no_progress)
+    trainer = Trainer(
+        cfg,
+        model,
+        train_set,
+        test_set,
+        out,
+        classes,
+        evaluator_for(cfg.test),
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
     result = trainer.train()
     if result is not None:
         write_evaluation(result, result.get("dets"), test_set, out)

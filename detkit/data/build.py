@@ -6,6 +6,7 @@ Nothing here is filled by import side effects; every dataset can also be built b
 (``detkit.data.voc.load_voc``, ``detkit.data.coco.load_coco``), the config is only a
 convenience.
 """
+
 from __future__ import annotations
 
 import logging

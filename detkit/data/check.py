@@ -4,6 +4,7 @@ Reports images, objects per class (and how many are difficult), box sizes, image
 objects, every problem the loader fixed or skipped, and (when decoding) images that cannot
 be read or whose size differs from the annotation.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List
@@ -11,7 +12,8 @@ from typing import Dict, List
 import numpy as np
 from tqdm import tqdm
 
-from detkit.data.io import ImageReadError, read_image_array
+from detkit.data.io import read_image_array
+from detkit.errors import ImageReadError
 
 
 def check_dataset(dataset, decode_images: bool = True, progress: bool = True) -> Dict:
@@ -27,8 +29,10 @@ def check_dataset(dataset, decode_images: bool = True, progress: bool = True) ->
     sizes = {}
     if len(boxes):
         for name, v in (("width", w), ("height", h), ("sqrt_area", np.sqrt(w * h))):
-            sizes[name] = {q: float(np.percentile(v, p)) for q, p in (("min", 0), ("p5", 5), ("median", 50),
-                                                                     ("p95", 95), ("max", 100))}
+            sizes[name] = {
+                q: float(np.percentile(v, p))
+                for q, p in (("min", 0), ("p5", 5), ("median", 50), ("p95", 95), ("max", 100))
+            }
     image_sizes = sorted({(r.width, r.height) for r in records})
     errors: List[str] = []
     # What the loader fixed or skipped (load_voc / load_coco attach their ProblemLog).
@@ -43,8 +47,9 @@ def check_dataset(dataset, decode_images: bool = True, progress: bool = True) ->
                 unreadable.append(str(exc))
                 continue
             if (image.shape[1], image.shape[0]) != (r.width, r.height):
-                mismatched.append(f"{r.file_name}: annotation says {r.width}x{r.height}, image is "
-                                  f"{image.shape[1]}x{image.shape[0]}")
+                mismatched.append(
+                    f"{r.file_name}: annotation says {r.width}x{r.height}, image is {image.shape[1]}x{image.shape[0]}"
+                )
         errors += unreadable
         warnings += mismatched
     return {
@@ -62,17 +67,23 @@ def check_dataset(dataset, decode_images: bool = True, progress: bool = True) ->
 
 
 def format_report(report: Dict) -> str:
-    lines = [f"dataset {report['name']}: {report['images']} images, {report['objects']} objects, "
-             f"{report['images_without_objects']} images without objects"]
+    lines = [
+        f"dataset {report['name']}: {report['images']} images, {report['objects']} objects, "
+        f"{report['images_without_objects']} images without objects"
+    ]
     width = max([len(n) for n in report["per_class"]] + [5])
     lines.append(f"  {'class':<{width}}  objects  difficult")
     for name, c in report["per_class"].items():
         lines.append(f"  {name:<{width}}  {c['objects']:>7}  {c['difficult']:>9}")
     for key, s in report["box_sizes"].items():
-        lines.append(f"  box {key:<9} min {s['min']:.1f}  p5 {s['p5']:.1f}  median {s['median']:.1f}  "
-                     f"p95 {s['p95']:.1f}  max {s['max']:.1f} px")
+        lines.append(
+            f"  box {key:<9} min {s['min']:.1f}  p5 {s['p5']:.1f}  median {s['median']:.1f}  "
+            f"p95 {s['p95']:.1f}  max {s['max']:.1f} px"
+        )
     shown = ", ".join(f"{w}x{h}" for w, h in report["image_sizes"])
-    more = f" (+{report['num_image_sizes'] - len(report['image_sizes'])} more)" if report["num_image_sizes"] > 10 else ""
+    more = (
+        f" (+{report['num_image_sizes'] - len(report['image_sizes'])} more)" if report["num_image_sizes"] > 10 else ""
+    )
     lines.append(f"  image sizes: {shown}{more}")
     if report["warnings"]:
         lines.append(f"problems fixed or skipped ({len(report['warnings'])}):")

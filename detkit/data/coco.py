@@ -7,6 +7,7 @@ the categories sorted by id, and ``label_to_cat_id`` maps back for detection fil
 Annotations may leave out ``id``, ``area`` and ``iscrowd`` (as many exported files do): they
 are filled in memory (fresh ids, the box's area, 0) so that COCOeval can read them.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,8 +20,9 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from detkit.data.dataset import DatasetError, DetectionDataset, sanitize_boxes
+from detkit.data.dataset import DetectionDataset, sanitize_boxes
 from detkit.data.io import ProblemLog, is_within
+from detkit.errors import DatasetError
 from detkit.structures import ImageRecord
 
 logger = logging.getLogger("detkit")
@@ -71,22 +73,23 @@ def _load_json(ann_file: Path) -> dict:
             raise DatasetError(f"{ann_file}: annotations[{i}] needs 'image_id', 'category_id' and 'bbox'")
         bbox = ann["bbox"]
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-            raise DatasetError(
-                f"{ann_file}: annotations[{i}].bbox must be 4 numbers [x, y, w, h], got {_short(bbox)}"
-            )
+            raise DatasetError(f"{ann_file}: annotations[{i}].bbox must be 4 numbers [x, y, w, h], got {_short(bbox)}")
         if not _is_id(ann["image_id"]):
-            raise DatasetError(f"{ann_file}: annotations[{i}].image_id must be an integer or a string, "
-                               f"got {_short(ann['image_id'])}")
+            raise DatasetError(
+                f"{ann_file}: annotations[{i}].image_id must be an integer or a string, got {_short(ann['image_id'])}"
+            )
         if not _is_int(ann["category_id"]):
-            raise DatasetError(f"{ann_file}: annotations[{i}].category_id must be an integer, "
-                               f"got {_short(ann['category_id'])}")
+            raise DatasetError(
+                f"{ann_file}: annotations[{i}].category_id must be an integer, got {_short(ann['category_id'])}"
+            )
         ann["category_id"] = int(ann["category_id"])
         if "iscrowd" in ann and ann["iscrowd"] not in (0, 1):  # True/False compare equal too
             raise DatasetError(f"{ann_file}: annotations[{i}].iscrowd must be 0 or 1, got {_short(ann['iscrowd'])}")
         if "id" in ann:
             if not _is_id(ann["id"]):
-                raise DatasetError(f"{ann_file}: annotations[{i}].id must be an integer or a string, "
-                                   f"got {_short(ann['id'])}")
+                raise DatasetError(
+                    f"{ann_file}: annotations[{i}].id must be an integer or a string, got {_short(ann['id'])}"
+                )
             if ann["id"] in ann_ids:
                 # pycocotools indexes annotations by id: a repeat would silently hide one.
                 raise DatasetError(f"{ann_file}: annotations[{i}].id {ann['id']!r} is used twice")
@@ -181,7 +184,8 @@ def load_coco(
             continue
         width, height = int(im.get("width") or 0), int(im.get("height") or 0)
         if width <= 0 or height <= 0:
-            from detkit.data.io import ImageReadError, image_size
+            from detkit.data.io import image_size
+            from detkit.errors import ImageReadError
 
             try:
                 width, height = image_size(path)
@@ -227,6 +231,11 @@ def load_coco(
         raise DatasetError(f"{ann_file}: no usable images ({detail})")
     problems.warn()
     return DetectionDataset(
-        records, classes, native_offset=0.0, coco=coco, label_to_cat_id=label_to_cat, name=label_name,
+        records,
+        classes,
+        native_offset=0.0,
+        coco=coco,
+        label_to_cat_id=label_to_cat,
+        name=label_name,
         problems=problems,
     )

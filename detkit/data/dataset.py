@@ -11,6 +11,7 @@ applies the box-aware transforms. Each item is ``(image, target)`` with
 
 where ``scale`` maps original pixels to network-input pixels (x_in = x_orig * sx).
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional, Sequence
@@ -18,10 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from detkit.errors import DatasetError
 from detkit.structures import ImageId, ImageRecord
-
-
 
 
 class DetectionDataset(torch.utils.data.Dataset):

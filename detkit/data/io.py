@@ -1,4 +1,5 @@
 """Reading images and collecting dataset problems into one summary line per kind."""
+
 from __future__ import annotations
 
 import logging
@@ -16,8 +17,6 @@ from detkit.errors import ImageReadError
 logger = logging.getLogger("detkit")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-
-
 
 
 def read_image_array(path) -> np.ndarray:

@@ -5,6 +5,7 @@ A batch is ``(ImageList, targets)``: images padded to a common size (a multiple 
 Grouping landscape and portrait images into separate batches (as detectron2 and
 torchvision's reference scripts do) keeps the padding, and so the wasted compute, small.
 """
+
 from __future__ import annotations
 
 from typing import Iterator, List, Optional
@@ -41,9 +42,12 @@ class GroupedBatchSampler(Sampler[List[int]]):
     reproducible and a resumed run can skip ahead to the same place.
     """
 
-    def __init__(self, aspect_ratios: np.ndarray, batch_size: int, seed: int = 0, group: bool = True,
-                 start_batch: int = 0):
-        self.groups = (np.asarray(aspect_ratios) > 1).astype(np.int64) if group else np.zeros(len(aspect_ratios), np.int64)
+    def __init__(
+        self, aspect_ratios: np.ndarray, batch_size: int, seed: int = 0, group: bool = True, start_batch: int = 0
+    ):
+        self.groups = (
+            (np.asarray(aspect_ratios) > 1).astype(np.int64) if group else np.zeros(len(aspect_ratios), np.int64)
+        )
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.start_batch = int(start_batch)
@@ -77,9 +81,15 @@ def _seed_worker(worker_id: int) -> None:
     np.random.seed(torch.initial_seed() % 2**32)
 
 
-def build_train_loader(dataset, batch_size: int, seed: int = 0, num_workers: int = 0,
-                       aspect_ratio_grouping: bool = True, size_divisibility: int = 32,
-                       start_batch: int = 0) -> DataLoader:
+def build_train_loader(
+    dataset,
+    batch_size: int,
+    seed: int = 0,
+    num_workers: int = 0,
+    aspect_ratio_grouping: bool = True,
+    size_divisibility: int = 32,
+    start_batch: int = 0,
+) -> DataLoader:
     """An endless loader: iterate it as long as the schedule needs; ``start_batch`` skips
     the first batches of the stream (resume)."""
     sampler = GroupedBatchSampler(dataset.aspect_ratios(), batch_size, seed, aspect_ratio_grouping, start_batch)
@@ -95,8 +105,9 @@ def build_train_loader(dataset, batch_size: int, seed: int = 0, num_workers: int
     )
 
 
-def build_test_loader(dataset, batch_size: int = 1, num_workers: int = 0, size_divisibility: int = 32,
-                      indices: Optional[List[int]] = None) -> DataLoader:
+def build_test_loader(
+    dataset, batch_size: int = 1, num_workers: int = 0, size_divisibility: int = 32, indices: Optional[List[int]] = None
+) -> DataLoader:
     """One pass in dataset order. Batches group consecutive images of the same orientation
     (keeping the order) so that padding stays small."""
     if batch_size < 1:

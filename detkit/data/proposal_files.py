@@ -26,6 +26,7 @@ files from different methods are comparable. Image ids are stored as strings, so
 back as ``str`` (an int COCO id 42 is looked up as "42"). Within an image, rows are sorted by
 score, high first.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,11 +35,10 @@ import os
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch import nn
 
 from detkit.errors import ProposalFileError
 from detkit.structures import Proposals
@@ -46,8 +46,16 @@ from detkit.structures import Proposals
 logger = logging.getLogger("detkit")
 
 __all__ = [
-    "ProposalFileError", "PROPOSAL_FILE_VERSION", "save_proposals", "load_proposals",
-    "read_mat", "convert_mat", "export_mat", "convert_json", "rank_scores", "ProposalTable",
+    "ProposalFileError",
+    "PROPOSAL_FILE_VERSION",
+    "save_proposals",
+    "load_proposals",
+    "read_mat",
+    "convert_mat",
+    "export_mat",
+    "convert_json",
+    "rank_scores",
+    "ProposalTable",
 ]
 
 PROPOSAL_FILE_VERSION = 1
@@ -56,8 +64,6 @@ SUFFIXES = (".npz", ".json")
 
 # image id -> (boxes (R, 4) float32, scores (R,) float32)
 ProposalTable = Dict[str, Tuple[np.ndarray, np.ndarray]]
-
-
 
 
 def rank_scores(num: int) -> np.ndarray:
@@ -89,7 +95,8 @@ def _check_image(path, image_id: str, boxes, scores) -> Tuple[np.ndarray, np.nda
     if inverted.any():
         raise ProposalFileError(
             f"{where}: {int(inverted.sum())} boxes have x2 < x1 or y2 < y1 (expected xyxy; "
-            "a yxyx or xywh file must be converted first)")
+            "a yxyx or xywh file must be converted first)"
+        )
     return boxes.astype(np.float32), scores.astype(np.float32)
 
 
@@ -183,8 +190,7 @@ def _load_npz(path: Path) -> Tuple[ProposalTable, dict]:
         with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in ("image_ids", "boxes", "scores", "counts") if k not in npz.files]
             if missing:
-                raise ProposalFileError(
-                    f"proposal file {path}: missing arrays {missing} (has {sorted(npz.files)})")
+                raise ProposalFileError(f"proposal file {path}: missing arrays {missing} (has {sorted(npz.files)})")
             data = {k: npz[k] for k in ("image_ids", "boxes", "scores", "counts")}
             meta_arr = npz["meta"] if "meta" in npz.files else None
     except ProposalFileError:
@@ -192,7 +198,8 @@ def _load_npz(path: Path) -> Tuple[ProposalTable, dict]:
     except ValueError as exc:
         if "allow_pickle" in str(exc) or "pickle" in str(exc).lower():
             raise ProposalFileError(
-                f"proposal file {path}: holds pickled (object) arrays, which detkit never loads") from None
+                f"proposal file {path}: holds pickled (object) arrays, which detkit never loads"
+            ) from None
         raise ProposalFileError(f"proposal file {path}: cannot read ({str(exc).splitlines()[0][:200]})") from None
     except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
         msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc.__class__.__name__
@@ -200,22 +207,29 @@ def _load_npz(path: Path) -> Tuple[ProposalTable, dict]:
 
     ids, boxes, scores, counts = data["image_ids"], data["boxes"], data["scores"], data["counts"]
     if ids.ndim != 1 or ids.dtype.kind not in "US":
-        raise ProposalFileError(f"proposal file {path}: image_ids must be a 1-d string array, "
-                                f"got shape {ids.shape} dtype {ids.dtype}")
+        raise ProposalFileError(
+            f"proposal file {path}: image_ids must be a 1-d string array, got shape {ids.shape} dtype {ids.dtype}"
+        )
     if counts.ndim != 1 or counts.dtype.kind not in "iu" or len(counts) != len(ids):
-        raise ProposalFileError(f"proposal file {path}: counts must be {len(ids)} integers (one per image id), "
-                                f"got shape {counts.shape} dtype {counts.dtype}")
+        raise ProposalFileError(
+            f"proposal file {path}: counts must be {len(ids)} integers (one per image id), "
+            f"got shape {counts.shape} dtype {counts.dtype}"
+        )
     if (counts < 0).any():
         raise ProposalFileError(f"proposal file {path}: counts must be >= 0")
     if boxes.ndim != 2 or boxes.shape[1:] != (4,) or boxes.dtype.kind not in "fiu":
-        raise ProposalFileError(f"proposal file {path}: boxes must be an (M, 4) number array, "
-                                f"got shape {boxes.shape} dtype {boxes.dtype}")
+        raise ProposalFileError(
+            f"proposal file {path}: boxes must be an (M, 4) number array, got shape {boxes.shape} dtype {boxes.dtype}"
+        )
     if scores.ndim != 1 or len(scores) != len(boxes) or scores.dtype.kind not in "fiu":
-        raise ProposalFileError(f"proposal file {path}: scores must be ({len(boxes)},) numbers, "
-                                f"got shape {scores.shape} dtype {scores.dtype}")
+        raise ProposalFileError(
+            f"proposal file {path}: scores must be ({len(boxes)},) numbers, "
+            f"got shape {scores.shape} dtype {scores.dtype}"
+        )
     if int(counts.sum()) != len(boxes):
-        raise ProposalFileError(f"proposal file {path}: counts add up to {int(counts.sum())} "
-                                f"but there are {len(boxes)} boxes")
+        raise ProposalFileError(
+            f"proposal file {path}: counts add up to {int(counts.sum())} but there are {len(boxes)} boxes"
+        )
     meta = {}
     if meta_arr is not None:
         try:
@@ -230,7 +244,7 @@ def _load_npz(path: Path) -> Tuple[ProposalTable, dict]:
         image_id = image_id.decode() if isinstance(image_id, bytes) else str(image_id)
         if image_id in table:
             raise ProposalFileError(f"proposal file {path}: image id {image_id!r} appears twice")
-        table[image_id] = _check_image(path, image_id, boxes[end - n:end], scores[end - n:end])
+        table[image_id] = _check_image(path, image_id, boxes[end - n : end], scores[end - n : end])
     return table, meta
 
 
@@ -242,8 +256,9 @@ def _load_json(path: Path) -> Tuple[ProposalTable, dict]:
     except ValueError as exc:
         raise ProposalFileError(f"proposal file {path}: not valid JSON ({str(exc).splitlines()[0]})") from None
     if not isinstance(doc, dict):
-        raise ProposalFileError(f"proposal file {path}: expected a JSON object image_id -> "
-                                f"{{boxes, scores}}, got {type(doc).__name__}")
+        raise ProposalFileError(
+            f"proposal file {path}: expected a JSON object image_id -> {{boxes, scores}}, got {type(doc).__name__}"
+        )
     meta = doc.pop(META_KEY, {})
     if not isinstance(meta, dict):
         raise ProposalFileError(f"proposal file {path}: {META_KEY} must be an object")
@@ -300,8 +315,9 @@ def read_mat(mat_path, image_ids: Optional[Sequence] = None) -> ProposalTable:
     try:
         mat = scipy.io.loadmat(str(path))
     except NotImplementedError:
-        raise ProposalFileError(f"proposal file {path}: MATLAB v7.3 (HDF5) files are not supported; "
-                                "re-save with save(..., '-v7')") from None
+        raise ProposalFileError(
+            f"proposal file {path}: MATLAB v7.3 (HDF5) files are not supported; re-save with save(..., '-v7')"
+        ) from None
     except Exception as exc:  # scipy raises ValueError, TypeError, OSError... for bad files
         msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc.__class__.__name__
         raise ProposalFileError(f"proposal file {path}: not a readable .mat ({msg})") from None
@@ -331,7 +347,8 @@ def read_mat(mat_path, image_ids: Optional[Sequence] = None) -> ProposalTable:
             yxyx = yxyx.reshape(0, 4)
         if yxyx.ndim != 2 or yxyx.shape[1] != 4:
             raise ProposalFileError(
-                f"proposal file {path}: image {image_id!r} boxes must have shape (R, 4), got {yxyx.shape}")
+                f"proposal file {path}: image {image_id!r} boxes must have shape (R, 4), got {yxyx.shape}"
+            )
         xyxy = np.stack([yxyx[:, 1] - 1, yxyx[:, 0] - 1, yxyx[:, 3], yxyx[:, 2]], axis=1)
         if image_id in table:
             raise ProposalFileError(f"proposal file {path}: image id {image_id!r} appears twice")

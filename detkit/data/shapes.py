@@ -56,6 +56,7 @@ raises ``FileExistsError`` unless ``overwrite=True``, which always (re)writes th
 own files and removes only files that an earlier shapes.json in that folder lists as its
 own; files with other names (the user's) are never touched.
 """
+
 from __future__ import annotations
 
 import json
@@ -156,8 +157,18 @@ def _number(name: str, value) -> float:
 
 
 def _params(
-    num_train, num_test, seed, image_size, object_size, objects_per_image, max_iou,
-    min_visible, max_rotation, min_contrast, noise_std, image_format,
+    num_train,
+    num_test,
+    seed,
+    image_size,
+    object_size,
+    objects_per_image,
+    max_iou,
+    min_visible,
+    max_rotation,
+    min_contrast,
+    noise_std,
+    image_format,
 ) -> Dict:
     """Checks and normalises the generator's parameters into the manifest's JSON form."""
     for name, value in (("num_train", num_train), ("num_test", num_test), ("seed", seed)):
@@ -257,8 +268,7 @@ def _background(rng: np.random.Generator, h: int, w: int, noise_std: float) -> n
         a = int(rng.integers(6, 30))
         b = max(1, int(a * rng.uniform(0.2, 0.45)))
         colour = _near_colour(rng, canvas, cx, cy)
-        cv2.ellipse(canvas, (cx, cy), (a, b), float(rng.uniform(0.0, 180.0)), 0.0, 360.0,
-                    colour, -1, cv2.LINE_8)
+        cv2.ellipse(canvas, (cx, cy), (a, b), float(rng.uniform(0.0, 180.0)), 0.0, 360.0, colour, -1, cv2.LINE_8)
     noisy = canvas + rng.normal(0.0, noise_std, canvas.shape)
     return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
 
@@ -271,8 +281,7 @@ def _polygon(name: str, size: float, angle_deg: float) -> np.ndarray:
         pts = [(-h, -h), (h, -h), (h, h), (-h, h)]
     else:
         r = size / math.sqrt(3.0)  # circumradius of an equilateral triangle
-        pts = [(r * math.cos(math.radians(a)), r * math.sin(math.radians(a)))
-               for a in (-90.0, 30.0, 150.0)]
+        pts = [(r * math.cos(math.radians(a)), r * math.sin(math.radians(a))) for a in (-90.0, 30.0, 150.0)]
     c, s = math.cos(math.radians(angle_deg)), math.sin(math.radians(angle_deg))
     return np.array([(x * c - y * s, x * s + y * c) for x, y in pts], dtype=np.float64)
 
@@ -321,9 +330,7 @@ def _iou(a: Tuple[int, ...], b: Tuple[int, ...]) -> float:
     return inter / float(area_a + area_b - inter)
 
 
-def _pick_colour(
-    rng: np.random.Generator, avoid: Sequence[np.ndarray], min_contrast: float
-) -> np.ndarray:
+def _pick_colour(rng: np.random.Generator, avoid: Sequence[np.ndarray], min_contrast: float) -> np.ndarray:
     """A random RGB colour at least ``min_contrast`` away from every colour in ``avoid``
     (the mean background under the shape, the shapes it overlaps); the best of 32 tries
     when none is far enough."""
@@ -431,9 +438,7 @@ def render_shapes_image(split: str = "train", index: int = 0, seed: int = 0, **o
 # ----------------------------------------------------------------------------- files
 
 
-def _voc_xml(
-    image_id: str, file_name: str, width: int, height: int, objects: Sequence[ShapeObject]
-) -> str:
+def _voc_xml(image_id: str, file_name: str, width: int, height: int, objects: Sequence[ShapeObject]) -> str:
     """Standard VOC XML (tab-indented like the devkit's own files); written by hand so the
     bytes never depend on the XML library's version."""
     lines = [
@@ -478,14 +483,16 @@ def _coco_image_and_annotations(coco_id: int, file_name: str, shapes: ShapesImag
         xmin, ymin, xmax, ymax = obj.voc_box
         # The continuous box the XML maps to: (xmin - 1, ymin - 1) .. (xmax, ymax).
         w, h = float(xmax - xmin + 1), float(ymax - ymin + 1)
-        anns.append({
-            "id": first_ann_id + k,
-            "image_id": coco_id,
-            "category_id": obj.label,
-            "bbox": [float(xmin - 1), float(ymin - 1), w, h],
-            "area": w * h,
-            "iscrowd": 0,
-        })
+        anns.append(
+            {
+                "id": first_ann_id + k,
+                "image_id": coco_id,
+                "category_id": obj.label,
+                "bbox": [float(xmin - 1), float(ymin - 1), w, h],
+                "area": w * h,
+                "iscrowd": 0,
+            }
+        )
     return image, anns
 
 
@@ -557,8 +564,20 @@ def generate_shapes(
     reusing or refusing an existing folder. Raises ValueError (one line) for bad parameters
     and FileExistsError (one line) for a non-empty folder it will not write into.
     """
-    p = _params(num_train, num_test, seed, image_size, object_size, objects_per_image, max_iou,
-                min_visible, max_rotation, min_contrast, noise_std, image_format)
+    p = _params(
+        num_train,
+        num_test,
+        seed,
+        image_size,
+        object_size,
+        objects_per_image,
+        max_iou,
+        min_visible,
+        max_rotation,
+        min_contrast,
+        noise_std,
+        image_format,
+    )
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"shapes: {out} exists and is not a folder")
@@ -571,8 +590,7 @@ def generate_shapes(
     if not same and out.is_dir() and any(out.iterdir()) and not overwrite:
         if old is not None:
             if old.get("version") != SHAPES_VERSION:
-                why = (f"holds a shapes dataset of generator version {old.get('version')} "
-                       f"(now {SHAPES_VERSION})")
+                why = f"holds a shapes dataset of generator version {old.get('version')} (now {SHAPES_VERSION})"
             else:
                 old_p = old["params"]
                 keys = sorted(k for k in set(p) | set(old_p) if p.get(k) != old_p.get(k))
@@ -643,8 +661,16 @@ def _image_option_defaults() -> Dict:
     import inspect
 
     sig = inspect.signature(generate_shapes)
-    names = ("image_size", "object_size", "objects_per_image", "max_iou", "min_visible",
-             "max_rotation", "min_contrast", "noise_std")
+    names = (
+        "image_size",
+        "object_size",
+        "objects_per_image",
+        "max_iou",
+        "min_visible",
+        "max_rotation",
+        "min_contrast",
+        "noise_std",
+    )
     return {n: sig.parameters[n].default for n in names}
 
 

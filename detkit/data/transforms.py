@@ -11,6 +11,7 @@ length, longer side capped) and is computed exactly as torchvision's detection t
 does (same scale, same bilinear interpolation), so that detkit and torchvision feed a model
 the same pixels.
 """
+
 from __future__ import annotations
 
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -167,4 +168,3 @@ def unnormalize(image: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> to
     m = image.new_tensor(mean)[:, None, None]
     s = image.new_tensor(std)[:, None, None]
     return (image * s + m).clamp_(0, 1)
-

@@ -14,6 +14,7 @@ Coordinates: VOC's 1-based inclusive pixels become detkit's continuous xyxy
 counted and reported in one warning line per kind (see ``detkit.data.io.ProblemLog``);
 a dataset that cannot be used at all raises ``DatasetError`` with a one-line message.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,8 +24,9 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from detkit.data.dataset import DatasetError, DetectionDataset, sanitize_boxes
-from detkit.data.io import ImageReadError, ProblemLog, find_image, image_size, is_within
+from detkit.data.dataset import DetectionDataset, sanitize_boxes
+from detkit.data.io import ProblemLog, find_image, image_size, is_within
+from detkit.errors import DatasetError, ImageReadError
 from detkit.structures import ImageRecord
 
 logger = logging.getLogger("detkit")

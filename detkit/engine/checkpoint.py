@@ -4,6 +4,7 @@ A checkpoint is a dict {model, optimizer, scheduler, scaler, iteration, config, 
 rng, format}. Loading a model from a checkpoint of another architecture fails with a
 message listing the mismatched keys instead of a half-loaded model.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,6 @@ from torch import nn
 from detkit.errors import CheckpointError
 
 CHECKPOINT_FORMAT = "detkit-1"
-
-
 
 
 def save_checkpoint(path, state: Dict) -> Path:

@@ -17,6 +17,7 @@ Key mapping (torchvision -> detkit):
                                           torchvision regresses 4(K+1) deltas, detkit 4K)
 BatchNorm's ``num_batches_tracked`` counters are dropped (detkit uses frozen BatchNorm).
 """
+
 from __future__ import annotations
 
 import re
@@ -122,6 +123,14 @@ def convert_torchvision(src, out, num_classes: Optional[int] = None, class_names
     cfg.data.classes = list(class_names)
     model = build_model(cfg.model, k)
     load_model_state(model, mapped, f"{src} (mapped from torchvision)")
-    save_checkpoint(Path(out), {"model": model.state_dict(), "config": to_dict(cfg), "class_names": list(class_names),
-                                "iteration": 0, "source": f"torchvision:{Path(src).name}"})
+    save_checkpoint(
+        Path(out),
+        {
+            "model": model.state_dict(),
+            "config": to_dict(cfg),
+            "class_names": list(class_names),
+            "iteration": 0,
+            "source": f"torchvision:{Path(src).name}",
+        },
+    )
     return f"R50-FPN Faster R-CNN, {k} classes"

@@ -5,6 +5,7 @@ evaluation files.
     result = evaluate_detections(cfg.test, dets, dataset)     # {"metric", "mAP", "per_class", ...}
     write_evaluation(result, dets, dataset, out_dir)           # eval.json + detections.json
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -3,6 +3,7 @@
 Output format (the evaluation package's ``Dets``): image_id -> dict(boxes (R, 4) float32
 xyxy in original image pixels, scores (R,), labels (R,) in 1..K), numpy arrays.
 """
+
 from __future__ import annotations
 
 import time
@@ -78,4 +79,3 @@ def device_from_config(name: str, key: str = "train.device") -> torch.device:
     if name not in ("cpu", "cuda"):
         raise ConfigError(f"{key}: unknown device {name!r} (use auto, cpu or cuda)")
     return torch.device(name)
-

@@ -1,8 +1,9 @@
 """Loading a trained detector and running it on single images (demo, notebooks).
 
-    predictor = Predictor.from_checkpoint("runs/x/model_final.pt")   # config stored inside
-    det = predictor(rgb_uint8_array)            # Detections in the image's own pixels
+predictor = Predictor.from_checkpoint("runs/x/model_final.pt")   # config stored inside
+det = predictor(rgb_uint8_array)            # Detections in the image's own pixels
 """
+
 from __future__ import annotations
 
 import copy
@@ -11,11 +12,12 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from detkit.data.build import dataset_transforms
-from detkit.modeling.build import build_model
 from detkit.config import from_dict
-from detkit.engine.checkpoint import CheckpointError, load_checkpoint, load_model_state
+from detkit.data.build import dataset_transforms
+from detkit.engine.checkpoint import load_checkpoint, load_model_state
 from detkit.engine.inference import device_from_config
+from detkit.errors import CheckpointError
+from detkit.modeling.build import build_model
 from detkit.schema import Config
 from detkit.structures import Detections, ImageList
 

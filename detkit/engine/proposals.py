@@ -16,6 +16,7 @@ Shapes: N images, R proposals of one image.
   settings computes only the missing images. The final file is written atomically, then the
   partial folder is removed.
 """
+
 from __future__ import annotations
 
 import json
@@ -101,12 +102,16 @@ class PartialRun:
             except (OSError, ValueError):
                 old = None
             if old != self.settings:
-                diff = ([k for k in sorted(set(self.settings) | set(old)) if old.get(k) != self.settings.get(k)]
-                        if isinstance(old, dict) else ["unreadable settings.json"])
+                diff = (
+                    [k for k in sorted(set(self.settings) | set(old)) if old.get(k) != self.settings.get(k)]
+                    if isinstance(old, dict)
+                    else ["unreadable settings.json"]
+                )
                 if not discard_mismatch:
                     raise UsageError(
                         f"{self.dir} holds an interrupted run with other settings ({', '.join(diff)}); "
-                        "rerun with the same settings to resume it, or pass --overwrite to discard it")
+                        "rerun with the same settings to resume it, or pass --overwrite to discard it"
+                    )
                 logger.warning("discarding %s (other settings: %s)", self.dir, ", ".join(diff))
                 self.remove()
         elif self.dir.exists() and not self.dir.is_dir():
@@ -150,6 +155,7 @@ class PartialRun:
 @contextmanager
 def _sigterm_as_interrupt():
     """SIGTERM (a scheduler's kill) unwinds like Ctrl-C, so the partial chunk is flushed."""
+
     def handler(signum, frame):
         raise KeyboardInterrupt
 
@@ -216,8 +222,7 @@ def _ss_task(task) -> Tuple[str, np.ndarray, np.ndarray, float]:
 
 def _run_selective_search(records, job: "ProposalJob", partial: PartialRun) -> float:
     """-> seconds of Selective Search per image (summed over workers)."""
-    tasks = [(str(r.image_id), r.file_name, job.mode, job.max_proposals, job.min_size, job.seed)
-             for r in records]
+    tasks = [(str(r.image_id), r.file_name, job.mode, job.max_proposals, job.min_size, job.seed) for r in records]
     pool = None
     if job.workers > 1 and len(tasks) > 1:
         # spawn, not fork: a process forked while another thread of the parent (torch's
@@ -230,8 +235,14 @@ def _run_selective_search(records, job: "ProposalJob", partial: PartialRun) -> f
         results = map(_ss_task, tasks)
     seconds = 0.0
     try:
-        bar = tqdm(results, total=len(tasks), desc=f"selective search ({job.mode})", unit="img",
-                   disable=None if job.progress else True, dynamic_ncols=True)
+        bar = tqdm(
+            results,
+            total=len(tasks),
+            desc=f"selective search ({job.mode})",
+            unit="img",
+            disable=None if job.progress else True,
+            dynamic_ncols=True,
+        )
         for image_id, boxes, scores, sec in bar:
             partial.add(image_id, boxes, scores)
             seconds += sec
@@ -247,13 +258,20 @@ def _run_selective_search(records, job: "ProposalJob", partial: PartialRun) -> f
 def _run_rpn(records, dataset, model, device, job: "ProposalJob", partial: PartialRun) -> float:
     """-> seconds per image (backbone + RPN, data loading excluded)."""
     indices = [dataset.id_to_index[r.image_id] for r in records]
-    loader = build_test_loader(dataset, 1, job.workers if job.workers > 1 else 0, model.size_divisibility,
-                               indices=indices)
+    loader = build_test_loader(
+        dataset, 1, job.workers if job.workers > 1 else 0, model.size_divisibility, indices=indices
+    )
     seconds = 0.0
     try:
         with torch.no_grad():
-            for images, _ in tqdm(loader, total=len(indices), desc="rpn", unit="img",
-                                  disable=None if job.progress else True, dynamic_ncols=True):
+            for images, _ in tqdm(
+                loader,
+                total=len(indices),
+                desc="rpn",
+                unit="img",
+                disable=None if job.progress else True,
+                dynamic_ncols=True,
+            ):
                 images = images.to(device)
                 start = time.perf_counter()
                 features = model.backbone(images.tensor)
@@ -262,8 +280,9 @@ def _run_rpn(records, dataset, model, device, job: "ProposalJob", partial: Parti
                     torch.cuda.synchronize()
                 seconds += time.perf_counter() - start
                 as_dets = [Detections(p.boxes, p.scores, torch.zeros(len(p), dtype=torch.int64)) for p in proposals]
-                for det, image_id, (oh, ow) in zip(map_to_original(as_dets, images), images.image_ids,
-                                                   images.orig_sizes):
+                for det, image_id, (oh, ow) in zip(
+                    map_to_original(as_dets, images), images.image_ids, images.orig_sizes
+                ):
                     boxes = det.boxes.float().cpu().numpy()
                     # float rounding of the rescale may step a clipped box past the border
                     np.clip(boxes[:, 0::2], 0, ow, out=boxes[:, 0::2])
@@ -296,15 +315,20 @@ def _checkpoint_settings(path: str) -> dict:
     return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def compute_proposals(out: Path, dataset, records, job: ProposalJob, overwrite: bool = False,
-                      rpn_model=None) -> Tuple[ProposalTable, dict]:
+def compute_proposals(
+    out: Path, dataset, records, job: ProposalJob, overwrite: bool = False, rpn_model=None
+) -> Tuple[ProposalTable, dict]:
     """Proposals for ``records`` (of ``dataset``) written to ``out``; resumes a partial run
     with the same settings. ``rpn_model``: (model, device, test transforms) from
     ``load_rpn_model`` for ``job.method == "rpn"``. -> (table, meta)."""
     out = Path(out)
     settings = {"method": job.method, "max_proposals": job.max_proposals, "dataset": job.dataset_settings}
-    meta = {"method": job.method, "dataset": dataset.name, "max_proposals": job.max_proposals,
-            "coordinates": "xyxy, continuous pixels of the original image"}
+    meta = {
+        "method": job.method,
+        "dataset": dataset.name,
+        "max_proposals": job.max_proposals,
+        "coordinates": "xyxy, continuous pixels of the original image",
+    }
     model = device = None
     if job.method == "selective_search":
         settings.update(mode=job.mode, min_size=job.min_size, seed=job.seed)
@@ -323,8 +347,13 @@ def compute_proposals(out: Path, dataset, records, job: ProposalJob, overwrite: 
     partial = PartialRun(out, settings, job.flush_every, discard_mismatch=overwrite)
     todo = [r for r in records if str(r.image_id) not in partial.results]
     if len(todo) < len(records):
-        logger.info("resuming %s: %d of %d images done, %d to go", partial.dir, len(records) - len(todo),
-                    len(records), len(todo))
+        logger.info(
+            "resuming %s: %d of %d images done, %d to go",
+            partial.dir,
+            len(records) - len(todo),
+            len(records),
+            len(todo),
+        )
     start = time.perf_counter()
     sec_per_image = 0.0
     if todo:
@@ -334,16 +363,24 @@ def compute_proposals(out: Path, dataset, records, job: ProposalJob, overwrite: 
             else:
                 sec_per_image = _run_rpn(todo, dataset, model, device, job, partial)
         wall = time.perf_counter() - start
-        logger.info("%d images in %.1f s (%.3f s/image of %s, %d worker%s)", len(todo), wall, sec_per_image,
-                    job.method, job.workers, "s" if job.workers > 1 else "")
+        logger.info(
+            "%d images in %.1f s (%.3f s/image of %s, %d worker%s)",
+            len(todo),
+            wall,
+            sec_per_image,
+            job.method,
+            job.workers,
+            "s" if job.workers > 1 else "",
+        )
     table = {str(r.image_id): partial.results[str(r.image_id)] for r in records}
     meta.update(num_images=len(table), created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     if todo:
         meta["seconds_per_image"] = round(sec_per_image, 4)
     save_proposals(out, table, meta)
     partial.remove()
-    logger.info("wrote %s: %d images, %.1f proposals/image", out, len(table),
-                np.mean([len(b) for b, _ in table.values()]))
+    logger.info(
+        "wrote %s: %d images, %.1f proposals/image", out, len(table), np.mean([len(b) for b, _ in table.values()])
+    )
     return table, {**meta, "version": PROPOSAL_FILE_VERSION}
 
 
@@ -357,8 +394,10 @@ def proposals_for(table: ProposalTable, records, path) -> List[np.ndarray]:
     """Per record its boxes, best first; an image missing from the file is an error."""
     missing = [r.image_id for r in records if str(r.image_id) not in table]
     if missing:
-        raise ProposalFileError(f"proposal file {path} has no proposals for {len(missing)} of the "
-                                f"{len(records)} images evaluated (first: {str(missing[0])!r})")
+        raise ProposalFileError(
+            f"proposal file {path} has no proposals for {len(missing)} of the "
+            f"{len(records)} images evaluated (first: {str(missing[0])!r})"
+        )
     return [_sorted_boxes(table, r.image_id) for r in records]
 
 
@@ -375,8 +414,12 @@ def recall_path(out: Path) -> Path:
     return out.with_name(out.stem + ".recall.json")
 
 
-def evaluate_proposal_files(files: Sequence[Tuple[Path, ProposalTable, dict]], records,
-                            recall_json: Optional[Path] = None, plot: Optional[Path] = None) -> List[dict]:
+def evaluate_proposal_files(
+    files: Sequence[Tuple[Path, ProposalTable, dict]],
+    records,
+    recall_json: Optional[Path] = None,
+    plot: Optional[Path] = None,
+) -> List[dict]:
     """Recall / AR of each (path, table, meta) against the records' non-difficult ground
     truth: printed, written to ``recall_json`` (the first file's summary, the others under
     "compare") and drawn into ``plot``. -> the summaries."""

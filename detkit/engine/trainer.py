@@ -12,6 +12,7 @@ A run folder holds:
     model_XXXXXXX.pt periodic checkpoints; model_final.pt at the end
     eval.json        the final evaluation ({"metric", "mAP", "per_class", ...})
 """
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,6 @@ from detkit.errors import TrainingError
 from detkit.schema import Config, TrainConfig
 
 logger = logging.getLogger("detkit")
-
-
 
 
 class LRSchedule:
@@ -161,8 +160,10 @@ class Trainer:
             "iteration": iteration,
             "config": to_dict(self.cfg),
             "class_names": self.class_names,
-            "rng": {"torch": torch.get_rng_state(),
-                    **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})},
+            "rng": {
+                "torch": torch.get_rng_state(),
+                **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}),
+            },
         }
 
     def save(self, iteration: int, final: bool = False) -> Path:
@@ -210,8 +211,11 @@ class Trainer:
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text("".join(line.rstrip("\n") + "\n" for line in kept), encoding="utf-8")
             os.replace(tmp, path)
-            logger.info("metrics.jsonl: dropped %d records after iteration %d (they are redone)",
-                        len(lines) - len(kept), last_iter)
+            logger.info(
+                "metrics.jsonl: dropped %d records after iteration %d (they are redone)",
+                len(lines) - len(kept),
+                last_iter,
+            )
 
     # -- logging -----------------------------------------------------------------------------
     def _log(self, record: Dict) -> None:
@@ -240,8 +244,12 @@ class Trainer:
             progress=self.progress,
         )
         result = self.evaluate_fn(dets, self.test_set)
-        record = {"iter": iteration, "eval_metric": result["metric"], "eval_mAP": result["mAP"],
-                  "eval_s_per_img": sec_per_img}
+        record = {
+            "iter": iteration,
+            "eval_metric": result["metric"],
+            "eval_mAP": result["mAP"],
+            "eval_s_per_img": sec_per_img,
+        }
         record.update({f"val_{k}": v for k, v in val_losses.items()})
         if val_losses:
             record["val_loss"] = sum(val_losses.values())
@@ -266,8 +274,13 @@ class Trainer:
         sums: Dict[str, float] = defaultdict(float)
         count, period_start, data_time = 0, time.perf_counter(), 0.0
         # disable=None: a bar only on a terminal; elsewhere (CI, nohup) one log line per period.
-        bar = tqdm(total=t.max_iter, initial=self.start_iter, desc="train", dynamic_ncols=True,
-                   disable=None if self.progress else True)
+        bar = tqdm(
+            total=t.max_iter,
+            initial=self.start_iter,
+            desc="train",
+            dynamic_ncols=True,
+            disable=None if self.progress else True,
+        )
         data_iter = iter(loader)
         train_start = time.perf_counter()
         for it in range(self.start_iter, t.max_iter):
@@ -310,8 +323,15 @@ class Trainer:
                 self._log(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.4g}")
                 if bar.disable and self.progress:
-                    logger.info("iter %d/%d  loss %.4f  lr %.4g  %.3f s/iter  eta %.0f s", done, t.max_iter,
-                                record["loss"], record["lr"], record["s_per_iter"], record["eta_s"])
+                    logger.info(
+                        "iter %d/%d  loss %.4f  lr %.4g  %.3f s/iter  eta %.0f s",
+                        done,
+                        t.max_iter,
+                        record["loss"],
+                        record["lr"],
+                        record["s_per_iter"],
+                        record["eta_s"],
+                    )
                 sums.clear()
                 count, period_start, data_time = 0, time.perf_counter(), 0.0
             if t.checkpoint_period and done % t.checkpoint_period == 0 and done != t.max_iter:

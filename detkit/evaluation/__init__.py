@@ -4,6 +4,7 @@ file format and reports.
 Every evaluator takes detections as ``Dets`` (see ``detkit.evaluation.detfile``):
 ``{image_id: dict(boxes=(R, 4) xyxy original pixels, scores=(R,), labels=(R,) in 1..K)}``.
 """
+
 from detkit.evaluation.coco import coco_evaluate
 from detkit.evaluation.detfile import (
     DetectionFileError,

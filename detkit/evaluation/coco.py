@@ -19,6 +19,7 @@ Ground truth:
 Classes without ground truth get NaN (pycocotools' -1) and are left out of the means, as in
 pycocotools.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,8 +34,7 @@ from pycocotools.cocoeval import COCOeval
 from detkit.evaluation.detfile import Dets, flatten_dets
 
 # Names of COCOeval.stats in its own order (summarize() for iouType "bbox").
-COCO_STAT_NAMES = ("mAP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100",
-                   "ARs", "ARm", "ARl")
+COCO_STAT_NAMES = ("mAP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
 def _nan_if_absent(value: float) -> float:
@@ -46,15 +46,21 @@ def _build_coco(dataset) -> COCO:
     """An in-memory COCO ground truth of a non-COCO dataset (see the module docstring)."""
     images, annotations = [], []
     for index, rec in enumerate(dataset.records):
-        images.append({"id": index + 1, "width": int(rec.width), "height": int(rec.height),
-                       "file_name": str(rec.file_name)})
+        images.append(
+            {"id": index + 1, "width": int(rec.width), "height": int(rec.height), "file_name": str(rec.file_name)}
+        )
         for box, label, difficult in zip(rec.boxes.astype(np.float64), rec.labels, rec.difficult):
             w, h = float(box[2] - box[0]), float(box[3] - box[1])
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": index + 1, "category_id": int(label),
-                "bbox": [float(box[0]), float(box[1]), w, h], "area": w * h,
-                "iscrowd": int(bool(difficult)),
-            })
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": index + 1,
+                    "category_id": int(label),
+                    "bbox": [float(box[0]), float(box[1]), w, h],
+                    "area": w * h,
+                    "iscrowd": int(bool(difficult)),
+                }
+            )
     categories = [{"id": k, "name": name} for k, name in enumerate(dataset.class_names, start=1)]
     coco = COCO()
     coco.dataset = {"images": images, "annotations": annotations, "categories": categories}
@@ -75,21 +81,24 @@ def _ground_truth(dataset) -> Tuple[COCO, List, Dict[int, int], float]:
     image_ids = [r.image_id for r in dataset.records]
     missing = [i for i in image_ids if i not in known]
     if missing:
-        raise ValueError(f"dataset {dataset.name!r}: image id {missing[0]!r} is not in its COCO "
-                         f"json ({len(missing)} such)")
+        raise ValueError(
+            f"dataset {dataset.name!r}: image id {missing[0]!r} is not in its COCO json ({len(missing)} such)"
+        )
     cat_ids = set(coco.getCatIds())
     unknown = [c for c in dataset.label_to_cat_id.values() if c not in cat_ids]
     if unknown:
-        raise ValueError(f"dataset {dataset.name!r}: category id {unknown[0]} is not in its "
-                         f"COCO json")
+        raise ValueError(f"dataset {dataset.name!r}: category id {unknown[0]} is not in its COCO json")
     return coco, image_ids, dict(dataset.label_to_cat_id), dataset.native_offset
 
 
 def _empty_results(coco_gt: COCO) -> COCO:
     """A results object with no detections (``COCO.loadRes`` fails on an empty list)."""
     res = COCO()
-    res.dataset = {"images": list(coco_gt.dataset["images"]), "annotations": [],
-                   "categories": list(coco_gt.dataset["categories"])}
+    res.dataset = {
+        "images": list(coco_gt.dataset["images"]),
+        "annotations": [],
+        "categories": list(coco_gt.dataset["categories"]),
+    }
     res.createIndex()
     return res
 
@@ -108,10 +117,12 @@ def coco_evaluate(dataset, dets: Dets, verbose: bool = False) -> dict:
     with quiet:  # pycocotools prints progress on every step
         coco_gt, image_ids, label_to_cat, offset = _ground_truth(dataset)
         results = [
-            {"image_id": image_ids[i], "category_id": int(label_to_cat[int(k)]),
-             "bbox": [float(b[0] + offset), float(b[1] + offset),
-                      float(b[2] - b[0]), float(b[3] - b[1])],
-             "score": float(s)}
+            {
+                "image_id": image_ids[i],
+                "category_id": int(label_to_cat[int(k)]),
+                "bbox": [float(b[0] + offset), float(b[1] + offset), float(b[2] - b[0]), float(b[3] - b[1])],
+                "score": float(s),
+            }
             for i, b, s, k in zip(det_image, boxes, scores, labels)
         ]
         coco_dt = coco_gt.loadRes(results) if results else _empty_results(coco_gt)

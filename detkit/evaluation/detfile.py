@@ -27,6 +27,7 @@ In general x1 = x - native_offset, y1 = y - native_offset, x2 = x + w, y2 = y + 
 ``save_detections`` writes both ``category_id`` and the readable ``category`` name; a file
 may give either (if both, they must agree).
 """
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,6 @@ from detkit.errors import DetectionFileError
 from detkit.structures import ImageId
 
 Dets = Dict[ImageId, dict]
-
-
 
 
 def _field(det, key: str) -> np.ndarray:
@@ -68,26 +67,23 @@ def flatten_dets(dets: Dets, dataset) -> Tuple[np.ndarray, np.ndarray, np.ndarra
         index = dataset.id_to_index.get(image_id)
         if index is None:
             raise ValueError(
-                f"detections for image id {image_id!r}, which is not in dataset "
-                f"{getattr(dataset, 'name', '')!r}"
+                f"detections for image id {image_id!r}, which is not in dataset {getattr(dataset, 'name', '')!r}"
             )
         try:
             boxes = _field(det, "boxes").astype(np.float64)
             scores = _field(det, "scores").astype(np.float64)
             labels = _field(det, "labels")
         except (KeyError, AttributeError, TypeError, ValueError) as e:
-            raise ValueError(
-                f"detections of image {image_id!r}: need boxes, scores and labels ({e})"
-            ) from None
+            raise ValueError(f"detections of image {image_id!r}: need boxes, scores and labels ({e})") from None
         if boxes.size == 0 and scores.size == 0 and labels.size == 0:
             continue
         if boxes.ndim != 2 or boxes.shape[1] != 4:
-            raise ValueError(f"detections of image {image_id!r}: boxes have shape "
-                             f"{boxes.shape}, expected (R, 4)")
+            raise ValueError(f"detections of image {image_id!r}: boxes have shape {boxes.shape}, expected (R, 4)")
         r = boxes.shape[0]
         if scores.shape != (r,) or labels.shape != (r,):
-            raise ValueError(f"detections of image {image_id!r}: {r} boxes but scores "
-                             f"{scores.shape} and labels {labels.shape}")
+            raise ValueError(
+                f"detections of image {image_id!r}: {r} boxes but scores {scores.shape} and labels {labels.shape}"
+            )
         if not (np.isfinite(boxes).all() and np.isfinite(scores).all()):
             raise ValueError(f"detections of image {image_id!r}: non-finite box or score")
         if labels.dtype.kind not in "iu" and not np.array_equal(labels, np.round(labels)):
@@ -95,15 +91,20 @@ def flatten_dets(dets: Dets, dataset) -> Tuple[np.ndarray, np.ndarray, np.ndarra
         labels = labels.astype(np.int64)
         bad = (labels < 1) | (labels > num_classes)
         if bad.any():
-            raise ValueError(f"detections of image {image_id!r}: label {labels[bad][0]} "
-                             f"outside 1..{num_classes} (0 is background)")
+            raise ValueError(
+                f"detections of image {image_id!r}: label {labels[bad][0]} outside 1..{num_classes} (0 is background)"
+            )
         chunks.append((index, boxes, scores, labels))
     if not chunks:
         return (np.zeros(0, np.int64), np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64))
     chunks.sort(key=lambda c: c[0])
     image_index = np.concatenate([np.full(len(c[2]), c[0], np.int64) for c in chunks])
-    return (image_index, np.concatenate([c[1] for c in chunks]),
-            np.concatenate([c[2] for c in chunks]), np.concatenate([c[3] for c in chunks]))
+    return (
+        image_index,
+        np.concatenate([c[1] for c in chunks]),
+        np.concatenate([c[2] for c in chunks]),
+        np.concatenate([c[3] for c in chunks]),
+    )
 
 
 def _json_id(image_id):
@@ -118,15 +119,17 @@ def dets_to_json(dets: Dets, dataset) -> List[dict]:
     out = []
     for i, (x1, y1, x2, y2), s, k in zip(image_index, boxes, scores, labels):
         x, y = x1 + off, y1 + off
-        out.append({
-            "image_id": _json_id(dataset.records[i].image_id),
-            "category_id": int(dataset.label_to_cat_id[int(k)]),
-            "category": dataset.class_names[k - 1],
-            # float64 arithmetic on float32 inputs is exact here, so a round trip through
-            # the file gives back the same boxes bit for bit.
-            "bbox": [float(x), float(y), float(x2 - x), float(y2 - y)],
-            "score": float(s),
-        })
+        out.append(
+            {
+                "image_id": _json_id(dataset.records[i].image_id),
+                "category_id": int(dataset.label_to_cat_id[int(k)]),
+                "category": dataset.class_names[k - 1],
+                # float64 arithmetic on float32 inputs is exact here, so a round trip through
+                # the file gives back the same boxes bit for bit.
+                "bbox": [float(x), float(y), float(x2 - x), float(y2 - y)],
+                "score": float(s),
+            }
+        )
     return out
 
 
@@ -164,8 +167,7 @@ def load_detections(path, dataset) -> Dets:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DetectionFileError(f"{path}: not a JSON file ({e})") from None
     if not isinstance(entries, list):
-        raise DetectionFileError(f"{path}: expected a JSON list of detections, got "
-                                 f"{type(entries).__name__}")
+        raise DetectionFileError(f"{path}: expected a JSON list of detections, got {type(entries).__name__}")
 
     off = dataset.native_offset
     # Keyed by str so that "000005" and 42 / "42" find VOC and COCO ids alike.
@@ -186,8 +188,7 @@ def load_detections(path, dataset) -> Dets:
 
         bbox = e["bbox"]
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(_is_number, bbox))):
-            raise DetectionFileError(f"{where}: bbox must be four finite numbers [x, y, w, h], "
-                                     f"got {bbox!r}")
+            raise DetectionFileError(f"{where}: bbox must be four finite numbers [x, y, w, h], got {bbox!r}")
         x, y, w, h = (float(v) for v in bbox)
         if w + off < 0 or h + off < 0:
             raise DetectionFileError(f"{where}: bbox {bbox!r} has a negative width or height")
@@ -202,17 +203,20 @@ def load_detections(path, dataset) -> Dets:
             ok = isinstance(cat, int) and not isinstance(cat, bool)
             label = dataset.cat_id_to_label.get(cat) if ok else None
             if label is None:
-                raise DetectionFileError(f"{where}: unknown category_id {e['category_id']!r} "
-                                         f"(known: {sorted(dataset.cat_id_to_label)})")
+                raise DetectionFileError(
+                    f"{where}: unknown category_id {e['category_id']!r} (known: {sorted(dataset.cat_id_to_label)})"
+                )
         if "category" in e:
             cname = e["category"]
             by_name = label_of_name.get(cname) if isinstance(cname, str) else None
             if by_name is None:
-                raise DetectionFileError(f"{where}: unknown category {e['category']!r} "
-                                         f"(known: {', '.join(dataset.class_names)})")
+                raise DetectionFileError(
+                    f"{where}: unknown category {e['category']!r} (known: {', '.join(dataset.class_names)})"
+                )
             if label is not None and by_name != label:
-                raise DetectionFileError(f"{where}: category {e['category']!r} disagrees with "
-                                         f"category_id {e['category_id']!r}")
+                raise DetectionFileError(
+                    f"{where}: category {e['category']!r} disagrees with category_id {e['category_id']!r}"
+                )
             label = by_name
 
         index = index_of.get(str(e["image_id"]))
@@ -230,10 +234,13 @@ def load_detections(path, dataset) -> Dets:
         if skipped == len(entries):
             raise DetectionFileError(
                 f"{path}: none of the {len(entries)} detections' image ids is in dataset "
-                f"{name!r} (e.g. {example!r}); wrong dataset or split?")
+                f"{name!r} (e.g. {example!r}); wrong dataset or split?"
+            )
         warnings.warn(
             f"{path}: skipped {skipped} of {len(entries)} detections on {len(unknown_ids)} "
-            f"image id(s) not in dataset {name!r} (e.g. {example!r})", stacklevel=2)
+            f"image id(s) not in dataset {name!r} (e.g. {example!r})",
+            stacklevel=2,
+        )
 
     dets: Dets = {}
     for index in sorted(per_image):

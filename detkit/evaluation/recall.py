@@ -11,6 +11,7 @@ continuous one (no VOC "+1"), with boxes in the same pixels on both sides: propo
 on resized network inputs must be mapped back to original pixels first.
 Recall does not look at classes.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,13 +45,11 @@ def _thresholds(iou_thresholds) -> np.ndarray:
     return np.round(np.atleast_1d(np.asarray(iou_thresholds, dtype=np.float64)), 6)
 
 
-def best_iou_at_counts(gt_boxes: Sequence, proposals: Sequence,
-                       counts: Sequence[int]) -> np.ndarray:
+def best_iou_at_counts(gt_boxes: Sequence, proposals: Sequence, counts: Sequence[int]) -> np.ndarray:
     """(total G, C): each ground-truth box's best IoU among its image's top ``counts[c]``
     proposals (all of them when an image has fewer; 0 when it has none)."""
     if len(gt_boxes) != len(proposals):
-        raise ValueError(f"{len(gt_boxes)} images of ground truth but {len(proposals)} "
-                         "of proposals")
+        raise ValueError(f"{len(gt_boxes)} images of ground truth but {len(proposals)} of proposals")
     from torchvision.ops import box_iou  # lazily: `detkit evaluate` should start fast
 
     counts = np.asarray(counts, dtype=np.int64).reshape(-1)
@@ -128,8 +127,9 @@ def _nan_to_none(x):
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
 
-def recall_summary(gt: Sequence[np.ndarray], proposals: Sequence[np.ndarray],
-                   counts: Sequence[int] = DEFAULT_NUM_PROPOSALS) -> dict:
+def recall_summary(
+    gt: Sequence[np.ndarray], proposals: Sequence[np.ndarray], counts: Sequence[int] = DEFAULT_NUM_PROPOSALS
+) -> dict:
     """{"num_gt", "mean_proposals", "recall": {N: {"0.5": r, "0.7": r}}, "AR": {N: ar}}
     (string keys, NaN as None: ready for JSON)."""
     res = proposal_recall(gt, proposals, counts)
@@ -145,9 +145,11 @@ def format_recall(name: str, summary: dict, num_images: int) -> str:
     def f(v):
         return "   n/a" if v is None else f"{v:.4f}"
 
-    lines = [f"{name}: {num_images} images, {summary['num_gt']} ground-truth boxes, "
-             f"{summary['mean_proposals']:.1f} proposals/image",
-             f"{'N':>6}  {'R@0.5':>6}  {'R@0.7':>6}  {'AR':>6}"]
+    lines = [
+        f"{name}: {num_images} images, {summary['num_gt']} ground-truth boxes, "
+        f"{summary['mean_proposals']:.1f} proposals/image",
+        f"{'N':>6}  {'R@0.5':>6}  {'R@0.7':>6}  {'AR':>6}",
+    ]
     for n, r in summary["recall"].items():
         lines.append(f"{n:>6}  {f(r['0.5'])}  {f(r['0.7'])}  {f(summary['AR'][n])}")
     return "\n".join(lines)

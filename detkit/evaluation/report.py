@@ -6,6 +6,7 @@ A *result* is the dict returned by ``voc_evaluate`` or ``coco_evaluate``: at lea
 (recall, precision) arrays) where the evaluator provides them. APs are fractions in [0, 1];
 NaN marks a class without ground truth.
 """
+
 from __future__ import annotations
 
 import json
@@ -114,8 +115,7 @@ def plot_pr_curves(result: dict, out_dir) -> List[Path]:
     paths. VOC results plot the raw curve (the AP uses its monotone envelope); COCO results
     plot pycocotools' interpolated precision at IoU 0.5."""
     if "pr" not in result:
-        raise ValueError(f"result of metric {result.get('metric')!r} has no precision/recall "
-                         "curves to plot")
+        raise ValueError(f"result of metric {result.get('metric')!r} has no precision/recall curves to plot")
     # The object-oriented API draws with Agg without touching pyplot's global backend.
     from matplotlib.figure import Figure
 
@@ -128,9 +128,13 @@ def plot_pr_curves(result: dict, out_dir) -> List[Path]:
         fig = Figure(figsize=(5, 4))
         ax = fig.subplots()
         ax.plot(np.asarray(recall), np.asarray(precision), drawstyle="steps-post")
-        ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision",
-               title=f"{name}: AP {_fmt(result['per_class'].get(name, float('nan')))} "
-                     f"({result['metric']})")
+        ax.set(
+            xlim=(0, 1),
+            ylim=(0, 1.02),
+            xlabel="recall",
+            ylabel="precision",
+            title=f"{name}: AP {_fmt(result['per_class'].get(name, float('nan')))} ({result['metric']})",
+        )
         ax.grid(True, alpha=0.3)
         path = out_dir / f"pr_{re.sub(r'[^A-Za-z0-9_.-]+', '_', str(name))}.png"
         fig.savefig(path, dpi=100)

@@ -30,6 +30,7 @@ A class without any non-difficult ground truth has no defined recall (the devkit
 zero); its AP is reported as NaN and left out of the mAP. A class with ground truth but no
 detections has AP 0.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Tuple
@@ -87,8 +88,11 @@ def voc_iou(dets: np.ndarray, gts: np.ndarray) -> np.ndarray:
     iw = np.maximum(np.minimum(g[..., 2], d[..., 2]) - np.maximum(g[..., 0], d[..., 0]) + 1.0, 0.0)
     ih = np.maximum(np.minimum(g[..., 3], d[..., 3]) - np.maximum(g[..., 1], d[..., 1]) + 1.0, 0.0)
     inter = iw * ih
-    union = ((d[..., 2] - d[..., 0] + 1.0) * (d[..., 3] - d[..., 1] + 1.0)
-             + (g[..., 2] - g[..., 0] + 1.0) * (g[..., 3] - g[..., 1] + 1.0) - inter)
+    union = (
+        (d[..., 2] - d[..., 0] + 1.0) * (d[..., 3] - d[..., 1] + 1.0)
+        + (g[..., 2] - g[..., 0] + 1.0) * (g[..., 3] - g[..., 1] + 1.0)
+        - inter
+    )
     with np.errstate(divide="ignore", invalid="ignore"):  # only degenerate boxes get here
         return inter / union
 
@@ -181,8 +185,7 @@ def voc_evaluate(dataset, dets: Dets, metric: str = "voc07", iou_thresh: float =
 
         sel = np.flatnonzero(det_labels == label)
         order = sel[np.argsort(-det_scores[sel], kind="stable")]
-        tp, fp = _match_class(gt_boxes, gt_difficult, det_image[order], det_boxes[order],
-                              iou_thresh)
+        tp, fp = _match_class(gt_boxes, gt_difficult, det_image[order], det_boxes[order], iou_thresh)
         num_gt[name] = npos
         if npos == 0:
             per_class[name] = float("nan")

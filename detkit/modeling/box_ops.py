@@ -4,6 +4,7 @@ balanced sampler. The same Matcher serves the RPN (neg < 0.3, pos >= 0.7), Fast 
 
 Shapes: R boxes (proposals or anchors), G ground-truth boxes.
 """
+
 from __future__ import annotations
 
 import math

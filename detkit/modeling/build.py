@@ -6,6 +6,7 @@ Nothing here is filled by import side effects: to add a backbone, add a line to
 ``BACKBONES``. Every object built here can also be built by hand with keyword arguments
 (see the tests), the config is only a convenience.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,8 +36,9 @@ def _resnet_body(cfg: BackboneConfig, outs):
 
 
 def _vgg_body(cfg: BackboneConfig, outs):
-    return VGGBody(outs, norm="bn" if cfg.norm == "bn" else "none", frozen_stages=cfg.frozen_stages,
-                   pretrained=cfg.pretrained)
+    return VGGBody(
+        outs, norm="bn" if cfg.norm == "bn" else "none", frozen_stages=cfg.frozen_stages, pretrained=cfg.pretrained
+    )
 
 
 def _tiny_body(cfg: BackboneConfig, outs):
@@ -115,8 +117,10 @@ def build_roi_head(cfg: ModelConfig, backbone, num_classes: int):
         if shapes == {k: tuple(v.shape) for k, v in fc_state.items()}:
             box_head.load_state_dict(fc_state)
         else:
-            logger.info("VGG-16's fc6/fc7 weights not used: the box head has another shape (%s)",
-                        ", ".join(f"{k} {v}" for k, v in shapes.items() if k.endswith("weight")))
+            logger.info(
+                "VGG-16's fc6/fc7 weights not used: the box head has another shape (%s)",
+                ", ".join(f"{k} {v}" for k, v in shapes.items() if k.endswith("weight")),
+            )
     # Fast R-CNN sec. 2.3: fg IoU >= 0.5, bg in [lo, 0.5), below lo ignored.
     labels = [-1, 0, 1] if h.bg_iou_thresh_lo > 0 else [0, 0, 1]
     return FastRCNNHead(
@@ -166,12 +170,17 @@ def build_model(cfg: ModelConfig, num_classes: int, input_cfg: Optional[InputCon
     backbone = build_backbone(cfg.backbone)
     proposal_generator = build_proposal_generator(cfg, backbone, input_cfg)
     roi_head = build_roi_head(cfg, backbone, num_classes)
-    return Detector(backbone, proposal_generator, roi_head, cfg.loss_weights, cfg.train_difficult,
-                    channels_last_inference=cfg.channels_last_inference)
+    return Detector(
+        backbone,
+        proposal_generator,
+        roi_head,
+        cfg.loss_weights,
+        cfg.train_difficult,
+        channels_last_inference=cfg.channels_last_inference,
+    )
 
 
 def model_summary(model) -> str:
     n_all = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return f"{n_all / 1e6:.2f} M parameters ({n_train / 1e6:.2f} M trainable)"
-

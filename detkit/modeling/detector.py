@@ -13,6 +13,7 @@ each loss term is multiplied by its weight in ``loss_weights`` here and nowhere 
 Targets are in network-input pixels (the data transforms scaled them); ``difficult``
 boxes are removed from them before any loss unless ``train_difficult`` is set.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple

@@ -18,6 +18,7 @@ both multi-threaded sparse-dense products. It is used on the CPU with a fixed
 ``sampling_ratio`` and is tested against torchvision's forward and backward (equal up to
 float rounding: ~1e-7 relative).
 """
+
 from __future__ import annotations
 
 import math
@@ -66,8 +67,14 @@ def _bilinear_entries(rois: Tensor, scale: float, size: int, sr: int, aligned: b
     hy, hx = 1 - ly, 1 - lx
     base = (batch * (height * width))[:, None, None, None, None]
     cols = torch.stack(
-        [base + y_low * width + x_low, base + y_low * width + x_high,
-         base + y_high * width + x_low, base + y_high * width + x_high], -1)
+        [
+            base + y_low * width + x_low,
+            base + y_low * width + x_high,
+            base + y_high * width + x_low,
+            base + y_high * width + x_high,
+        ],
+        -1,
+    )
     weights = torch.stack([hy * hx, hy * lx, ly * hx, ly * lx], -1) * (valid[..., None].to(rois.dtype) / (sr * sr))
     rows = torch.arange(r * size * size, device=rois.device).view(r, size, size, 1, 1, 1).expand(cols.shape)
     return rows.reshape(-1), cols.reshape(-1), weights.reshape(-1)
@@ -89,8 +96,9 @@ class _SparseRoIAlignFn(torch.autograd.Function):
         n, c, h, w = feature.shape
         rows, cols, weights = _bilinear_entries(rois, scale, size, sr, aligned, h, w)
         shape = (rois.shape[0] * size * size, n * h * w)
-        coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), weights.to(feature.dtype), shape,
-                                      check_invariants=False)
+        coo = torch.sparse_coo_tensor(
+            torch.stack([rows, cols]), weights.to(feature.dtype), shape, check_invariants=False
+        )
         flat = feature.permute(0, 2, 3, 1).reshape(n * h * w, c)
         out = (_csr(coo) @ flat).view(rois.shape[0], size, size, c).permute(0, 3, 1, 2)
         if feature.requires_grad:
@@ -107,15 +115,17 @@ class _SparseRoIAlignFn(torch.autograd.Function):
         return grad_feature, None, None, None, None, None
 
 
-def sparse_roi_align(feature: Tensor, rois: Tensor, output_size: int, spatial_scale: float,
-                     sampling_ratio: int, aligned: bool = False) -> Tensor:
+def sparse_roi_align(
+    feature: Tensor, rois: Tensor, output_size: int, spatial_scale: float, sampling_ratio: int, aligned: bool = False
+) -> Tensor:
     """torchvision.ops.roi_align's result (fixed sampling_ratio > 0) with a fast CPU backward."""
     if sampling_ratio <= 0:
         raise ValueError("sparse_roi_align needs a fixed sampling_ratio > 0")
     if rois.shape[0] == 0:
         return feature.new_zeros((0, feature.shape[1], output_size, output_size))
-    return _SparseRoIAlignFn.apply(feature, rois, float(spatial_scale), int(output_size), int(sampling_ratio),
-                                   bool(aligned))
+    return _SparseRoIAlignFn.apply(
+        feature, rois, float(spatial_scale), int(output_size), int(sampling_ratio), bool(aligned)
+    )
 
 
 def boxes_to_rois(boxes: List[Tensor]) -> Tensor:
@@ -124,8 +134,14 @@ def boxes_to_rois(boxes: List[Tensor]) -> Tensor:
     return torch.cat(rois, 0) if rois else torch.zeros((0, 5))
 
 
-def assign_levels(boxes: Tensor, min_level: int, max_level: int, canonical_size: float = 224.0,
-                  canonical_level: int = 4, eps: float = 1e-6) -> Tensor:
+def assign_levels(
+    boxes: Tensor,
+    min_level: int,
+    max_level: int,
+    canonical_size: float = 224.0,
+    canonical_level: int = 4,
+    eps: float = 1e-6,
+) -> Tensor:
     """(R, 4) -> (R,) index into the levels [min_level .. max_level] (0 = min_level).
     ``eps`` keeps a box of exactly 224 px from falling one level down by rounding."""
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
@@ -173,8 +189,9 @@ class RoIPooler(nn.Module):
         if self.kind == "roi_pool":
             return roi_pool(feature, rois, self.output_size, scale)
         if self.cpu_sparse and feature.device.type == "cpu" and self.sampling_ratio > 0:
-            return sparse_roi_align(feature, rois.to(feature.dtype), self.output_size, scale, self.sampling_ratio,
-                                    self.aligned)
+            return sparse_roi_align(
+                feature, rois.to(feature.dtype), self.output_size, scale, self.sampling_ratio, self.aligned
+            )
         return roi_align(feature, rois, self.output_size, scale, self.sampling_ratio, self.aligned)
 
     def forward(self, features: List[Tensor], boxes: List[Tensor]) -> Tensor:
@@ -199,4 +216,7 @@ class RoIPooler(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind}, output_size={self.output_size}, scales={self.scales}, sampling_ratio={self.sampling_ratio}"
+        return (
+            f"kind={self.kind}, output_size={self.output_size}, scales={self.scales}, "
+            f"sampling_ratio={self.sampling_ratio}"
+        )

@@ -1,5 +1,6 @@
 """End to end through the command line: train -> eval -> demo on a tiny generated dataset,
 the detection-file evaluator, and the user-error paths (one line, exit code 2)."""
+
 import json
 from pathlib import Path
 
@@ -25,7 +26,8 @@ model:
   backbone: {{name: tiny, out_channels: 16, tiny_widths: [8, 16, 16, 16]}}
   anchors: {{sizes: [[16], [32], [64], [128], [256]]}}
   roi_head: {{fc_dims: [32, 32], batch_size_per_image: 32}}
-  proposals: {{rpn: {{pre_nms_topk_train: 200, post_nms_topk_train: 100, pre_nms_topk_test: 100, post_nms_topk_test: 50}}}}
+  proposals:
+    rpn: {{pre_nms_topk_train: 200, post_nms_topk_train: 100, pre_nms_topk_test: 100, post_nms_topk_test: 50}}
 train: {{max_iter: 4, warmup_iters: 2, checkpoint_period: 2, log_period: 2, device: cpu, num_threads: 1}}
 test: {{metric: voc, extra_metrics: [voc07, coco]}}
 """
@@ -69,15 +71,43 @@ def test_train_refuses_a_folder_with_a_run(run, capsys):
 
 def test_eval_and_evaluate_agree(run, tmp_path):
     cfg, out = run
-    assert main(["eval", str(cfg), "--checkpoint", str(out / "model_final.pt"), "--out", str(tmp_path / "e"),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(cfg),
+                "--checkpoint",
+                str(out / "model_final.pt"),
+                "--out",
+                str(tmp_path / "e"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     ours = json.loads((tmp_path / "e" / "eval.json").read_text())
     # The same detections scored from the file by `detkit evaluate` give the same numbers.
     data = tmp_path / "data.yaml"
-    data.write_text(f"format: shapes\nroot: {out.parent / 'shapes'}\nsplit: test\n"
-                    "shapes: {num_train: 6, num_test: 3, seed: 1, image_size: [96, 112], object_size: [20, 40]}\n")
-    assert main(["evaluate", "--dataset", str(data), "--detections", str(tmp_path / "e" / "detections.json"),
-                 "--metric", "voc", "--out", str(tmp_path / "ev.json")]) == 0
+    data.write_text(
+        f"format: shapes\nroot: {out.parent / 'shapes'}\nsplit: test\n"
+        "shapes: {num_train: 6, num_test: 3, seed: 1, image_size: [96, 112], object_size: [20, 40]}\n"
+    )
+    assert (
+        main(
+            [
+                "evaluate",
+                "--dataset",
+                str(data),
+                "--detections",
+                str(tmp_path / "e" / "detections.json"),
+                "--metric",
+                "voc",
+                "--out",
+                str(tmp_path / "ev.json"),
+            ]
+        )
+        == 0
+    )
     again = json.loads((tmp_path / "ev.json").read_text())
     assert again["mAP"] == pytest.approx(ours["mAP"], abs=1e-12)
     assert again["per_class"] == pytest.approx(ours["per_class"], nan_ok=True)
@@ -88,8 +118,18 @@ def test_demo_writes_json_and_png_and_names_bad_inputs(run, tmp_path, capsys):
     images = sorted((out.parent / "shapes" / "JPEGImages").glob("test_*.png"))
     bad = tmp_path / "notes.png"
     bad.write_text("this is not an image")
-    code = main(["demo", "--checkpoint", str(out / "model_final.pt"), "--out", str(tmp_path / "demo"),
-                 str(images[0]), str(bad), str(images[1])])
+    code = main(
+        [
+            "demo",
+            "--checkpoint",
+            str(out / "model_final.pt"),
+            "--out",
+            str(tmp_path / "demo"),
+            str(images[0]),
+            str(bad),
+            str(images[1]),
+        ]
+    )
     assert code == 1  # one input failed, the others were processed
     assert "notes.png" in capsys.readouterr().err
     for im in images[:2]:
@@ -135,8 +175,20 @@ def test_unknown_config_key_names_file_and_suggestion(tmp_path, capsys):
 
 def test_checkpoint_of_another_architecture(run, tmp_path, capsys):
     cfg, out = run
-    assert main(["eval", str(cfg), "--checkpoint", str(out / "model_final.pt"), "--out", str(tmp_path / "x"),
-                 "model.roi_head.fc_dims=[64,64]"]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                str(cfg),
+                "--checkpoint",
+                str(out / "model_final.pt"),
+                "--out",
+                str(tmp_path / "x"),
+                "model.roi_head.fc_dims=[64,64]",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "does not fit this model" in err and "roi_head.box_head.fc6.weight" in err
 
@@ -162,8 +214,22 @@ def test_same_seed_same_losses(run, tmp_path):
     losses = []
     for name in ("a", "b"):
         out = tmp_path / name
-        assert main(["train", str(cfg), "--out", str(out), "--no-progress", "train.max_iter=2",
-                     "train.log_period=1", "train.checkpoint_period=0", "data.test=null"]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    str(cfg),
+                    "--out",
+                    str(out),
+                    "--no-progress",
+                    "train.max_iter=2",
+                    "train.log_period=1",
+                    "train.checkpoint_period=0",
+                    "data.test=null",
+                ]
+            )
+            == 0
+        )
         losses.append([json.loads(line)["loss"] for line in open(out / "metrics.jsonl") if "loss" in line])
     assert losses[0] == losses[1] and len(losses[0]) == 2
 
@@ -226,8 +292,21 @@ def test_demo_boxes_are_the_evaluated_detections(run, tmp_path):
     """The demo's boxes (original pixels) are the detections `detkit eval` scores."""
     cfg, out = run
     image = sorted((out.parent / "shapes" / "JPEGImages").glob("test_*.png"))[0]
-    assert main(["demo", "--checkpoint", str(out / "model_final.pt"), "--out", str(tmp_path / "d"),
-                 "--score-thresh", "0.05", str(image)]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--checkpoint",
+                str(out / "model_final.pt"),
+                "--out",
+                str(tmp_path / "d"),
+                "--score-thresh",
+                "0.05",
+                str(image),
+            ]
+        )
+        == 0
+    )
     demo = json.loads((tmp_path / "d" / f"{image.stem}.json").read_text())["detections"]
     evaluated = [d for d in json.loads((out / "detections.json").read_text()) if d["image_id"] == image.stem]
     assert len(demo) == len(evaluated) > 0

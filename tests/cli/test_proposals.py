@@ -3,6 +3,7 @@ equal to direct ``selective_search`` calls (1 and 2 workers), resuming an interr
 (only the missing images are computed), refusing to overwrite, recall evaluation checked
 against an independent ``proposal_recall``, plots with --compare, and the RPN method on a
 tiny random checkpoint (top-k raised, boxes mapped back to original pixels per axis)."""
+
 import json
 
 import numpy as np
@@ -10,16 +11,16 @@ import pytest
 import torch
 
 import detkit.engine.proposals as pcli
-from detkit.data.build import dataset_transforms
-from detkit.modeling.build import build_model
 from detkit.cli import main
 from detkit.config import from_dict, to_dict
+from detkit.data.build import dataset_transforms
 from detkit.data.io import read_image_array
+from detkit.data.proposal_files import load_proposals, save_proposals
 from detkit.data.shapes import generate_shapes
 from detkit.data.voc import load_voc
 from detkit.engine.checkpoint import save_checkpoint
 from detkit.evaluation.recall import proposal_recall
-from detkit.data.proposal_files import load_proposals, save_proposals
+from detkit.modeling.build import build_model
 from detkit.modeling.proposals.selective_search import selective_search
 from detkit.schema import Config
 from detkit.structures import ImageList
@@ -41,8 +42,10 @@ def ss_args(data, out, *extra):
 
 
 def direct_ss(records, mode="fast"):
-    return {r.image_id: selective_search(read_image_array(r.file_name), mode, min_size=MIN_SIZE, max_boxes=2000,
-                                         seed=0) for r in records}
+    return {
+        r.image_id: selective_search(read_image_array(r.file_name), mode, min_size=MIN_SIZE, max_boxes=2000, seed=0)
+        for r in records
+    }
 
 
 def assert_file_matches(path, expected):
@@ -151,8 +154,9 @@ def test_eval_recall_json_and_plot_with_compare(shapes, tmp_path, capsys):
     assert main(ss_args(data, single, "--limit", "3", "--mode", "single")) == 0
     stamp = out.stat().st_mtime_ns
     png = tmp_path / "recall.png"
-    assert main(ss_args(data, out, "--limit", "3", "--reuse", "--eval", "--plot", str(png),
-                        "--compare", str(single))) == 0
+    assert (
+        main(ss_args(data, out, "--limit", "3", "--reuse", "--eval", "--plot", str(png), "--compare", str(single))) == 0
+    )
     assert out.stat().st_mtime_ns == stamp
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     doc = json.loads((tmp_path / "ss.recall.json").read_text())
@@ -171,21 +175,26 @@ def test_full_config_and_split(shapes, tmp_path):
     data, _ = shapes
     root = data.parent / "shapes"
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(f"data:\n  train: {{format: voc, root: {root}, split: train}}\n"
-                   f"  test: {{format: voc, root: {root}, split: test}}\n")
+    cfg.write_text(
+        f"data:\n  train: {{format: voc, root: {root}, split: train}}\n"
+        f"  test: {{format: voc, root: {root}, split: test}}\n"
+    )
     out = tmp_path / "train.npz"
     assert main(ss_args(cfg, out, "--split", "train", "--mode", "single")) == 0
     assert list(load_proposals(out)[0]) == ["train_00000", "train_00001"]
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--method", "rpn"], "--method rpn needs --checkpoint"),
-    (["--limit", "0"], "--limit must be >= 1"),
-    (["--compare", "x.npz"], "--compare needs --eval or --plot"),
-    (["--reuse"], "--reuse: "),
-    (["--method", "rpn", "--checkpoint", "nowhere.pt"], "checkpoint not found: nowhere.pt"),
-    (["--out", "x.txt"], "use a .npz or .json file name"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--method", "rpn"], "--method rpn needs --checkpoint"),
+        (["--limit", "0"], "--limit must be >= 1"),
+        (["--compare", "x.npz"], "--compare needs --eval or --plot"),
+        (["--reuse"], "--reuse: "),
+        (["--method", "rpn", "--checkpoint", "nowhere.pt"], "checkpoint not found: nowhere.pt"),
+        (["--out", "x.txt"], "use a .npz or .json file name"),
+    ],
+)
 def test_bad_arguments(shapes, tmp_path, capsys, extra, message):
     data, _ = shapes
     assert main(ss_args(data, tmp_path / "o.npz", *extra)) == 2
@@ -194,21 +203,49 @@ def test_bad_arguments(shapes, tmp_path, capsys, extra, message):
 
 def test_rpn_method_raises_topk_and_maps_to_original_pixels(shapes, tmp_path):
     data, dataset = shapes
-    cfg = from_dict(Config, {
-        "data": {"input": {"min_size_test": 96, "max_size": 160}},
-        "model": {"backbone": {"name": "tiny", "out_channels": 16, "tiny_widths": [8, 16, 16, 16]},
-                  "anchors": {"sizes": [[16], [32], [64], [128], [256]]},
-                  "roi_head": {"fc_dims": [32, 32]},
-                  "proposals": {"rpn": {"pre_nms_topk_test": 30, "post_nms_topk_test": 20}}},
-        "train": {"device": "cpu"},
-    })
+    cfg = from_dict(
+        Config,
+        {
+            "data": {"input": {"min_size_test": 96, "max_size": 160}},
+            "model": {
+                "backbone": {"name": "tiny", "out_channels": 16, "tiny_widths": [8, 16, 16, 16]},
+                "anchors": {"sizes": [[16], [32], [64], [128], [256]]},
+                "roi_head": {"fc_dims": [32, 32]},
+                "proposals": {"rpn": {"pre_nms_topk_test": 30, "post_nms_topk_test": 20}},
+            },
+            "train": {"device": "cpu"},
+        },
+    )
     torch.manual_seed(0)
     model = build_model(cfg.model, 3).eval()
-    ckpt = save_checkpoint(tmp_path / "model_final.pt", {"model": model.state_dict(), "config": to_dict(cfg),
-                                                         "class_names": ["circle", "square", "triangle"]})
+    ckpt = save_checkpoint(
+        tmp_path / "model_final.pt",
+        {"model": model.state_dict(), "config": to_dict(cfg), "class_names": ["circle", "square", "triangle"]},
+    )
     out = tmp_path / "rpn.npz"
-    assert main(["proposals", str(data), "--method", "rpn", "--checkpoint", str(ckpt), "--out", str(out),
-                 "--limit", "2", "--max-proposals", "60", "--device", "cpu", "--eval", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "proposals",
+                str(data),
+                "--method",
+                "rpn",
+                "--checkpoint",
+                str(ckpt),
+                "--out",
+                str(out),
+                "--limit",
+                "2",
+                "--max-proposals",
+                "60",
+                "--device",
+                "cpu",
+                "--eval",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     table, meta = load_proposals(out)
     assert meta["method"] == "rpn" and meta["checkpoint"] == "model_final.pt" and meta["max_proposals"] == 60
 
@@ -217,8 +254,10 @@ def test_rpn_method_raises_topk_and_maps_to_original_pixels(shapes, tmp_path):
     gen.post_nms_topk, gen.pre_nms_topk = (2000, 60), (2000, 60)
     transforms = dataset_transforms(cfg.data.input, train=False)
     for record in dataset.records[:2]:
-        image, target = transforms(torch.from_numpy(read_image_array(record.file_name)).permute(2, 0, 1) / 255.0,
-                                   {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)})
+        image, target = transforms(
+            torch.from_numpy(read_image_array(record.file_name)).permute(2, 0, 1) / 255.0,
+            {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
+        )
         h, w = image.shape[-2:]
         oh, ow = record.height, record.width
         assert min(h, w) == 96 and (h, w) != (oh, ow)  # really resized

@@ -1,4 +1,5 @@
 """Shared fixtures of the data-layer tests."""
+
 import logging
 
 import pytest

@@ -1,4 +1,5 @@
 """Tests of dataset validation (detkit.data.check) and ``detkit data check``."""
+
 import contextlib
 import io
 import logging
@@ -40,8 +41,10 @@ def write_xml(path: Path, objects, size=(64, 48)) -> None:
         for n, b, d in objects
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"<annotation><filename>{path.stem}.jpg</filename><size><width>{size[0]}</width>"
-                    f"<height>{size[1]}</height></size>{objs}</annotation>")
+    path.write_text(
+        f"<annotation><filename>{path.stem}.jpg</filename><size><width>{size[0]}</width>"
+        f"<height>{size[1]}</height></size>{objs}</annotation>"
+    )
 
 
 def write_image(path: Path, width=64, height=48) -> None:
@@ -53,8 +56,10 @@ def write_image(path: Path, width=64, height=48) -> None:
 def small_voc(tmp_path):
     """a: cat 20x20 + difficult dog 10x40 (+ one zero-area box); b: cat 40x10; c: empty."""
     root = tmp_path / "ds"
-    write_xml(root / "annotations" / "a.xml",
-              [("cat", (11, 11, 30, 30), 0), ("dog", (1, 1, 10, 40), 1), ("cat", (5, 5, 5, 9), 0)])
+    write_xml(
+        root / "annotations" / "a.xml",
+        [("cat", (11, 11, 30, 30), 0), ("dog", (1, 1, 10, 40), 1), ("cat", (5, 5, 5, 9), 0)],
+    )
     write_xml(root / "annotations" / "b.xml", [("cat", (1, 1, 40, 10), 0)])
     write_xml(root / "annotations" / "c.xml", [])
     for stem in "abc":

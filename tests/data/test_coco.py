@@ -1,5 +1,6 @@
 """Tests of the COCO-json loader (detkit.data.coco): category mapping, iscrowd, box
 conversion and every kind of malformed file."""
+
 import json
 import logging
 from pathlib import Path
@@ -8,18 +9,16 @@ import cv2
 import numpy as np
 import pytest
 
-from detkit.data.build import build_dataset
 from detkit.cli import main
+from detkit.data.build import build_dataset
 from detkit.data.coco import load_coco
-from detkit.data.dataset import DatasetError
+from detkit.errors import DatasetError
 from detkit.schema import DatasetConfig
-
-
-
 
 
 def warnings_of(caplog):
     return [r.getMessage() for r in caplog.records if r.name == "detkit" and r.levelno == logging.WARNING]
+
 
 def write_image(path: Path, width: int = 64, height: int = 48) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -30,8 +29,10 @@ def write_image(path: Path, width: int = 64, height: int = 48) -> Path:
 def make_coco(tmp_path: Path, images=None, annotations=None, categories=None, **extra) -> Path:
     """tmp_path/images/{1,2}.jpg (64x48) and tmp_path/ann.json; returns the json path."""
     if images is None:
-        images = [{"id": 1, "file_name": "1.jpg", "width": 64, "height": 48},
-                  {"id": 2, "file_name": "2.jpg", "width": 64, "height": 48}]
+        images = [
+            {"id": 1, "file_name": "1.jpg", "width": 64, "height": 48},
+            {"id": 2, "file_name": "2.jpg", "width": 64, "height": 48},
+        ]
     for im in images:
         name = str(im["file_name"])
         if not name.startswith("/") and ".." not in name:
@@ -110,11 +111,11 @@ def test_unknown_category_and_image_ids_are_dropped_and_counted(tmp_path, detkit
 
 def test_zero_negative_and_outside_boxes(tmp_path, detkit_log):
     anns = [
-        {"id": 1, "image_id": 1, "category_id": 3, "bbox": [10, 5, 0, 30]},     # zero width
-        {"id": 2, "image_id": 1, "category_id": 3, "bbox": [10, 5, -4, 30]},    # negative width
-        {"id": 3, "image_id": 1, "category_id": 3, "bbox": [50, 40, 20, 20]},   # clipped to 64x48
-        {"id": 4, "image_id": 1, "category_id": 3, "bbox": [-10, 50, 5, 5]},    # fully outside
-        {"id": 5, "image_id": 1, "category_id": 3, "bbox": [0, 0, 64, 48]},     # whole image
+        {"id": 1, "image_id": 1, "category_id": 3, "bbox": [10, 5, 0, 30]},  # zero width
+        {"id": 2, "image_id": 1, "category_id": 3, "bbox": [10, 5, -4, 30]},  # negative width
+        {"id": 3, "image_id": 1, "category_id": 3, "bbox": [50, 40, 20, 20]},  # clipped to 64x48
+        {"id": 4, "image_id": 1, "category_id": 3, "bbox": [-10, 50, 5, 5]},  # fully outside
+        {"id": 5, "image_id": 1, "category_id": 3, "bbox": [0, 0, 64, 48]},  # whole image
     ]
     dataset = load_coco(make_coco(tmp_path, annotations=anns), tmp_path / "images")
     assert dataset.records[0].boxes.tolist() == [[50, 40, 64, 48], [0, 0, 64, 48]]
@@ -143,9 +144,11 @@ def test_image_size_from_the_file_when_the_json_has_none(tmp_path):
 
 
 def test_missing_and_unreadable_images_are_skipped(tmp_path, detkit_log):
-    images = [{"id": 1, "file_name": "1.jpg", "width": 64, "height": 48},
-              {"id": 2, "file_name": "2.jpg"},
-              {"id": 3, "file_name": "3.jpg", "width": 64, "height": 48}]
+    images = [
+        {"id": 1, "file_name": "1.jpg", "width": 64, "height": 48},
+        {"id": 2, "file_name": "2.jpg"},
+        {"id": 3, "file_name": "3.jpg", "width": 64, "height": 48},
+    ]
     path = make_coco(tmp_path, images=images)
     (tmp_path / "images" / "2.jpg").write_bytes(b"garbage")  # no size in the json: header read
     (tmp_path / "images" / "3.jpg").unlink()
@@ -162,12 +165,15 @@ def test_image_path_escaping_img_dir_is_skipped(tmp_path, detkit_log, name):
     secret = write_image(tmp_path / "secret.jpg")
     if name == "ABSOLUTE":
         name = str(secret)
-    images = [{"id": 1, "file_name": "1.jpg", "width": 64, "height": 48},
-              {"id": 2, "file_name": name, "width": 64, "height": 48}]
+    images = [
+        {"id": 1, "file_name": "1.jpg", "width": 64, "height": 48},
+        {"id": 2, "file_name": name, "width": 64, "height": 48},
+    ]
     dataset = load_coco(make_coco(tmp_path, images=images), tmp_path / "images")
     assert [r.image_id for r in dataset.records] == [1]
     assert warnings_of(detkit_log) == [
-        f"ann: skipped images whose path escapes the image folder: 1 in 1 file ({Path(name).name})"]
+        f"ann: skipped images whose path escapes the image folder: 1 in 1 file ({Path(name).name})"
+    ]
 
 
 def test_missing_files_and_folders(tmp_path):
@@ -186,45 +192,71 @@ BAD_FILES = [
     ('{"images": [], "categories": []}', "not a COCO json (missing or non-list 'annotations')"),
     ('{"images": {}, "annotations": [], "categories": []}', "not a COCO json (missing or non-list 'images')"),
     ({"images": [{"file_name": "1.jpg"}]}, "images[0] needs 'id' and 'file_name'"),
-    ({"images": [{"id": 1, "file_name": "1.jpg"}, {"id": 1, "file_name": "2.jpg"}]},
-     "images[1].id 1 is used twice"),
+    ({"images": [{"id": 1, "file_name": "1.jpg"}, {"id": 1, "file_name": "2.jpg"}]}, "images[1].id 1 is used twice"),
     ({"images": [{"id": [1], "file_name": "1.jpg"}]}, "images[0].id must be an integer or a string, got [1]"),
     ({"images": [{"id": 1, "file_name": "1.jpg", "width": "wide"}]}, "images[0].width must be a number, got 'wide'"),
     ({"categories": [{"id": 1}]}, "categories[0] needs 'id' and 'name'"),
     ({"categories": [{"id": "1", "name": "cat"}]}, "categories[0].id must be an integer, got '1'"),
     ({"categories": [{"id": 1, "name": "cat"}, {"id": 1, "name": "dog"}]}, "categories[1].id 1 is used twice"),
     ({"categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "cat"}]}, "category name 'cat' is used twice"),
-    ({"annotations": [{"image_id": 1, "bbox": [1, 2, 3, 4]}]},
-     "annotations[0] needs 'image_id', 'category_id' and 'bbox'"),
-    ({"annotations": [{"image_id": 1, "category_id": 3, "bbox": [1, 2, 3]}]},
-     "annotations[0].bbox must be 4 numbers [x, y, w, h], got [1, 2, 3]"),
-    ({"annotations": [{"image_id": 1, "category_id": 3, "bbox": [1, 2, "3", 4]}]},
-     "annotations[0].bbox must be 4 numbers [x, y, w, h], got [1, 2, '3', 4]"),
-    ({"annotations": [{"image_id": 1, "category_id": 3, "bbox": [1, 2, True, 4]}]},
-     "annotations[0].bbox must be 4 numbers [x, y, w, h], got [1, 2, True, 4]"),
-    ({"annotations": [{"image_id": 1, "category_id": 3, "bbox": list(range(40))}]},
-     # A long value is cut to 60 characters: the message stays one readable line.
-     "annotations[0].bbox must be 4 numbers [x, y, w, h], got "
-     "[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16..."),
-    ({"annotations": [{"image_id": 1, "category_id": 3.5, "bbox": [1, 2, 3, 4]}]},
-     "annotations[0].category_id must be an integer, got 3.5"),
-    ({"annotations": [{"image_id": 1, "category_id": "3", "bbox": [1, 2, 3, 4]}]},
-     "annotations[0].category_id must be an integer, got '3'"),
-    ({"annotations": [{"image_id": 1, "category_id": 3, "bbox": [1, 2, 3, 4], "iscrowd": 2}]},
-     "annotations[0].iscrowd must be 0 or 1, got 2"),
-    ({"annotations": [{"id": 5, "image_id": 1, "category_id": 3, "bbox": [1, 2, 3, 4]},
-                      {"id": 5, "image_id": 1, "category_id": 3, "bbox": [5, 6, 3, 4]}]},
-     "annotations[1].id 5 is used twice"),
-    ({"annotations": [{"id": [5], "image_id": 1, "category_id": 3, "bbox": [1, 2, 3, 4]}]},
-     "annotations[0].id must be an integer or a string, got [5]"),
+    (
+        {"annotations": [{"image_id": 1, "bbox": [1, 2, 3, 4]}]},
+        "annotations[0] needs 'image_id', 'category_id' and 'bbox'",
+    ),
+    (
+        {"annotations": [{"image_id": 1, "category_id": 3, "bbox": [1, 2, 3]}]},
+        "annotations[0].bbox must be 4 numbers [x, y, w, h], got [1, 2, 3]",
+    ),
+    (
+        {"annotations": [{"image_id": 1, "category_id": 3, "bbox": [1, 2, "3", 4]}]},
+        "annotations[0].bbox must be 4 numbers [x, y, w, h], got [1, 2, '3', 4]",
+    ),
+    (
+        {"annotations": [{"image_id": 1, "category_id": 3, "bbox": [1, 2, True, 4]}]},
+        "annotations[0].bbox must be 4 numbers [x, y, w, h], got [1, 2, True, 4]",
+    ),
+    (
+        {"annotations": [{"image_id": 1, "category_id": 3, "bbox": list(range(40))}]},
+        # A long value is cut to 60 characters: the message stays one readable line.
+        "annotations[0].bbox must be 4 numbers [x, y, w, h], got "
+        "[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16...",
+    ),
+    (
+        {"annotations": [{"image_id": 1, "category_id": 3.5, "bbox": [1, 2, 3, 4]}]},
+        "annotations[0].category_id must be an integer, got 3.5",
+    ),
+    (
+        {"annotations": [{"image_id": 1, "category_id": "3", "bbox": [1, 2, 3, 4]}]},
+        "annotations[0].category_id must be an integer, got '3'",
+    ),
+    (
+        {"annotations": [{"image_id": 1, "category_id": 3, "bbox": [1, 2, 3, 4], "iscrowd": 2}]},
+        "annotations[0].iscrowd must be 0 or 1, got 2",
+    ),
+    (
+        {
+            "annotations": [
+                {"id": 5, "image_id": 1, "category_id": 3, "bbox": [1, 2, 3, 4]},
+                {"id": 5, "image_id": 1, "category_id": 3, "bbox": [5, 6, 3, 4]},
+            ]
+        },
+        "annotations[1].id 5 is used twice",
+    ),
+    (
+        {"annotations": [{"id": [5], "image_id": 1, "category_id": 3, "bbox": [1, 2, 3, 4]}]},
+        "annotations[0].id must be an integer or a string, got [5]",
+    ),
 ]
 
 
 @pytest.mark.parametrize("content,message", BAD_FILES)
 def test_malformed_json_is_one_line_naming_the_file(tmp_path, content, message):
     if isinstance(content, dict):
-        base = {"images": [{"id": 1, "file_name": "1.jpg"}], "annotations": [],
-                "categories": [{"id": 3, "name": "cat"}]}
+        base = {
+            "images": [{"id": 1, "file_name": "1.jpg"}],
+            "annotations": [],
+            "categories": [{"id": 3, "name": "cat"}],
+        }
         content = json.dumps({**base, **content})
     path = tmp_path / "ann.json"
     path.write_text(content)
@@ -273,16 +305,19 @@ def test_minimal_annotations_get_the_fields_coco_evaluation_needs(tmp_path):
     # reads all three. They are filled in memory (box area, 0, fresh ids after the largest).
     from detkit.evaluation.coco import coco_evaluate
 
-    anns = [{"id": 4, "image_id": 1, "category_id": 3, "bbox": [10, 5, 20, 30]},
-            {"image_id": 2, "category_id": 7, "bbox": [30, 20, 10, 10], "area": 55.0},
-            {"image_id": 2, "category_id": 7, "bbox": [2, 2, 8, 8]}]
+    anns = [
+        {"id": 4, "image_id": 1, "category_id": 3, "bbox": [10, 5, 20, 30]},
+        {"image_id": 2, "category_id": 7, "bbox": [30, 20, 10, 10], "area": 55.0},
+        {"image_id": 2, "category_id": 7, "bbox": [2, 2, 8, 8]},
+    ]
     path = make_coco(tmp_path, annotations=anns, categories=[{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}])
     dataset = load_coco(path, tmp_path / "images")
     stored = sorted(dataset.coco.dataset["annotations"], key=lambda a: a["id"])
     assert [(a["id"], a["area"], a["iscrowd"]) for a in stored] == [(4, 600.0, 0), (5, 55.0, 0), (6, 64.0, 0)]
     assert json.loads(path.read_text())["annotations"] == anns  # the user's file is untouched
     # Exact detections of every box: AP 1 for both classes (a crash or a lost box would not be).
-    dets = {r.image_id: {"boxes": r.boxes, "scores": np.ones(len(r.labels)), "labels": r.labels}
-            for r in dataset.records}
+    dets = {
+        r.image_id: {"boxes": r.boxes, "scores": np.ones(len(r.labels)), "labels": r.labels} for r in dataset.records
+    }
     result = coco_evaluate(dataset, dets)
     assert result["per_class"] == {"cat": pytest.approx(1.0), "dog": pytest.approx(1.0)}

@@ -1,4 +1,5 @@
 """Tests of image reading, path containment and problem summaries (detkit.data.io)."""
+
 import os
 
 import cv2
@@ -23,8 +24,9 @@ def _write_rgb(path, rgb: np.ndarray) -> None:
 
 # -- reading images -------------------------------------------------------------------------
 def test_read_image_gives_rgb_float_chw_in_unit_range(tmp_path):
-    rgb = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255]],
-                    [[10, 20, 30], [0, 0, 0], [255, 255, 255]]], np.uint8)  # (H=2, W=3, 3)
+    rgb = np.array(
+        [[[255, 0, 0], [0, 255, 0], [0, 0, 255]], [[10, 20, 30], [0, 0, 0], [255, 255, 255]]], np.uint8
+    )  # (H=2, W=3, 3)
     _write_rgb(tmp_path / "a.png", rgb)  # PNG: lossless, so the pixels come back exactly
     image = read_image(tmp_path / "a.png")
     assert image.dtype == torch.float32 and image.shape == (3, 2, 3)
@@ -130,7 +132,9 @@ def test_problem_log_one_line_per_kind():
         "voc:train: skipped malformed annotation files: 1 in 1 file (c.xml)",
     ]
     assert log.as_dict()["dropped zero-area boxes"] == {
-        "count": 4, "files": ["/data/Annotations/a.xml", "/data/Annotations/b.xml"]}
+        "count": 4,
+        "files": ["/data/Annotations/a.xml", "/data/Annotations/b.xml"],
+    }
 
 
 def test_problem_log_shortens_long_file_lists(caplog):
@@ -138,7 +142,8 @@ def test_problem_log_shortens_long_file_lists(caplog):
     for i in range(5):
         log.add("skipped annotations whose image is missing", f"{i}.xml")
     assert log.lines(max_files=3) == [
-        "ds: skipped annotations whose image is missing: 5 in 5 files (0.xml, 1.xml, 2.xml, +2 more)"]
+        "ds: skipped annotations whose image is missing: 5 in 5 files (0.xml, 1.xml, 2.xml, +2 more)"
+    ]
     import logging
 
     logger = logging.getLogger("detkit")

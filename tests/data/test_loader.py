@@ -1,5 +1,6 @@
 """Tests of batching (detkit.data.loader): padding collate, aspect-ratio grouped sampling
 with resumable streams, and the order-keeping test loader."""
+
 from itertools import islice
 
 import cv2
@@ -67,7 +68,7 @@ def test_without_grouping_the_stream_is_the_seeded_permutations_in_pairs():
     sampler = GroupedBatchSampler(np.ones(5), batch_size=2, seed=3, group=False)
     stream = torch.cat([torch.randperm(5, generator=torch.Generator().manual_seed(3 + e)) for e in range(3)]).tolist()
     # Epochs run on into each other: the 5th index of epoch 0 pairs with epoch 1's first.
-    assert list(islice(sampler, 7)) == [stream[2 * i: 2 * i + 2] for i in range(7)]
+    assert list(islice(sampler, 7)) == [stream[2 * i : 2 * i + 2] for i in range(7)]
 
 
 def test_batches_hold_one_orientation_and_cover_every_image():

@@ -1,4 +1,5 @@
 """Tests of the generated shapes dataset (detkit.data.shapes)."""
+
 import json
 import math
 import xml.etree.ElementTree as ET
@@ -262,7 +263,10 @@ def test_bad_parameters_raise_one_line_errors(tmp_path):
 def test_jpg_format_writes_jpgs_named_in_the_xml(tmp_path):
     out = generate_shapes(tmp_path / "s", num_train=2, num_test=1, image_format="jpg")
     assert sorted(p.name for p in (out / "JPEGImages").iterdir()) == [
-        "test_00000.jpg", "train_00000.jpg", "train_00001.jpg"]
+        "test_00000.jpg",
+        "train_00000.jpg",
+        "train_00001.jpg",
+    ]
     file_name, (w, h, _), _ = _parse_xml(out / "Annotations" / "train_00001.xml")
     assert file_name == "train_00001.jpg"
     assert (out / "JPEGImages" / file_name).read_bytes()[:2] == b"\xff\xd8"  # JPEG magic

@@ -1,5 +1,6 @@
 """Tests of the box-aware transforms (detkit.data.transforms), including bit-exact parity
 with torchvision's GeneralizedRCNNTransform, which the torchvision weight converter needs."""
+
 import math
 
 import pytest
@@ -22,9 +23,14 @@ from detkit.data.transforms import (
 
 def target(boxes, scale=(1.0, 1.0)):
     boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-    return {"boxes": boxes, "labels": torch.ones(len(boxes), dtype=torch.int64),
-            "difficult": torch.zeros(len(boxes), dtype=torch.bool), "image_id": "x",
-            "orig_size": (0, 0), "scale": scale}
+    return {
+        "boxes": boxes,
+        "labels": torch.ones(len(boxes), dtype=torch.int64),
+        "difficult": torch.zeros(len(boxes), dtype=torch.bool),
+        "image_id": "x",
+        "orig_size": (0, 0),
+        "scale": scale,
+    }
 
 
 # -- resizing ---------------------------------------------------------------------------------
@@ -34,14 +40,17 @@ def test_resize_scale_short_side_unless_the_long_side_exceeds_max():
     assert resize_scale(640, 480, 600, 1000) == 600 / 480  # portrait: same rule
 
 
-@pytest.mark.parametrize("h,w,short,max_size,expected", [
-    (480, 640, 600, 1000, (600, 800)),
-    (100, 400, 600, 1000, (250, 1000)),
-    (640, 480, 600, 1000, (800, 600)),
-    # 371 * (800 / 371) is 799.9999999999999 in floating point, and torchvision floors it:
-    # the shorter side comes out one pixel short, and so must ours.
-    (371, 500, 800, 1333, (799, 1078)),
-])
+@pytest.mark.parametrize(
+    "h,w,short,max_size,expected",
+    [
+        (480, 640, 600, 1000, (600, 800)),
+        (100, 400, 600, 1000, (250, 1000)),
+        (640, 480, 600, 1000, (800, 600)),
+        # 371 * (800 / 371) is 799.9999999999999 in floating point, and torchvision floors it:
+        # the shorter side comes out one pixel short, and so must ours.
+        (371, 500, 800, 1333, (799, 1078)),
+    ],
+)
 def test_resize_output_size_is_the_floor_of_size_times_scale(h, w, short, max_size, expected):
     scale = resize_scale(h, w, short, max_size)
     assert (math.floor(h * scale), math.floor(w * scale)) == expected

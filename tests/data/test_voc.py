@@ -1,6 +1,7 @@
 """Tests of the Pascal VOC loader (detkit.data.voc) on the real BCCD devkit folder and on
 small VOC folders written into tmp_path, including every kind of broken input, and of
 ``detkit evaluate`` on such a folder."""
+
 import json
 import logging
 import os
@@ -11,17 +12,16 @@ import numpy as np
 import pytest
 
 import detkit.data.voc as voc_mod
-from detkit.data.build import DATASET_FORMATS, build_dataset
 from detkit.cli import main
-from detkit.data.dataset import DatasetError
-from detkit.data.io import ImageReadError
+from detkit.data.build import DATASET_FORMATS, build_dataset
 from detkit.data.voc import load_voc
+from detkit.errors import DatasetError, ImageReadError
 from detkit.schema import DatasetConfig
-
 
 
 def warnings_of(caplog):
     return [r.getMessage() for r in caplog.records if r.name == "detkit" and r.levelno == logging.WARNING]
+
 
 def shared_dir() -> Path:
     env = os.environ.get("DETKIT_SHARED")
@@ -110,7 +110,8 @@ def test_bccd_classes_counts_and_one_summary_warning(bccd_root, detkit_log):
     assert counts == {"Platelets": 361, "RBC": 4155 - 2, "WBC": 372}
     assert not np.concatenate([r.difficult for r in dataset.records]).any()
     assert warnings_of(detkit_log) == [
-        "BCCD:all: dropped zero-area boxes: 2 in 2 files (BloodImage_00338.xml, BloodImage_00343.xml)"]
+        "BCCD:all: dropped zero-area boxes: 2 in 2 files (BloodImage_00338.xml, BloodImage_00343.xml)"
+    ]
     assert dataset.problems.count("dropped zero-area boxes") == 2
 
 
@@ -162,12 +163,20 @@ def test_plain_layout_without_split_rule_names_the_options(tmp_path):
     root = make_plain(tmp_path / "ds", ["a"])
     with pytest.raises(DatasetError) as err:
         load_voc(root, "train")
-    assert str(err.value) == (f"{root}: split 'train' needs split_file, ImageSets/Main/train.txt, "
-                              "or holdout in (0, 1) (got 0.0)")
+    assert str(err.value) == (
+        f"{root}: split 'train' needs split_file, ImageSets/Main/train.txt, or holdout in (0, 1) (got 0.0)"
+    )
 
 
-@pytest.mark.parametrize("ann,img", [("annotations", "images"), ("Annotations", "images"),
-                                     ("annotations", "JPEGImages"), ("Annotations", "JPEGImages")])
+@pytest.mark.parametrize(
+    "ann,img",
+    [
+        ("annotations", "images"),
+        ("Annotations", "images"),
+        ("annotations", "JPEGImages"),
+        ("Annotations", "JPEGImages"),
+    ],
+)
 def test_layout_folders_are_found_by_name(tmp_path, ann, img):
     root = make_plain(tmp_path / "ds", ["a", "b"], ann=ann, img=img)
     dataset = load_voc(root)
@@ -229,14 +238,14 @@ def test_difficult_flag_is_kept(tmp_path):
 
 def test_classes_given_fix_the_label_order_and_drop_others(tmp_path, detkit_log):
     root = tmp_path / "ds"
-    write_xml(root / "annotations" / "a.xml",
-              [("cat", (1, 1, 5, 5), 0), ("dog", (3, 3, 9, 9), 0), ("cow", (2, 2, 4, 4), 0)])
+    write_xml(
+        root / "annotations" / "a.xml", [("cat", (1, 1, 5, 5), 0), ("dog", (3, 3, 9, 9), 0), ("cow", (2, 2, 4, 4), 0)]
+    )
     write_image(root / "images" / "a.jpg")
     dataset = load_voc(root, classes=["dog", "cat"])
     assert dataset.class_names == ["dog", "cat"]
     assert dataset.records[0].labels.tolist() == [2, 1]
-    assert warnings_of(detkit_log) == [
-        "ds:all: dropped objects of classes not in the class list: 1 in 1 file (a.xml)"]
+    assert warnings_of(detkit_log) == ["ds:all: dropped objects of classes not in the class list: 1 in 1 file (a.xml)"]
     with pytest.raises(DatasetError, match="duplicate class names"):
         load_voc(root, classes=["dog", "dog"])
 
@@ -252,7 +261,8 @@ def test_a_class_list_matching_no_object_is_an_error_naming_the_found_classes(tm
         load_voc(root, classes=["RBC", "WBC"])
     assert str(err.value) == (
         f"ds:all: no object in {root / 'annotations'} is of the classes ['RBC', 'WBC']; "
-        "found ['cat', 'dog'] (set classes to these, or to null to infer them)")
+        "found ['cat', 'dog'] (set classes to these, or to null to infer them)"
+    )
     # One listed class present is enough: the rest is the counted skip of the test above.
     assert load_voc(root, classes=["cat"]).records[0].labels.tolist() == [1]
 
@@ -317,13 +327,16 @@ def test_unreadable_image_without_size_is_skipped_and_counted(tmp_path, detkit_l
 
 def test_zero_size_and_inverted_boxes_are_dropped_and_counted(tmp_path, detkit_log):
     root = tmp_path / "ds"
-    write_xml(root / "annotations" / "a.xml", [
-        ("cat", (11, 11, 30, 30), 0),  # kept
-        ("cat", (20, 5, 20, 25), 0),   # xmin == xmax: zero width
-        ("cat", (5, 7, 25, 7), 0),     # ymin == ymax: zero height
-        ("cat", (30, 5, 10, 25), 0),   # xmax < xmin: inverted
-        ("dog", (2, 2, 3, 3), 1),      # kept: 2 pixels wide in VOC's inclusive pixels
-    ])
+    write_xml(
+        root / "annotations" / "a.xml",
+        [
+            ("cat", (11, 11, 30, 30), 0),  # kept
+            ("cat", (20, 5, 20, 25), 0),  # xmin == xmax: zero width
+            ("cat", (5, 7, 25, 7), 0),  # ymin == ymax: zero height
+            ("cat", (30, 5, 10, 25), 0),  # xmax < xmin: inverted
+            ("dog", (2, 2, 3, 3), 1),  # kept: 2 pixels wide in VOC's inclusive pixels
+        ],
+    )
     write_image(root / "images" / "a.jpg")
     rec = load_voc(root).records[0]
     assert rec.boxes.tolist() == [[10, 10, 30, 30], [1, 1, 3, 3]]
@@ -336,12 +349,15 @@ def test_zero_size_and_inverted_boxes_are_dropped_and_counted(tmp_path, detkit_l
 
 def test_boxes_outside_the_image_are_clipped_or_dropped(tmp_path, detkit_log):
     root = tmp_path / "ds"
-    write_xml(root / "annotations" / "a.xml", [
-        ("cat", (50, 40, 70, 60), 0),  # sticks out right and bottom of 64x48: clipped
-        ("cat", (0, 1, 10, 10), 0),    # xmin 0 (a 0-based tool) -> x1 = -1: clipped
-        ("cat", (80, 10, 90, 20), 0),  # entirely to the right: dropped (counted once)
-        ("cat", (1, 1, 64, 48), 0),    # exactly the whole image: untouched
-    ])
+    write_xml(
+        root / "annotations" / "a.xml",
+        [
+            ("cat", (50, 40, 70, 60), 0),  # sticks out right and bottom of 64x48: clipped
+            ("cat", (0, 1, 10, 10), 0),  # xmin 0 (a 0-based tool) -> x1 = -1: clipped
+            ("cat", (80, 10, 90, 20), 0),  # entirely to the right: dropped (counted once)
+            ("cat", (1, 1, 64, 48), 0),  # exactly the whole image: untouched
+        ],
+    )
     write_image(root / "images" / "a.jpg")
     rec = load_voc(root).records[0]
     assert rec.boxes.tolist() == [[49, 39, 64, 48], [0, 0, 10, 10], [0, 0, 64, 48]]
@@ -382,7 +398,8 @@ def test_xml_filename_escaping_the_root_is_skipped_and_never_read(tmp_path, detk
     assert ids_of(dataset) == ["a"]
     assert touched == ["a"]  # nothing was looked up, let alone opened, for evil.xml
     assert warnings_of(detkit_log) == [
-        "ds:all: skipped annotations whose image path escapes the dataset root: 1 in 1 file (evil.xml)"]
+        "ds:all: skipped annotations whose image path escapes the dataset root: 1 in 1 file (evil.xml)"
+    ]
 
 
 def test_split_ids_escaping_the_annotation_folder_are_skipped(tmp_path, detkit_log):
@@ -393,7 +410,8 @@ def test_split_ids_escaping_the_annotation_folder_are_skipped(tmp_path, detkit_l
     dataset = load_voc(root, split_file="list.txt", classes=["cat"])
     assert ids_of(dataset) == ["a"]
     assert warnings_of(detkit_log) == [
-        "ds:all: skipped ids whose annotation path escapes the annotations folder: 1 in 1 file (outside)"]
+        "ds:all: skipped ids whose annotation path escapes the annotations folder: 1 in 1 file (outside)"
+    ]
 
 
 def test_split_ids_without_annotation_and_listed_twice_are_counted(tmp_path, detkit_log):
@@ -437,8 +455,10 @@ def test_devkit_without_imagesets_suggests_holdout(tmp_path):
     root = make_plain(tmp_path / "ds", ["a", "b"], ann="Annotations", img="JPEGImages")
     with pytest.raises(DatasetError) as err:
         load_voc(root, "train")
-    assert str(err.value) == (f"split file not found: {root / 'ImageSets' / 'Main' / 'train.txt'} "
-                              "(set holdout: 0.2 to split by a seeded fraction)")
+    assert str(err.value) == (
+        f"split file not found: {root / 'ImageSets' / 'Main' / 'train.txt'} "
+        "(set holdout: 0.2 to split by a seeded fraction)"
+    )
     # A devkit folder without ImageSets splits by holdout as well: 1 of 2 held out.
     test, train = ids_of(load_voc(root, "test", holdout=0.5)), ids_of(load_voc(root, "train", holdout=0.5))
     assert len(test) == len(train) == 1 and sorted(test + train) == ["a", "b"]
@@ -454,8 +474,9 @@ def test_explicit_split_file_that_does_not_exist(tmp_path):
     assert str(err.value) == f"split file not found: {root / 'splits' / 'tets.txt'} (available: train, val_small)"
     with pytest.raises(DatasetError) as err:
         load_voc(root, split_file="lists/train.txt")
-    assert str(err.value) == (f"split file not found: {root / 'lists' / 'train.txt'} "
-                              f"(no .txt split lists in {root / 'lists'})")
+    assert str(err.value) == (
+        f"split file not found: {root / 'lists' / 'train.txt'} (no .txt split lists in {root / 'lists'})"
+    )
 
 
 def test_empty_split_file(tmp_path):
@@ -472,8 +493,10 @@ def test_no_usable_image_is_one_line_naming_the_first_problem(tmp_path):
         p.unlink()
     with pytest.raises(DatasetError) as err:
         load_voc(root)
-    assert str(err.value) == (f"ds:all: no usable images in {root / 'annotations'} (ds:all: skipped "
-                              "annotations whose image is missing: 2 in 2 files (a.xml, +1 more))")
+    assert str(err.value) == (
+        f"ds:all: no usable images in {root / 'annotations'} (ds:all: skipped "
+        "annotations whose image is missing: 2 in 2 files (a.xml, +1 more))"
+    )
 
 
 # -- through the command line ----------------------------------------------------------------
@@ -519,8 +542,19 @@ def test_cli_evaluate_gives_the_hand_computed_ap(tmp_path, capsys, restore_loggi
     # dog: 1 GT, the exact detection ranks above the false positive -> AP 1 either way.
     _evaluate_fixture(tmp_path)
     out = tmp_path / "out" / "result.json"
-    rc = main(["evaluate", "--dataset", str(tmp_path / "data.yaml"), "--detections",
-               str(tmp_path / "dets.json"), "--metric", metric, "--out", str(out)])
+    rc = main(
+        [
+            "evaluate",
+            "--dataset",
+            str(tmp_path / "data.yaml"),
+            "--detections",
+            str(tmp_path / "dets.json"),
+            "--metric",
+            metric,
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     result = json.loads(out.read_text())
     assert result["metric"] == metric
@@ -541,7 +575,21 @@ def test_cli_evaluate_iou_decides_true_and_false_positives(tmp_path, restore_log
     dets.append({"image_id": "img2", "category": "cat", "bbox": [13, 13, 15, 15], "score": 0.95})
     (tmp_path / "dets.json").write_text(json.dumps(dets))
     out = tmp_path / "r.json"
-    assert main(["evaluate", "--dataset", str(tmp_path / "data.yaml"), "--detections",
-                 str(tmp_path / "dets.json"), "--metric", "voc", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--dataset",
+                str(tmp_path / "data.yaml"),
+                "--detections",
+                str(tmp_path / "dets.json"),
+                "--metric",
+                "voc",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     # cat ranked: FP (0.95), TP (0.9): recall 1/2 at precision 1/2 -> AP 0.25.
     assert json.loads(out.read_text())["per_class"]["cat"] == pytest.approx(0.25, abs=1e-12)

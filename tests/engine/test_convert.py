@@ -1,5 +1,6 @@
 """torchvision parity: a seeded, randomly initialised torchvision fasterrcnn_resnet50_fpn,
 converted with ``detkit convert``, gives the same detections in detkit."""
+
 import numpy as np
 import pytest
 import torch
@@ -9,9 +10,9 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from detkit.cli import main as cli_main
 from detkit.data.transforms import build_transforms
-from detkit.engine.checkpoint import CheckpointError
-from detkit.engine.predictor import Predictor
 from detkit.engine.convert import map_torchvision_state
+from detkit.engine.predictor import Predictor
+from detkit.errors import CheckpointError
 
 # 352 px shorter side: small enough for a fast test, and the padded 352 x 480 input gives an
 # odd P5 (11 x 15), which exercises torchvision's stride rule for P6 (352 // 6 = 58, not 64).
@@ -22,8 +23,9 @@ def _torchvision_model():
     """fasterrcnn_resnet50_fpn as torchvision builds it for its COCO weights (frozen BatchNorm,
     3 trainable stages), randomly initialised."""
     torch.manual_seed(0)
-    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d,
-                                   trainable_layers=3)
+    backbone = resnet_fpn_backbone(
+        backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d, trainable_layers=3
+    )
     model = FasterRCNN(backbone, num_classes=91, min_size=MIN_SIZE, max_size=1333)
     # Random BatchNorm statistics, so that the frozen-BN conversion is really exercised.
     g = torch.Generator().manual_seed(1)
@@ -45,8 +47,9 @@ def _images():
     for h, w in ((480, 640), (300, 410)):
         # Smooth blobs rather than white noise so that features and boxes vary with place.
         base = rng.random((h // 20 + 1, w // 20 + 1, 3))
-        img = torch.nn.functional.interpolate(torch.tensor(base).permute(2, 0, 1)[None].float(), size=(h, w),
-                                              mode="bilinear")[0]
+        img = torch.nn.functional.interpolate(
+            torch.tensor(base).permute(2, 0, 1)[None].float(), size=(h, w), mode="bilinear"
+        )[0]
         images.append((img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
     return images
 

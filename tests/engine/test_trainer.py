@@ -1,4 +1,5 @@
 """Trainer pieces: schedule values, optimizer groups, NaN stop, resume, checkpoints."""
+
 import json
 import logging
 import math
@@ -15,7 +16,8 @@ from detkit.engine.checkpoint import (
     load_model_state,
     save_checkpoint,
 )
-from detkit.engine.trainer import LRSchedule, Trainer, TrainingError, build_optimizer, check_output_dir
+from detkit.engine.trainer import LRSchedule, Trainer, build_optimizer, check_output_dir
+from detkit.errors import TrainingError
 from detkit.schema import Config, TrainConfig
 from detkit.structures import ImageRecord
 
@@ -45,8 +47,12 @@ def test_norm_and_bias_get_no_weight_decay():
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
     assert {id(p) for p in decay["params"]} == {id(model[2].weight)}
-    assert {id(p) for p in no_decay["params"]} == {id(model[0].bias), id(model[1].weight), id(model[1].bias),
-                                                   id(model[2].bias)}
+    assert {id(p) for p in no_decay["params"]} == {
+        id(model[0].bias),
+        id(model[1].weight),
+        id(model[1].bias),
+        id(model[2].bias),
+    }
 
 
 def test_output_dir_with_a_run_is_protected(tmp_path):
@@ -89,8 +95,12 @@ class _TinyDataset(torch.utils.data.Dataset):
         return np.ones(len(self.records))
 
     def __getitem__(self, i):
-        return torch.rand(3, 8, 8), {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
-                                     "image_id": i, "orig_size": (8, 8)}
+        return torch.rand(3, 8, 8), {
+            "boxes": torch.zeros(0, 4),
+            "labels": torch.zeros(0, dtype=torch.long),
+            "image_id": i,
+            "orig_size": (8, 8),
+        }
 
 
 def test_nan_loss_stops_before_the_update_and_keeps_the_last_checkpoint(tmp_path):
@@ -166,13 +176,11 @@ def test_bare_state_dict_checkpoints_load(tmp_path):
     assert set(load_checkpoint(tmp_path / "bare.pt")["model"]) == {"w"}
 
 
-
 def test_resume_follows_the_new_schedule(tmp_path):
     # A cosine schedule saved at max_iter 4 ends at lr 0; resumed with max_iter 8 the lr must
     # follow the new cosine (not the stored one, which would train at lr 0).
     cfg = Config()
-    cfg.train = TrainConfig(max_iter=4, warmup_iters=0, lr_schedule="cosine", base_lr=0.1, device="cpu",
-                            log_period=1)
+    cfg.train = TrainConfig(max_iter=4, warmup_iters=0, lr_schedule="cosine", base_lr=0.1, device="cpu", log_period=1)
     cfg.data.batch_size = 2
     Trainer(cfg, _NaNAfter(10**9), _TinyDataset(), None, tmp_path, ["a"], progress=False).train()
     cfg.train.max_iter = 8
@@ -186,14 +194,23 @@ def test_resume_follows_the_new_schedule(tmp_path):
 def test_evaluation_does_not_move_the_training_random_stream(tmp_path):
     """Validation-loss sampling draws random numbers; with eval_period the training losses
     must stay those of a run without it."""
+
     def losses(eval_period, out):
         torch.manual_seed(0)
         cfg = Config()
         cfg.train = TrainConfig(max_iter=4, warmup_iters=0, eval_period=eval_period, device="cpu", log_period=1)
         cfg.data.batch_size = 2
         model = _NaNAfter(10**9)
-        trainer = Trainer(cfg, model, _TinyDataset(), _TinyDataset(), out, ["a"],
-                          evaluate_fn=lambda dets, ds: {"metric": "voc", "mAP": 0.0}, progress=False)
+        trainer = Trainer(
+            cfg,
+            model,
+            _TinyDataset(),
+            _TinyDataset(),
+            out,
+            ["a"],
+            evaluate_fn=lambda dets, ds: {"metric": "voc", "mAP": 0.0},
+            progress=False,
+        )
         # An "evaluation" that consumes the global RNG, as the validation loss does.
         trainer._evaluate = lambda it: (torch.rand(100), {"metric": "voc", "mAP": 0.0})[1]
         trainer.train()

@@ -11,13 +11,16 @@ from detkit.structures import ImageRecord
 
 
 def det(boxes, scores, labels):
-    return {"boxes": np.asarray(boxes, float).reshape(-1, 4),
-            "scores": np.asarray(scores, float), "labels": np.asarray(labels, np.int64)}
+    return {
+        "boxes": np.asarray(boxes, float).reshape(-1, 4),
+        "scores": np.asarray(scores, float),
+        "labels": np.asarray(labels, np.int64),
+    }
 
 
 def voc_like(images, class_names=("a", "b")):
     """images: (image_id, boxes internal xyxy, labels, difficult); no COCO json."""
-    records = [ImageRecord(i, f"/nonexistent/{i}.jpg", 200, 100, b, l, d) for i, b, l, d in images]
+    records = [ImageRecord(i, f"/nonexistent/{i}.jpg", 200, 100, b, lab, d) for i, b, lab, d in images]
     return DetectionDataset(records, list(class_names), native_offset=1.0)
 
 
@@ -48,10 +51,13 @@ def test_hand_checked_single_box():
 
 
 def test_perfect_detections_give_ap_one():
-    images = [("x", [[0, 0, 50, 40], [60, 10, 120, 90]], [1, 2], [False, False]),
-              ("y", [[5, 5, 30, 30]], [1], [False]), ("z", np.zeros((0, 4)), [], [])]
+    images = [
+        ("x", [[0, 0, 50, 40], [60, 10, 120, 90]], [1, 2], [False, False]),
+        ("y", [[5, 5, 30, 30]], [1], [False]),
+        ("z", np.zeros((0, 4)), [], []),
+    ]
     dataset = voc_like(images)
-    dets = {i: det(b, np.linspace(0.9, 0.5, len(l)), l) for i, b, l, _ in images if len(l)}
+    dets = {i: det(b, np.linspace(0.9, 0.5, len(lab)), lab) for i, b, lab, _ in images if len(lab)}
     r = coco_evaluate(dataset, dets)
     assert r["mAP"] == pytest.approx(1.0) and r["AP75"] == pytest.approx(1.0)
     assert r["per_class"] == pytest.approx({"a": 1.0, "b": 1.0})
@@ -87,14 +93,14 @@ def test_prints_nothing_unless_verbose(capsys):
 def write_coco_json(tmp_path):
     # Non-contiguous category ids on purpose: label 1 "cat" = id 7, label 2 "dog" = id 3.
     data = {
-        "images": [{"id": 42, "width": 200, "height": 100, "file_name": "a.jpg"},
-                   {"id": 17, "width": 200, "height": 100, "file_name": "b.jpg"}],
+        "images": [
+            {"id": 42, "width": 200, "height": 100, "file_name": "a.jpg"},
+            {"id": 17, "width": 200, "height": 100, "file_name": "b.jpg"},
+        ],
         "categories": [{"id": 3, "name": "dog"}, {"id": 7, "name": "cat"}],
         "annotations": [
-            {"id": 1, "image_id": 42, "category_id": 7, "bbox": [10, 10, 40, 30], "area": 1200,
-             "iscrowd": 0},
-            {"id": 2, "image_id": 17, "category_id": 3, "bbox": [0, 0, 10, 10], "area": 100,
-             "iscrowd": 0},
+            {"id": 1, "image_id": 42, "category_id": 7, "bbox": [10, 10, 40, 30], "area": 1200, "iscrowd": 0},
+            {"id": 2, "image_id": 17, "category_id": 3, "bbox": [0, 0, 10, 10], "area": 100, "iscrowd": 0},
         ],
     }
     path = tmp_path / "instances.json"
@@ -108,10 +114,11 @@ def coco_dataset(tmp_path):
 
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO(str(write_coco_json(tmp_path)))
-    records = [ImageRecord(42, "a.jpg", 200, 100, [[10, 10, 50, 40]], [1], [False]),
-               ImageRecord(17, "b.jpg", 200, 100, [[0, 0, 10, 10]], [2], [False])]
-    return DetectionDataset(records, ["cat", "dog"], native_offset=0.0, coco=coco,
-                            label_to_cat_id={1: 7, 2: 3})
+    records = [
+        ImageRecord(42, "a.jpg", 200, 100, [[10, 10, 50, 40]], [1], [False]),
+        ImageRecord(17, "b.jpg", 200, 100, [[0, 0, 10, 10]], [2], [False]),
+    ]
+    return DetectionDataset(records, ["cat", "dog"], native_offset=0.0, coco=coco, label_to_cat_id={1: 7, 2: 3})
 
 
 def test_coco_json_dataset_maps_labels_to_category_ids(tmp_path):

@@ -20,8 +20,7 @@ def voc_dataset():
 
 def coco_dataset():
     records = [ImageRecord(42, "/x/a.jpg", 640, 480), ImageRecord(17, "/x/b.jpg", 640, 480)]
-    return DetectionDataset(records, ["cat", "dog"], native_offset=0.0, label_to_cat_id={1: 7, 2: 3},
-                            name="coco_test")
+    return DetectionDataset(records, ["cat", "dog"], native_offset=0.0, label_to_cat_id={1: 7, 2: 3}, name="coco_test")
 
 
 def write(tmp_path, entries, name="dets.json"):
@@ -33,17 +32,19 @@ def write(tmp_path, entries, name="dets.json"):
 def test_voc_entries_are_in_xml_coordinates():
     # internal (9, 19, 30, 40) is the XML box xmin=10, ymin=20, xmax=30, ymax=40:
     # bbox [xmin, ymin, xmax - xmin, ymax - ymin] = [10, 20, 20, 20]
-    dets = {"000007": {"boxes": np.array([[9, 19, 30, 40]], np.float32), "scores": np.array([0.5]),
-                       "labels": np.array([2])}}
+    dets = {
+        "000007": {"boxes": np.array([[9, 19, 30, 40]], np.float32), "scores": np.array([0.5]), "labels": np.array([2])}
+    }
     assert dets_to_json(dets, voc_dataset()) == [
-        {"image_id": "000007", "category_id": 2, "category": "dog", "bbox": [10.0, 20.0, 20.0, 20.0],
-         "score": 0.5}]
+        {"image_id": "000007", "category_id": 2, "category": "dog", "bbox": [10.0, 20.0, 20.0, 20.0], "score": 0.5}
+    ]
 
 
 def test_coco_entries_use_json_ids():
     dets = {17: {"boxes": np.array([[1.5, 2, 11.5, 7]]), "scores": np.array([0.25]), "labels": np.array([1])}}
     assert dets_to_json(dets, coco_dataset()) == [
-        {"image_id": 17, "category_id": 7, "category": "cat", "bbox": [1.5, 2.0, 10.0, 5.0], "score": 0.25}]
+        {"image_id": 17, "category_id": 7, "category": "cat", "bbox": [1.5, 2.0, 10.0, 5.0], "score": 0.25}
+    ]
 
 
 @pytest.mark.parametrize("make", [voc_dataset, coco_dataset])
@@ -54,8 +55,11 @@ def test_round_trip_is_exact(tmp_path, make):
     for rec in dataset.records:
         xy = rng.uniform(0, 300, (5, 2)).astype(np.float32)
         boxes = np.concatenate([xy, xy + rng.uniform(0.5, 90, (5, 2)).astype(np.float32)], 1)
-        dets[rec.image_id] = {"boxes": boxes, "scores": rng.random(5).astype(np.float32),
-                              "labels": rng.integers(1, 3, 5)}
+        dets[rec.image_id] = {
+            "boxes": boxes,
+            "scores": rng.random(5).astype(np.float32),
+            "labels": rng.integers(1, 3, 5),
+        }
     path = tmp_path / "out" / "dets.json"
     save_detections(path, dets, dataset)
     loaded = load_detections(path, dataset)
@@ -75,10 +79,13 @@ def test_empty_detections_round_trip(tmp_path):
 
 
 def test_load_by_category_name_and_id(tmp_path):
-    path = write(tmp_path, [
-        {"image_id": "000005", "category": "dog", "bbox": [10, 20, 20, 20], "score": 0.9},
-        {"image_id": "000005", "category_id": 1, "bbox": [1, 1, 0, 0], "score": 0.1},
-    ])
+    path = write(
+        tmp_path,
+        [
+            {"image_id": "000005", "category": "dog", "bbox": [10, 20, 20, 20], "score": 0.9},
+            {"image_id": "000005", "category_id": 1, "bbox": [1, 1, 0, 0], "score": 0.1},
+        ],
+    )
     d = load_detections(path, voc_dataset())["000005"]
     # x1 = xmin - 1, y1 = ymin - 1, x2 = xmin + w, y2 = ymin + h; a one-pixel box (w = 0)
     np.testing.assert_array_equal(d["boxes"], [[9, 19, 30, 40], [0, 0, 1, 1]])
@@ -96,25 +103,32 @@ def test_coco_category_ids_map_to_labels(tmp_path):
 GOOD = {"image_id": "000005", "category": "cat", "bbox": [1, 1, 5, 5], "score": 0.5}
 
 
-@pytest.mark.parametrize("content, message", [
-    ("{not json", r"dets\.json: not a JSON file"),
-    ({"image_id": 1}, r"dets\.json: expected a JSON list of detections, got dict"),
-    ([GOOD, 3], r"entry 1: expected an object"),
-    ([GOOD, {"image_id": "000005", "category": "cat", "score": 0.5}], r"entry 1: missing key\(s\) bbox"),
-    ([{"image_id": "000005", "bbox": [1, 1, 5, 5], "score": 0.5}], r"entry 0: missing key\(s\) category_id"),
-    ([dict(GOOD, bbox=[1, 1, 5])], r"entry 0: bbox must be four finite numbers"),
-    ([dict(GOOD, bbox=[1, 1, "5", 5])], r"entry 0: bbox must be four finite numbers"),
-    ([dict(GOOD, bbox=[1, 1, 5, float("nan")])], r"entry 0: bbox must be four finite numbers"),
-    # VOC: w = -1 is a zero-width box (x2 = x1); w = -2 would be x2 < x1
-    ([GOOD, dict(GOOD, bbox=[5, 5, -2, 3])], r"entry 1: bbox .* negative width or height"),
-    ([dict(GOOD, score="high")], r"entry 0: score must be a finite number"),
-    ([dict(GOOD, category="cow")], r"entry 0: unknown category 'cow'"),
-    ([{"image_id": "000005", "category_id": 9, "bbox": [1, 1, 5, 5], "score": 0.5}],
-     r"entry 0: unknown category_id 9"),
-    ([dict(GOOD, category_id=2)], r"entry 0: category 'cat' disagrees with category_id 2"),
-    ([dict(GOOD, image_id="999999"), dict(GOOD, image_id="000001")],
-     r"none of the 2 detections' image ids is in dataset 'voc_test' \(e\.g\. '999999'\)"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", r"dets\.json: not a JSON file"),
+        ({"image_id": 1}, r"dets\.json: expected a JSON list of detections, got dict"),
+        ([GOOD, 3], r"entry 1: expected an object"),
+        ([GOOD, {"image_id": "000005", "category": "cat", "score": 0.5}], r"entry 1: missing key\(s\) bbox"),
+        ([{"image_id": "000005", "bbox": [1, 1, 5, 5], "score": 0.5}], r"entry 0: missing key\(s\) category_id"),
+        ([dict(GOOD, bbox=[1, 1, 5])], r"entry 0: bbox must be four finite numbers"),
+        ([dict(GOOD, bbox=[1, 1, "5", 5])], r"entry 0: bbox must be four finite numbers"),
+        ([dict(GOOD, bbox=[1, 1, 5, float("nan")])], r"entry 0: bbox must be four finite numbers"),
+        # VOC: w = -1 is a zero-width box (x2 = x1); w = -2 would be x2 < x1
+        ([GOOD, dict(GOOD, bbox=[5, 5, -2, 3])], r"entry 1: bbox .* negative width or height"),
+        ([dict(GOOD, score="high")], r"entry 0: score must be a finite number"),
+        ([dict(GOOD, category="cow")], r"entry 0: unknown category 'cow'"),
+        (
+            [{"image_id": "000005", "category_id": 9, "bbox": [1, 1, 5, 5], "score": 0.5}],
+            r"entry 0: unknown category_id 9",
+        ),
+        ([dict(GOOD, category_id=2)], r"entry 0: category 'cat' disagrees with category_id 2"),
+        (
+            [dict(GOOD, image_id="999999"), dict(GOOD, image_id="000001")],
+            r"none of the 2 detections' image ids is in dataset 'voc_test' \(e\.g\. '999999'\)",
+        ),
+    ],
+)
 def test_errors_name_file_and_entry(tmp_path, content, message):
     path = write(tmp_path, content)
     with pytest.raises(DetectionFileError, match=message) as info:

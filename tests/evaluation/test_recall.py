@@ -59,8 +59,7 @@ def test_more_proposals_than_available_uses_all():
 def test_recall_curve():
     np.testing.assert_allclose(recall_curve(GT, PROPOSALS, [1, 2, 3], iou=0.7), [0.25, 0.5, 0.5])
     # a sequence of thresholds gives AR against the number of proposals
-    np.testing.assert_allclose(recall_curve(GT, PROPOSALS, [1, 2, 3], iou=[0.5, 0.7, 0.9]),
-                               [0.25, 1 / 3, 0.5])
+    np.testing.assert_allclose(recall_curve(GT, PROPOSALS, [1, 2, 3], iou=[0.5, 0.7, 0.9]), [0.25, 1 / 3, 0.5])
 
 
 def test_accepts_tensors_and_proposals_objects():
@@ -83,8 +82,7 @@ def test_mismatched_lengths_and_bad_counts():
 
 
 def test_dataset_gt_boxes_drops_difficult():
-    rec = ImageRecord("x", "x.jpg", 50, 50, [[0, 0, 1, 1], [2, 2, 3, 3], [4, 4, 5, 5]], [1, 1, 1],
-                      [False, True, False])
+    rec = ImageRecord("x", "x.jpg", 50, 50, [[0, 0, 1, 1], [2, 2, 3, 3], [4, 4, 5, 5]], [1, 1, 1], [False, True, False])
     dataset = DetectionDataset([rec, ImageRecord("y", "y.jpg", 5, 5)], ["a"])
     boxes = dataset_gt_boxes(dataset)
     np.testing.assert_array_equal(boxes[0], [[0, 0, 1, 1], [4, 4, 5, 5]])

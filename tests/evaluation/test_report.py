@@ -13,17 +13,23 @@ NAN = float("nan")
 
 def dataset():
     # "RBC" has two objects, "WBC" one, "Platelets/big" none
-    records = [ImageRecord("x", "/x/x.jpg", 100, 100, [[0, 0, 10, 10], [50, 50, 70, 70]], [1, 1], [False, False]),
-               ImageRecord("y", "/x/y.jpg", 100, 100, [[20, 20, 40, 40]], [2], [False])]
+    records = [
+        ImageRecord("x", "/x/x.jpg", 100, 100, [[0, 0, 10, 10], [50, 50, 70, 70]], [1, 1], [False, False]),
+        ImageRecord("y", "/x/y.jpg", 100, 100, [[20, 20, 40, 40]], [2], [False]),
+    ]
     return DetectionDataset(records, ["RBC", "WBC", "Platelets/big"], native_offset=1.0)
 
 
 def dets():
     # RBC: TP, FP, TP (the toy curve: VOC07 28/33, VOC 5/6); WBC: one TP
-    return {"x": {"boxes": np.array([[0, 0, 10, 10], [80, 80, 90, 90], [50, 50, 70, 70]], float),
-                  "scores": np.array([0.9, 0.8, 0.7]), "labels": np.array([1, 1, 1])},
-            "y": {"boxes": np.array([[20, 20, 40, 40]], float), "scores": np.array([0.6]),
-                  "labels": np.array([2])}}
+    return {
+        "x": {
+            "boxes": np.array([[0, 0, 10, 10], [80, 80, 90, 90], [50, 50, 70, 70]], float),
+            "scores": np.array([0.9, 0.8, 0.7]),
+            "labels": np.array([1, 1, 1]),
+        },
+        "y": {"boxes": np.array([[20, 20, 40, 40]], float), "scores": np.array([0.6]), "labels": np.array([2])},
+    }
 
 
 def test_evaluate_dispatches():
@@ -40,19 +46,25 @@ def test_evaluate_rejects_unknown_metric():
 
 
 def test_format_table_voc():
-    result = {"metric": "voc07", "iou_thresh": 0.5, "mAP": 0.75,
-              "per_class": {"RBC": 0.5, "WBC": 1.0, "Platelets": NAN},
-              "num_gt": {"RBC": 10, "WBC": 3, "Platelets": 0}}
-    assert format_table(result) == "\n".join([
-        "VOC2007 11-point AP, IoU > 0.5",
-        "class          #gt       AP",
-        "---------------------------",
-        "RBC             10   0.5000",
-        "WBC              3   1.0000",
-        "Platelets        0      n/a",
-        "---------------------------",
-        "mAP             13   0.7500",
-    ])
+    result = {
+        "metric": "voc07",
+        "iou_thresh": 0.5,
+        "mAP": 0.75,
+        "per_class": {"RBC": 0.5, "WBC": 1.0, "Platelets": NAN},
+        "num_gt": {"RBC": 10, "WBC": 3, "Platelets": 0},
+    }
+    assert format_table(result) == "\n".join(
+        [
+            "VOC2007 11-point AP, IoU > 0.5",
+            "class          #gt       AP",
+            "---------------------------",
+            "RBC             10   0.5000",
+            "WBC              3   1.0000",
+            "Platelets        0      n/a",
+            "---------------------------",
+            "mAP             13   0.7500",
+        ]
+    )
 
 
 def test_format_table_coco_has_summary_numbers():

@@ -11,16 +11,20 @@ from detkit.structures import ImageRecord
 def make_dataset(images, class_names=("a", "b")):
     """images: list of (image_id, boxes (internal xyxy), labels, difficult)."""
     records = [
-        ImageRecord(image_id=i, file_name=f"/nonexistent/{i}.jpg", width=500, height=400,
-                    boxes=b, labels=l, difficult=d)
-        for i, b, l, d in images
+        ImageRecord(
+            image_id=i, file_name=f"/nonexistent/{i}.jpg", width=500, height=400, boxes=b, labels=lab, difficult=d
+        )
+        for i, b, lab, d in images
     ]
     return DetectionDataset(records=records, class_names=list(class_names), native_offset=1.0)
 
 
 def det(boxes, scores, labels):
-    return {"boxes": np.asarray(boxes, float).reshape(-1, 4),
-            "scores": np.asarray(scores, float), "labels": np.asarray(labels, np.int64)}
+    return {
+        "boxes": np.asarray(boxes, float).reshape(-1, 4),
+        "scores": np.asarray(scores, float),
+        "labels": np.asarray(labels, np.int64),
+    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -38,8 +42,7 @@ def reference_voc_eval(dataset, dets, label, ovthresh, use_07_metric):
         bbox = rec.boxes[keep].astype(np.float64)
         bbox[:, :2] += 1.0  # back to the XML's inclusive pixels
         difficult = rec.difficult[keep]
-        class_recs[rec.image_id] = {"bbox": bbox, "difficult": difficult,
-                                    "det": [False] * len(bbox)}
+        class_recs[rec.image_id] = {"bbox": bbox, "difficult": difficult, "det": [False] * len(bbox)}
         npos += int(np.sum(~difficult))
 
     image_ids, confidence, BB = [], [], []
@@ -68,8 +71,11 @@ def reference_voc_eval(dataset, dets, label, ovthresh, use_07_metric):
             iw = min(bb[2], bbgt[2]) - max(bb[0], bbgt[0]) + 1.0
             ih = min(bb[3], bbgt[3]) - max(bb[1], bbgt[1]) + 1.0
             if iw > 0 and ih > 0:
-                ua = ((bb[2] - bb[0] + 1.0) * (bb[3] - bb[1] + 1.0)
-                      + (bbgt[2] - bbgt[0] + 1.0) * (bbgt[3] - bbgt[1] + 1.0) - iw * ih)
+                ua = (
+                    (bb[2] - bb[0] + 1.0) * (bb[3] - bb[1] + 1.0)
+                    + (bbgt[2] - bbgt[0] + 1.0) * (bbgt[3] - bbgt[1] + 1.0)
+                    - iw * ih
+                )
                 ov = iw * ih / ua
                 if ov > ovmax:
                     ovmax, jmax = ov, j
@@ -157,8 +163,7 @@ def test_matches_reference_voc_eval_on_random_cases(seed):
     for metric, use_07 in (("voc07", True), ("voc", False)):
         for thresh in (0.5, 0.7):
             result = voc_evaluate(dataset, dets, metric=metric, iou_thresh=thresh)
-            expected = [reference_voc_eval(dataset, dets, k, thresh, use_07)
-                        for k in range(1, dataset.num_classes + 1)]
+            expected = [reference_voc_eval(dataset, dets, k, thresh, use_07) for k in range(1, dataset.num_classes + 1)]
             got = [result["per_class"][n] for n in dataset.class_names]
             np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9, equal_nan=True)
             valid = [e for e in expected if not math.isnan(e)]
@@ -312,8 +317,7 @@ def test_accepts_torch_detections():
     from detkit.structures import Detections
 
     dataset = make_dataset([("x", [[0, 0, 10, 10]], [1], [False])])
-    dets = {"x": Detections(torch.tensor([[0.0, 0.0, 10.0, 10.0]]), torch.tensor([0.9]),
-                            torch.tensor([1]))}
+    dets = {"x": Detections(torch.tensor([[0.0, 0.0, 10.0, 10.0]]), torch.tensor([0.9]), torch.tensor([1]))}
     assert voc_evaluate(dataset, dets)["per_class"]["a"] == pytest.approx(1.0)
 
 

@@ -1,6 +1,7 @@
 """Tests of detkit.modeling.backbones: output names, strides, channels and feature sizes
 (tiny, ResNet-18 FPN and C4, VGG-16 C4) on a 64 x 96 input, frozen stages, bad options, and
 pretrained weights from a local file or (offline) a torchvision weight name."""
+
 from urllib.error import URLError
 
 import pytest
@@ -8,7 +9,8 @@ import torch
 import torchvision
 from torch import nn
 
-from detkit.modeling.backbones.common import BackboneError, load_pretrained, norm_layer
+from detkit.errors import BackboneError
+from detkit.modeling.backbones.common import load_pretrained, norm_layer
 from detkit.modeling.backbones.fpn import FPN
 from detkit.modeling.backbones.resnet import ResNetBody, SingleMap
 from detkit.modeling.backbones.tiny import TinyResNetBody
@@ -87,7 +89,10 @@ def test_vgg16_all_outputs_strides():
     with torch.no_grad():
         out = body(X)
     assert {k: tuple(v.shape[1:]) for k, v in out.items()} == {
-        "c2": (256, 16, 24), "c3": (512, 8, 12), "c4": (512, 4, 6), "c5": (512, 2, 3)
+        "c2": (256, 16, 24),
+        "c3": (512, 8, 12),
+        "c4": (512, 4, 6),
+        "c5": (512, 2, 3),
     }
     assert body.out_strides == {"c2": 4, "c3": 8, "c4": 16, "c5": 32}
 
@@ -98,7 +103,14 @@ def _trainable(module):
 
 def test_resnet_frozen_stages():
     # frozen_stages k freezes the stem and layer1..layer(k-1)
-    assert _trainable(ResNetBody("resnet18", frozen_stages=0)) == {"conv1", "bn1", "layer1", "layer2", "layer3", "layer4"}
+    assert _trainable(ResNetBody("resnet18", frozen_stages=0)) == {
+        "conv1",
+        "bn1",
+        "layer1",
+        "layer2",
+        "layer3",
+        "layer4",
+    }
     assert _trainable(ResNetBody("resnet18", frozen_stages=1)) == {"layer1", "layer2", "layer3", "layer4"}
     body = ResNetBody("resnet18", frozen_stages=2)
     assert _trainable(body) == {"layer2", "layer3", "layer4"}
@@ -170,13 +182,14 @@ def test_pretrained_file_that_does_not_fit(tmp_path):
 
 
 def test_pretrained_file_lacking_keys(tmp_path):
-    state = {k: v for k, v in torchvision.models.resnet18(weights=None).state_dict().items() if not k.startswith("layer4")}
+    state = {
+        k: v for k, v in torchvision.models.resnet18(weights=None).state_dict().items() if not k.startswith("layer4")
+    }
     torch.save(state, tmp_path / "partial.pth")
     # layer4 = block 0 (3 convs + 3 BNs x weight, bias, running mean/var) + block 1 (2 + 2 x 4)
     # = 15 + 10 = 25 keys (num_batches_tracked may be absent from any checkpoint)
     with pytest.raises(BackboneError, match="partial.pth lack 25 keys"):
         ResNetBody("resnet18", pretrained=str(tmp_path / "partial.pth"))
-
 
 
 def test_weight_name_offline_gives_one_line_error(monkeypatch):

@@ -1,6 +1,7 @@
 """Tests of detkit.modeling.box_ops: BoxCoder, Matcher, BalancedSampler and the small box
 helpers. Expectations are computed by hand in the comments; torchvision's BoxCoder (same
 convention) is the independent reference on random inputs."""
+
 import math
 
 import pytest
@@ -121,10 +122,13 @@ def test_agrees_with_torchvision_box_coder(weights):
 # small helpers
 # ----------------------------------------------------------------------------------------
 
+
 def test_clip_boxes_per_axis_and_batched_shape():
     # size = (h, w) = (20, 30): x into [0, 30], y into [0, 20]
     boxes = torch.tensor([[-5.0, -1.0, 40.0, 25.0], [3.0, 4.0, 5.0, 6.0]])
-    torch.testing.assert_close(clip_boxes(boxes, (20, 30)), torch.tensor([[0.0, 0.0, 30.0, 20.0], [3.0, 4.0, 5.0, 6.0]]))
+    torch.testing.assert_close(
+        clip_boxes(boxes, (20, 30)), torch.tensor([[0.0, 0.0, 30.0, 20.0], [3.0, 4.0, 5.0, 6.0]])
+    )
     batched = boxes.view(1, 2, 4).repeat(3, 1, 1)  # (..., 4) shapes are kept
     assert clip_boxes(batched, (20, 30)).shape == (3, 2, 4)
     torch.testing.assert_close(clip_boxes(batched, (20, 30))[2], clip_boxes(boxes, (20, 30)))
@@ -233,6 +237,7 @@ def test_bad_matcher_arguments_raise(thresholds, labels):
 # ----------------------------------------------------------------------------------------
 # BalancedSampler
 # ----------------------------------------------------------------------------------------
+
 
 def _labels(num_pos, num_neg, num_ignore):
     labels = torch.cat([torch.ones(num_pos), torch.zeros(num_neg), -torch.ones(num_ignore)]).long()

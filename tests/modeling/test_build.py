@@ -1,12 +1,13 @@
 """Tests of detkit.build's model half: schema defaults + the tiny backbone build a working
 Faster R-CNN (FPN and single map), which trains (losses, backward) and predicts in original
 pixels on a batch of two differently sized images; the config reaches the parts it names."""
+
 import pytest
 import torch
 
-from detkit.modeling.build import build_backbone, build_model
 from detkit.config import from_dict
-from detkit.modeling.backbones.common import BackboneError
+from detkit.errors import BackboneError
+from detkit.modeling.build import build_backbone, build_model
 from detkit.schema import ModelConfig
 from detkit.structures import ImageList
 
@@ -147,7 +148,8 @@ def test_channels_last_inference_gives_the_same_detections_and_not_in_training()
     model = build_model(fpn_cfg(roi_head={"score_thresh": 0.0}), num_classes=3)
     seen = []
     model.backbone.register_forward_pre_hook(
-        lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+        lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
     images, targets = batch(model)
     model.train()
     model(images, targets)

@@ -2,6 +2,7 @@
 boxes and the training targets, losses in eval mode, loss weights, and frozen BatchNorm
 staying in eval mode. The proposal generator and head are stubs recording what they get,
 so each rule is checked on its own."""
+
 import pytest
 import torch
 from torch import nn
@@ -114,7 +115,10 @@ def test_training_mode_returns_losses_and_no_detections():
     detections, losses = model(IMAGES, TARGETS)
     assert detections == []
     assert {k: v.item() for k, v in losses.items()} == {
-        "loss_rpn_cls": 2.0, "loss_rpn_box": 3.0, "loss_cls": 5.0, "loss_box": 7.0
+        "loss_rpn_cls": 2.0,
+        "loss_rpn_box": 3.0,
+        "loss_cls": 5.0,
+        "loss_box": 7.0,
     }
 
 
@@ -134,7 +138,10 @@ def test_loss_weights_multiply_named_terms_only():
     model = stub_detector(loss_weights={"loss_rpn_box": 0.5, "loss_cls": 2.0, "loss_unused": 9.0}).train()
     _, losses = model(IMAGES, TARGETS)
     assert {k: v.item() for k, v in losses.items()} == {
-        "loss_rpn_cls": 2.0, "loss_rpn_box": 1.5, "loss_cls": 10.0, "loss_box": 7.0
+        "loss_rpn_cls": 2.0,
+        "loss_rpn_box": 1.5,
+        "loss_cls": 10.0,
+        "loss_box": 7.0,
     }
 
 

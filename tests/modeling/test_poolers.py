@@ -1,6 +1,7 @@
 """Tests of detkit.modeling.poolers: FPN level assignment (eq. 1, by hand), RoIPooler
 against torchvision.ops (MultiScaleRoIAlign, roi_pool, roi_align) as the independent
 reference, and sparse_roi_align's forward and backward against torchvision.ops.roi_align."""
+
 from collections import OrderedDict
 
 import pytest
@@ -59,9 +60,7 @@ def _random_boxes(g, n, image, min_side=4.0, max_side=1000.0):
 def test_multilevel_pooler_equals_torchvision_multiscale_roi_align():
     g = torch.Generator().manual_seed(0)
     # image 256 x 256 (both images, so torchvision infers the same scales 1/4 .. 1/32)
-    feats = OrderedDict(
-        (f"p{k}", torch.randn(2, 3, 256 // 2**k, 256 // 2**k, generator=g)) for k in range(2, 6)
-    )
+    feats = OrderedDict((f"p{k}", torch.randn(2, 3, 256 // 2**k, 256 // 2**k, generator=g)) for k in range(2, 6))
     boxes = [_random_boxes(g, 40, 256.0), _random_boxes(g, 25, 256.0)]
     pooler = RoIPooler(7, [1 / 4, 1 / 8, 1 / 16, 1 / 32], kind="roi_align", sampling_ratio=2)
     levels = assign_levels(torch.cat(boxes), 2, 5)

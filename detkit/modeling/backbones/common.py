@@ -5,6 +5,7 @@ with attributes ``out_features`` (names, fine to coarse), ``out_channels`` (int,
 for every output), ``out_strides`` (name -> stride in input pixels) and
 ``size_divisibility`` (inputs are padded to a multiple of it).
 """
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,6 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from detkit.errors import BackboneError
-
-
 
 
 def norm_layer(kind: str) -> Optional[Callable[[int], nn.Module]]:

@@ -5,6 +5,7 @@ convs, nearest 2x top-down upsampling, 3x3 output convs) plus P6 = max-pool(P5, 
 used only by the RPN for the largest anchors (FPN paper sec. 4.1). Every output has
 ``out_channels`` channels.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict

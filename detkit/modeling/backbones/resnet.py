@@ -8,6 +8,7 @@ to ``detkit.modeling.backbones.fpn.FPN``.
 Module names follow torchvision (conv1, bn1, layer1..layer4), so ImageNet weights and
 torchvision detection checkpoints load by name.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -16,7 +17,8 @@ from typing import Dict, List, Optional
 import torchvision
 from torch import Tensor, nn
 
-from detkit.modeling.backbones.common import BackboneError, Body, freeze, load_pretrained, norm_layer
+from detkit.errors import BackboneError
+from detkit.modeling.backbones.common import Body, freeze, load_pretrained, norm_layer
 
 _RESNETS = {
     "resnet18": (torchvision.models.resnet18, "ResNet18_Weights"),

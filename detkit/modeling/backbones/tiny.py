@@ -5,6 +5,7 @@ four stages of ``blocks`` basic blocks, each stage halving the resolution, givin
 c2..c5 at strides 4..32. With widths (16, 32, 64, 128) it has ~0.7 M parameters and runs a
 160 px image in a few milliseconds on one CPU core, yet trains from scratch (BatchNorm).
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -13,7 +14,8 @@ from typing import Sequence
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock
 
-from detkit.modeling.backbones.common import BackboneError, Body, freeze, norm_layer
+from detkit.errors import BackboneError
+from detkit.modeling.backbones.common import Body, freeze, norm_layer
 
 _STAGES = ["c2", "c3", "c4", "c5"]
 

@@ -9,6 +9,7 @@ norm "none" is the original VGG-16; "bn" uses torchvision's vgg16_bn (needed to 
 from scratch). frozen_stages k freezes conv blocks 1..k (Fast R-CNN sec. 4.5 fine-tunes
 from conv3_1 up: frozen_stages=2).
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -17,7 +18,8 @@ from typing import Optional
 import torchvision
 from torch import Tensor, nn
 
-from detkit.modeling.backbones.common import BackboneError, Body, freeze, load_pretrained
+from detkit.errors import BackboneError
+from detkit.modeling.backbones.common import Body, freeze, load_pretrained
 
 _OUTPUTS = {"c2": 4, "c3": 8, "c4": 16, "c5": 32}
 _CHANNELS = {"c2": 256, "c3": 512, "c4": 512, "c5": 512}
@@ -27,7 +29,9 @@ class VGGBody(Body):
     """(N, 3, H, W) -> OrderedDict of the requested outputs among c2..c5 (see module doc).
     ``fc_state`` keeps VGG's fc6/fc7 weights (when pretrained) for the Fast R-CNN head."""
 
-    def __init__(self, out_features=("c4",), norm: str = "none", frozen_stages: int = 0, pretrained: Optional[str] = None):
+    def __init__(
+        self, out_features=("c4",), norm: str = "none", frozen_stages: int = 0, pretrained: Optional[str] = None
+    ):
         super().__init__()
         if norm not in ("none", "bn"):
             raise BackboneError(f"VGG-16 norm must be 'none' or 'bn', got '{norm}'")

@@ -17,6 +17,7 @@ boxes, a score threshold, per-class NMS and a cap on detections per image.
 The module splits ``predict`` (raw outputs), ``losses`` and ``inference`` so a validation
 loss can be computed in eval mode.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -160,9 +161,7 @@ class FastRCNNHead(nn.Module):
 
     # -- training targets ----------------------------------------------------------------
     @torch.no_grad()
-    def label_and_sample(
-        self, proposals: List[Tensor], targets: List[dict]
-    ) -> Tuple[List[Tensor], Tensor, Tensor]:
+    def label_and_sample(self, proposals: List[Tensor], targets: List[dict]) -> Tuple[List[Tensor], Tensor, Tensor]:
         """-> sampled boxes per image, labels (R,) in 0..K, encoded box targets (R, 4)."""
         sampled_boxes, labels_out, targets_out = [], [], []
         for boxes, target in zip(proposals, targets):

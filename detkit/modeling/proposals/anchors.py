@@ -16,6 +16,7 @@ Conventions (the same as torchvision's AnchorGenerator, so weights trained there
   level with an odd-sized parent (FPN's P6 from an odd P5: 800 // 13 = 61, not 64), and
   converted torchvision weights only reproduce torchvision's boxes with the same anchors.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Sequence, Tuple

@@ -6,6 +6,7 @@ brings them from original pixels into the network input (``Geometry.apply``).
 
 Shapes: N images in a batch, R proposals of one image.
 """
+
 from __future__ import annotations
 
 import logging
@@ -71,8 +72,7 @@ class PrecomputedProposals(nn.Module):
                     self.meta = meta
                 for key, (boxes, scores) in table.items():
                     if key in merged:
-                        raise ProposalFileError(
-                            f"proposal files {origin[key]} and {path} both hold image {key!r}")
+                        raise ProposalFileError(f"proposal files {origin[key]} and {path} both hold image {key!r}")
                     # Sorted once here, so that forward only slices (files written by detkit
                     # are sorted already; hand-made ones need not be).
                     order = np.argsort(-scores, kind="stable")
@@ -87,15 +87,15 @@ class PrecomputedProposals(nn.Module):
         if entry is None:
             raise ProposalFileError(
                 f"proposal file {self.files} has no proposals for image {str(image_id)!r} "
-                f"({len(table)} images in the file; made for another dataset or split?)")
+                f"({len(table)} images in the file; made for another dataset or split?)"
+            )
         return entry
 
-    def forward(
-        self, images: ImageList, features=None, targets=None
-    ) -> Tuple[list, Dict[str, torch.Tensor]]:
+    def forward(self, images: ImageList, features=None, targets=None) -> Tuple[list, Dict[str, torch.Tensor]]:
         if images.image_ids is None:
             raise ProposalFileError(
-                f"PrecomputedProposals ({self.files}) needs images.image_ids to find each image's proposals")
+                f"PrecomputedProposals ({self.files}) needs images.image_ids to find each image's proposals"
+            )
         device = images.tensor.device
         orig_sizes = images.orig_sizes or images.image_sizes  # no orig sizes: not resized
         flipped = images.flipped or [False] * len(images)

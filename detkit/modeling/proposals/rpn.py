@@ -14,6 +14,7 @@ boxes, NMS at 0.7 (per level), keep the post-NMS top-k per image. Proposals are 
 the RoI head never back-propagates into box coordinates (Faster R-CNN sec. 3.2, approximate
 joint training).
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -194,9 +195,12 @@ class RPN(nn.Module):
         flat_logits = logits.reshape(-1).float()
         flat_labels = labels.reshape(-1)
         num_sampled = max(sampled.numel(), 1)
-        loss_cls = F.binary_cross_entropy_with_logits(
-            flat_logits[sampled], (flat_labels[sampled] == 1).to(flat_logits.dtype), reduction="sum"
-        ) / num_sampled
+        loss_cls = (
+            F.binary_cross_entropy_with_logits(
+                flat_logits[sampled], (flat_labels[sampled] == 1).to(flat_logits.dtype), reduction="sum"
+            )
+            / num_sampled
+        )
         flat_anchors = anchors.repeat(labels.shape[0], 1)
         box_targets = self.box_coder.encode(matched_boxes.reshape(-1, 4)[pos], flat_anchors[pos])
         loss_box = smooth_l1(deltas.reshape(-1, 4)[pos].float(), box_targets, self.smooth_l1_beta) / num_sampled

@@ -1,6 +1,7 @@
 """Tests of detkit.modeling.heads.fast_rcnn: RoI labelling and sampling on a hand-made case,
 hand-computed and seeded loss pins, class-agnostic regression, empty ground truth, and
 inference (softmax, per-class decode and NMS, thresholds, cap, clipping)."""
+
 import math
 
 import pytest
@@ -222,9 +223,7 @@ def test_proposals_requiring_grad_are_rejected():
 # Class 2: b1's box [2,0,12,10] (0.7) suppresses b0's (0.1, IoU 80/120 = 0.67).
 # Different classes never suppress each other: b0 (c1) and b1 (c2) are both kept.
 INF_BOXES = torch.tensor([[0.0, 0, 10, 10], [1, 0, 11, 10], [50, 50, 60, 60], [-5, -5, 120, 90], [120, 0, 130, 10]])
-INF_PROBS = torch.tensor(
-    [[0.1, 0.8, 0.1], [0.1, 0.2, 0.7], [0.97, 0.02, 0.01], [0.35, 0.4, 0.25], [0.1, 0.89, 0.01]]
-)
+INF_PROBS = torch.tensor([[0.1, 0.8, 0.1], [0.1, 0.2, 0.7], [0.97, 0.02, 0.01], [0.35, 0.4, 0.25], [0.1, 0.89, 0.01]])
 
 
 def _inference(head, deltas=None, boxes=INF_BOXES, probs=INF_PROBS, size=(80, 100)):

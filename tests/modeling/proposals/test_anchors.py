@@ -1,6 +1,7 @@
 """Tests of detkit.modeling.proposals.anchors: cell anchors written out by hand, grid
 anchors and their (y, x, a) order, and equality with torchvision's AnchorGenerator (the
 independent reference for the strides_from_input rule)."""
+
 import pytest
 import torch
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator

@@ -3,6 +3,7 @@ Selective Search .mat layout (hand-computed coordinate conversion, both directio
 and malformed files (one-line ProposalFileError naming the file), and PrecomputedProposals'
 mapping from original to network-input pixels (hand-made per-axis scales, clipping, flip,
 sorting, top-k, missing ids)."""
+
 import json
 
 import numpy as np
@@ -26,8 +27,10 @@ from detkit.structures import ImageList, Proposals
 
 def sample_table():
     return {
-        "000005": (np.array([[0.5, 1.25, 30.0, 40.0], [2.0, 3.0, 4.0, 5.0]], np.float32),
-                   np.array([0.9, 0.1], np.float32)),
+        "000005": (
+            np.array([[0.5, 1.25, 30.0, 40.0], [2.0, 3.0, 4.0, 5.0]], np.float32),
+            np.array([0.9, 0.1], np.float32),
+        ),
         "000007": (np.zeros((0, 4), np.float32), np.zeros((0,), np.float32)),  # no proposals at all
         "000009": (np.array([[10.0, 20.0, 110.0, 90.0]], np.float32), np.array([0.3], np.float32)),
     }
@@ -75,9 +78,15 @@ def test_int_ids_tensors_and_proposals_objects_are_accepted(tmp_path):
 
 def test_json_layout_and_scores_default_to_rank(tmp_path):
     path = tmp_path / "p.json"
-    path.write_text(json.dumps({"a": {"boxes": [[0, 0, 4, 4], [1, 1, 2, 2], [0, 0, 1, 1]]},
-                                "b": [[5, 5, 6, 7]],  # a bare list of boxes
-                                "__meta__": {"method": "edge_boxes"}}))
+    path.write_text(
+        json.dumps(
+            {
+                "a": {"boxes": [[0, 0, 4, 4], [1, 1, 2, 2], [0, 0, 1, 1]]},
+                "b": [[5, 5, 6, 7]],  # a bare list of boxes
+                "__meta__": {"method": "edge_boxes"},
+            }
+        )
+    )
     table, meta = load_proposals(path)
     np.testing.assert_allclose(table["a"][1], [1.0, 1 / 2, 1 / 3])  # 1 / (1 + rank)
     np.testing.assert_array_equal(table["b"][0], [[5, 5, 6, 7]])
@@ -116,44 +125,59 @@ def test_garbage_and_pickle_only_npz(tmp_path):
     garbage.write_bytes(b"not a zip at all")
     raises_one_line(garbage, "not an .npz")
     pickled = tmp_path / "pk.npz"
-    np.savez(pickled, image_ids=np.array(["a"], dtype=object), boxes=np.zeros((0, 4), np.float32),
-             scores=np.zeros(0, np.float32), counts=np.zeros(1, np.int64))
+    np.savez(
+        pickled,
+        image_ids=np.array(["a"], dtype=object),
+        boxes=np.zeros((0, 4), np.float32),
+        scores=np.zeros(0, np.float32),
+        counts=np.zeros(1, np.int64),
+    )
     raises_one_line(pickled, "pickled")
 
 
 def write_npz(path, **overrides):
-    arrays = {"image_ids": np.array(["a", "b"]), "boxes": np.zeros((3, 4), np.float32),
-              "scores": np.zeros(3, np.float32), "counts": np.array([1, 2])}
+    arrays = {
+        "image_ids": np.array(["a", "b"]),
+        "boxes": np.zeros((3, 4), np.float32),
+        "scores": np.zeros(3, np.float32),
+        "counts": np.array([1, 2]),
+    }
     arrays.update(overrides)
     arrays = {k: v for k, v in arrays.items() if v is not None}
     np.savez(path, **arrays)
     return path
 
 
-@pytest.mark.parametrize("overrides, match", [
-    ({"boxes": np.zeros((3, 3), np.float32)}, r"boxes must be an \(M, 4\)"),
-    ({"scores": np.zeros(2, np.float32)}, r"scores must be \(3,\)"),
-    ({"counts": np.array([1, 1])}, "counts add up to 2 but there are 3 boxes"),
-    ({"counts": np.array([3])}, "counts must be 2 integers"),
-    ({"counts": None}, "missing arrays"),
-    ({"image_ids": np.array(["a", "a"])}, "appears twice"),
-    ({"image_ids": np.array([1, 2])}, "image_ids must be a 1-d string array"),
-    ({"boxes": np.array([[0, 0, 1, 1], [5, 0, 4, 1], [0, 0, 1, 1]], np.float32)}, "x2 < x1"),
-    ({"boxes": np.array([[0, 0, np.nan, 1]] * 3, np.float32)}, "non-finite"),
-    ({"meta": np.array("{not json")}, "meta is not a JSON string"),
-])
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"boxes": np.zeros((3, 3), np.float32)}, r"boxes must be an \(M, 4\)"),
+        ({"scores": np.zeros(2, np.float32)}, r"scores must be \(3,\)"),
+        ({"counts": np.array([1, 1])}, "counts add up to 2 but there are 3 boxes"),
+        ({"counts": np.array([3])}, "counts must be 2 integers"),
+        ({"counts": None}, "missing arrays"),
+        ({"image_ids": np.array(["a", "a"])}, "appears twice"),
+        ({"image_ids": np.array([1, 2])}, "image_ids must be a 1-d string array"),
+        ({"boxes": np.array([[0, 0, 1, 1], [5, 0, 4, 1], [0, 0, 1, 1]], np.float32)}, "x2 < x1"),
+        ({"boxes": np.array([[0, 0, np.nan, 1]] * 3, np.float32)}, "non-finite"),
+        ({"meta": np.array("{not json")}, "meta is not a JSON string"),
+    ],
+)
 def test_wrong_npz_contents(tmp_path, overrides, match):
     raises_one_line(write_npz(tmp_path / "w.npz", **overrides), match)
 
 
-@pytest.mark.parametrize("text, match", [
-    ('{"a": {"boxes": [[0, 0, 1, 1]]', "not valid JSON"),
-    ('[1, 2]', "expected a JSON object"),
-    ('{"a": {"boxes": [[0, 0, 1]]}}', r"shape \(R, 4\)"),
-    ('{"a": {"boxes": [[0, 0, 1, 1]], "scores": [1, 2]}}', "1 boxes but scores"),
-    ('{"a": {"scores": [1]}}', "needs a 'boxes' list"),
-    ('{"a": {"boxes": [["x", 0, 1, 1]]}}', "must be numbers"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ('{"a": {"boxes": [[0, 0, 1, 1]]', "not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"a": {"boxes": [[0, 0, 1]]}}', r"shape \(R, 4\)"),
+        ('{"a": {"boxes": [[0, 0, 1, 1]], "scores": [1, 2]}}', "1 boxes but scores"),
+        ('{"a": {"scores": [1]}}', "needs a 'boxes' list"),
+        ('{"a": {"boxes": [["x", 0, 1, 1]]}}', "must be numbers"),
+    ],
+)
 def test_wrong_json_contents(tmp_path, text, match):
     path = tmp_path / "w.json"
     path.write_text(text)
@@ -183,8 +207,9 @@ def test_convert_mat_maps_yxyx_one_based_inclusive_to_xyxy(tmp_path):
     # [y1 x1 y2 x2] 1-based inclusive -> (x1 - 1, y1 - 1, x2, y2):
     #   [1, 2, 10, 20]  -> (1, 0, 20, 10): columns 2..20 are 19 pixels = 20 - 1
     #   [5, 1, 5, 1]    -> (0, 4, 1, 5): a single pixel is 1 x 1
-    mat = classic_mat(tmp_path / "ss.mat", [[[1, 2, 10, 20], [5, 1, 5, 1]], np.zeros((0, 4))],
-                      ["000005", "000007"], dtype=np.uint16)  # uint16: the -1 must not wrap
+    mat = classic_mat(
+        tmp_path / "ss.mat", [[[1, 2, 10, 20], [5, 1, 5, 1]], np.zeros((0, 4))], ["000005", "000007"], dtype=np.uint16
+    )  # uint16: the -1 must not wrap
     out = convert_mat(mat, tmp_path / "ss.npz", meta={"dataset": "voc_2007_test"})
     table, meta = load_proposals(out)
     np.testing.assert_array_equal(table["000005"][0], [[1, 0, 20, 10], [0, 4, 1, 5]])
@@ -253,19 +278,23 @@ def generator_file(tmp_path, table):
 
 def test_precomputed_maps_original_to_input_pixels_per_axis(tmp_path):
     # original (h, w) = (100, 200), network input (50, 300): sx = 300 / 200 = 1.5, sy = 0.5
-    boxes = np.array([
-        [10, 20, 110, 90],    # -> (15, 10, 165, 45)
-        [190, 90, 230, 120],  # sticks out -> (285, 45, 345, 60) -> clipped (285, 45, 300, 50)
-        [210, 0, 230, 10],    # entirely right of the image -> empty after clipping, dropped
-        [0, 0, 4, 2],         # -> (0, 0, 6, 1)
-    ], np.float32)
+    boxes = np.array(
+        [
+            [10, 20, 110, 90],  # -> (15, 10, 165, 45)
+            [190, 90, 230, 120],  # sticks out -> (285, 45, 345, 60) -> clipped (285, 45, 300, 50)
+            [210, 0, 230, 10],  # entirely right of the image -> empty after clipping, dropped
+            [0, 0, 4, 2],  # -> (0, 0, 6, 1)
+        ],
+        np.float32,
+    )
     scores = np.array([0.9, 0.5, 0.99, 0.7], np.float32)  # unsorted on purpose
     gen = PrecomputedProposals(generator_file(tmp_path, {"img": (boxes, scores)}))
     images = ImageList(torch.zeros(1, 3, 64, 320), [(50, 300)], orig_sizes=[(100, 200)], image_ids=["img"])
     (p,), losses = gen(images, {})
     assert losses == {}
-    torch.testing.assert_close(p.boxes, torch.tensor([[15.0, 10.0, 165.0, 45.0], [0.0, 0.0, 6.0, 1.0],
-                                                      [285.0, 45.0, 300.0, 50.0]]))
+    torch.testing.assert_close(
+        p.boxes, torch.tensor([[15.0, 10.0, 165.0, 45.0], [0.0, 0.0, 6.0, 1.0], [285.0, 45.0, 300.0, 50.0]])
+    )
     torch.testing.assert_close(p.scores, torch.tensor([0.9, 0.7, 0.5]))  # high first
     assert p.boxes.dtype == torch.float32 and not p.boxes.requires_grad
 
@@ -276,8 +305,9 @@ def test_precomputed_batch_topk_flip_and_int_ids(tmp_path):
         "2": (np.array([[4, 0, 8, 4]], np.float32), np.array([1], np.float32)),
     }
     gen = PrecomputedProposals(generator_file(tmp_path, table), max_proposals=2)
-    images = ImageList(torch.zeros(2, 3, 32, 32), [(20, 20), (16, 16)], orig_sizes=[(10, 10), (16, 16)],
-                       image_ids=[1, 2])  # int ids (COCO) are looked up as strings
+    images = ImageList(
+        torch.zeros(2, 3, 32, 32), [(20, 20), (16, 16)], orig_sizes=[(10, 10), (16, 16)], image_ids=[1, 2]
+    )  # int ids (COCO) are looked up as strings
     a, b = gen(images, None)[0]
     torch.testing.assert_close(a.boxes, torch.tensor([[0.0, 0.0, 20.0, 20.0], [4.0, 4.0, 8.0, 16.0]]))  # top 2, x2
     torch.testing.assert_close(b.boxes, torch.tensor([[4.0, 0.0, 8.0, 4.0]]))  # not resized

@@ -2,15 +2,17 @@
 from a config (tiny backbone): the un-normalised image Selective Search sees is the exact
 uint8 input (padding left out), the RoI head receives the file's boxes scaled to the
 network input, and detections come back in original pixels."""
+
 import numpy as np
 import pytest
 import torch
 
-from detkit.modeling.build import build_model
-from detkit.config import ConfigError, from_dict
+from detkit.config import from_dict
+from detkit.data.proposal_files import save_proposals
 from detkit.data.shapes import render_shapes_image
 from detkit.data.transforms import Normalize
-from detkit.data.proposal_files import save_proposals
+from detkit.errors import ConfigError
+from detkit.modeling.build import build_model
 from detkit.modeling.proposals.precomputed import PrecomputedProposals
 from detkit.modeling.proposals.selective_search import SelectiveSearchProposals, selective_search
 from detkit.schema import ModelConfig
@@ -18,11 +20,14 @@ from detkit.structures import ImageList
 
 
 def model_cfg(**proposals):
-    return from_dict(ModelConfig, {
-        "backbone": {"name": "tiny", "out_channels": 16, "tiny_widths": [8, 16, 16, 16]},
-        "roi_head": {"fc_dims": [32, 32], "score_thresh": 0.0},
-        "proposals": proposals,
-    })
+    return from_dict(
+        ModelConfig,
+        {
+            "backbone": {"name": "tiny", "out_channels": 16, "tiny_widths": [8, 16, 16, 16]},
+            "roi_head": {"fc_dims": [32, 32], "score_thresh": 0.0},
+            "proposals": proposals,
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +39,9 @@ def batch_of(image, orig_scale=1.0):
     t = torch.from_numpy(image).permute(2, 0, 1).float() / 255.0
     t, _ = Normalize()(t, None)
     h, w = image.shape[:2]
-    return ImageList.from_tensors([t], 32, orig_sizes=[(int(h * orig_scale), int(w * orig_scale))],
-                                  image_ids=["test_00000"])
+    return ImageList.from_tensors(
+        [t], 32, orig_sizes=[(int(h * orig_scale), int(w * orig_scale))], image_ids=["test_00000"]
+    )
 
 
 def test_selective_search_generator_sees_the_exact_image(image):
@@ -104,8 +110,10 @@ def test_proposal_config_validation():
         model_cfg(method="precomputed")
     with pytest.raises(ConfigError, match="selective_search.max_proposals must be >= 1"):
         model_cfg(method="selective_search", selective_search={"max_proposals": 0})
-    with pytest.raises(ConfigError, match="proposals.method: expected one of 'rpn', 'selective_search', "
-                                          "'precomputed', got str 'edge_boxes'"):
+    with pytest.raises(
+        ConfigError,
+        match="proposals.method: expected one of 'rpn', 'selective_search', 'precomputed', got str 'edge_boxes'",
+    ):
         model_cfg(method="edge_boxes")
 
 

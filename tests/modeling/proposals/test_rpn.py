@@ -2,6 +2,7 @@
 anchors), the losses (hand-computed pins and an independent re-computation on a seeded
 head), empty ground truth, and proposal selection (top-k per level, clip, min size, NMS,
 post top-k, sigmoid scores, train/test settings)."""
+
 import math
 
 import pytest
@@ -227,9 +228,7 @@ def test_sampled_count_normalises_both_terms():
 #   a2 [3, 0, 13, 10]        logit 1   IoU with a0 = 70 / 130 = 0.54 -> kept
 #   a3 [20, 20, 20.0005, 30] logit 4   width 5e-4 < min_size 1e-3 -> dropped
 #   a4 [90, -10, 130, 10]    logit 0   clipped to [90, 0, 100, 10]
-ANCHORS = torch.tensor(
-    [[0.0, 0, 10, 10], [1, 0, 11, 10], [3, 0, 13, 10], [20, 20, 20.0005, 30], [90, -10, 130, 10]]
-)
+ANCHORS = torch.tensor([[0.0, 0, 10, 10], [1, 0, 11, 10], [3, 0, 13, 10], [20, 20, 20.0005, 30], [90, -10, 130, 10]])
 LOGITS = torch.tensor([[3.0, 2.0, 1.0, 4.0, 0.0]])
 
 
@@ -297,8 +296,9 @@ def test_selection_decodes_deltas():
 
 def test_forward_proposals_are_detached_sorted_and_inside_the_image():
     torch.manual_seed(0)
-    rpn = make_rpn(sizes=((16, 32),), ratios=((0.5, 1.0, 2.0),), stride=8, pre_nms_topk=(50, 20),
-                   post_nms_topk=(30, 10))
+    rpn = make_rpn(
+        sizes=((16, 32),), ratios=((0.5, 1.0, 2.0),), stride=8, pre_nms_topk=(50, 20), post_nms_topk=(30, 10)
+    )
     with torch.no_grad():
         for p in rpn.head.parameters():
             p.normal_(std=0.3)

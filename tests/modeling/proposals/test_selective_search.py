@@ -1,5 +1,6 @@
 """Selective Search: segmentation wrapper, adjacency, descriptors, similarities, grouping,
 ranking and recall on drawn shapes. Expectations are computed by hand in the comments."""
+
 import cv2
 import numpy as np
 import pytest
@@ -17,7 +18,6 @@ from detkit.modeling.proposals.selective_search import (
     selective_search,
     strategies_for_mode,
 )
-from detkit.modeling.proposals.selective_search.grouping import CTSF, TSF
 from detkit.modeling.proposals.selective_search.features import (
     colour_histograms,
     fill_similarity,
@@ -26,6 +26,7 @@ from detkit.modeling.proposals.selective_search.features import (
     texture_bin_index,
     texture_histograms,
 )
+from detkit.modeling.proposals.selective_search.grouping import CTSF, TSF
 from detkit.modeling.proposals.selective_search.segmentation import (
     check_label_map,
     convert_colour,
@@ -42,7 +43,7 @@ def quadrant_image(size=40):
     image = np.zeros((size, size, 3), np.uint8)
     half = size // 2
     for (y, x), colour in zip([(0, 0), (0, half), (half, 0), (half, half)], QUADRANT_COLOURS):
-        image[y:y + half, x:x + half] = colour
+        image[y : y + half, x : x + half] = colour
     return image
 
 
@@ -51,7 +52,7 @@ def quadrant_labels_match(labels, size=40, margin=0):
     half = size // 2
     seen = []
     for y, x in [(0, 0), (0, half), (half, 0), (half, half)]:
-        patch = labels[y + margin:y + half - margin, x + margin:x + half - margin]
+        patch = labels[y + margin : y + half - margin, x + margin : x + half - margin]
         values = np.unique(patch)
         if len(values) != 1:
             return False
@@ -60,6 +61,7 @@ def quadrant_labels_match(labels, size=40, margin=0):
 
 
 # --- segmentation ----------------------------------------------------------------------
+
 
 def test_initial_regions_recovers_flat_quadrants_exactly_without_smoothing():
     labels = initial_regions(quadrant_image(), k=100, sigma=0.0)
@@ -119,11 +121,13 @@ def test_convert_colour_hand_values():
 
 # --- label-map geometry ----------------------------------------------------------------
 
-LABELS = np.array([
-    [0, 0, 1, 1],
-    [0, 2, 2, 1],
-    [3, 3, 2, 1],
-])
+LABELS = np.array(
+    [
+        [0, 0, 1, 1],
+        [0, 2, 2, 1],
+        [3, 3, 2, 1],
+    ]
+)
 
 
 def test_region_adjacency_hand_made_map():
@@ -133,12 +137,14 @@ def test_region_adjacency_hand_made_map():
 
 
 def test_region_adjacency_corner_contact_needs_8_connectivity():
-    labels = np.array([
-        [0, 0, 1, 1],
-        [0, 0, 1, 1],
-        [2, 2, 3, 3],
-        [2, 2, 3, 3],
-    ])
+    labels = np.array(
+        [
+            [0, 0, 1, 1],
+            [0, 0, 1, 1],
+            [2, 2, 3, 3],
+            [2, 2, 3, 3],
+        ]
+    )
     assert region_adjacency(labels, 4).tolist() == [[0, 1], [0, 2], [1, 3], [2, 3]]
     # diagonals (1,1)-(2,2) and (1,2)-(2,1) add 0-3 and 1-2
     assert region_adjacency(labels, 8).tolist() == [[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]]
@@ -160,6 +166,7 @@ def test_check_label_map_rejects_gaps_and_relabel_fixes_them():
 
 
 # --- descriptors and similarities ------------------------------------------------------
+
 
 def test_colour_histograms_hand_values():
     # one channel, 25 bins of width 256/25: 0 and 10 -> bin 0, 128 -> bin 12, 255 -> bin 24
@@ -217,6 +224,7 @@ def test_size_and_fill_similarity_hand_values():
 
 # --- hierarchical grouping -------------------------------------------------------------
 
+
 def chain_regions():
     """Four regions in a row, 0-1-2-3, with 2-bin colour histograms."""
     return Regions(
@@ -255,12 +263,14 @@ def test_grouping_only_merges_adjacent_regions():
     np.testing.assert_allclose(h.similarities, [0.4, 0.7])
 
 
-SIZE_FILL_LABELS = np.array([
-    [0, 0, 1, 1],
-    [0, 0, 1, 1],
-    [2, 3, 3, 3],
-    [2, 3, 3, 3],
-])
+SIZE_FILL_LABELS = np.array(
+    [
+        [0, 0, 1, 1],
+        [0, 0, 1, 1],
+        [2, 3, 3, 3],
+        [2, 3, 3, 3],
+    ]
+)
 
 
 def test_grouping_size_similarity_merges_small_regions_first():
@@ -299,8 +309,12 @@ def test_hierarchical_grouping_on_striped_image():
 
 
 def test_grouping_stops_when_no_adjacent_pair_is_left():
-    regions = Regions(sizes=np.array([5, 5]), boxes=np.array([[0, 0, 5, 1], [5, 0, 10, 1]]),
-                      pairs=np.zeros((0, 2), np.int64), image_size=10)
+    regions = Regions(
+        sizes=np.array([5, 5]),
+        boxes=np.array([[0, 0, 5, 1], [5, 0, 10, 1]]),
+        pairs=np.zeros((0, 2), np.int64),
+        image_size=10,
+    )
     h = group_regions(regions, "S")
     assert h.merges.shape == (0, 2) and h.merged_boxes.shape == (0, 4)
     assert h.boxes.tolist() == [[0, 0, 5, 1], [5, 0, 10, 1]]
@@ -326,7 +340,8 @@ def test_parse_similarity_and_strategy_sets():
     fast = strategies_for_mode("fast")
     assert len(fast) == 8 and len(set(fast)) == 8
     assert {(s.colour_space, s.k, s.similarity) for s in fast} == {
-        (c, k, sim) for c in ("HSV", "Lab") for k in (50, 100) for sim in (CTSF, TSF)}
+        (c, k, sim) for c in ("HSV", "Lab") for k in (50, 100) for sim in (CTSF, TSF)
+    }
     quality = strategies_for_mode("quality")
     assert len(quality) == 80 and len(set(quality)) == 80
     assert {s.colour_space for s in quality} == {"HSV", "Lab", "rgI", "H", "I"}
@@ -336,6 +351,7 @@ def test_parse_similarity_and_strategy_sets():
 
 
 # --- ranking ---------------------------------------------------------------------------
+
 
 def test_rank_boxes_sorts_by_randomised_priority_and_keeps_best_duplicate():
     boxes = np.array([[0, 0, 30, 30], [0, 0, 30, 30], [5, 5, 40, 40], [1, 1, 50, 50]], float)
@@ -373,6 +389,7 @@ def test_rank_boxes_min_size_and_max_boxes():
 
 
 # --- the public function ---------------------------------------------------------------
+
 
 def draw_shapes(seed, size=256):
     """Noisy grey background with 6 filled circles / squares / triangles in a 3x3 grid of
@@ -465,11 +482,14 @@ def test_selective_search_quality_mode_runs_every_colour_space_and_similarity():
     assert len(boxes) > 2 * len(single)
 
 
-@pytest.mark.parametrize("bad, message", [
-    (np.zeros((10, 10, 3), np.float32), "must be uint8"),
-    (np.zeros((10, 10, 4), np.uint8), r"must be \(H, W, 3\) RGB"),
-    ([[1, 2], [3, 4]], "must be a numpy array"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (np.zeros((10, 10, 3), np.float32), "must be uint8"),
+        (np.zeros((10, 10, 4), np.uint8), r"must be \(H, W, 3\) RGB"),
+        ([[1, 2], [3, 4]], "must be a numpy array"),
+    ],
+)
 def test_selective_search_rejects_bad_images(bad, message):
     with pytest.raises(SelectiveSearchError, match=message):
         selective_search(bad)

@@ -17,6 +17,7 @@ Histograms are computed for all regions at once with ``np.bincount`` over the la
 the *bin index* of every pixel (which depends only on the image) is computed once per colour
 space and reused by every threshold k and similarity that shares that colour space.
 """
+
 from __future__ import annotations
 
 import cv2
@@ -72,8 +73,7 @@ def texture_bin_index(image: np.ndarray, sigma: float = TEXTURE_SIGMA) -> np.nda
     return bins.reshape(c * TEXTURE_ORIENTATIONS, h * w)
 
 
-def region_histograms(label_map: np.ndarray, num_regions: int, bin_index: np.ndarray,
-                      bins_per_map: int) -> np.ndarray:
+def region_histograms(label_map: np.ndarray, num_regions: int, bin_index: np.ndarray, bins_per_map: int) -> np.ndarray:
     """Histograms of every region over the maps of ``bin_index`` (M, P), values in
     0..bins_per_map-1 -> (N, M * bins_per_map) float64, map-major, rows summing to 1.
 
@@ -96,26 +96,22 @@ def region_histograms(label_map: np.ndarray, num_regions: int, bin_index: np.nda
             joint = joint.reshape(num_regions, nb, nb)
             counts += [joint.sum(axis=2), joint.sum(axis=1)]
         else:
-            counts.append(np.bincount(base * nb + maps[m], minlength=num_regions * nb)
-                          .reshape(num_regions, nb))
+            counts.append(np.bincount(base * nb + maps[m], minlength=num_regions * nb).reshape(num_regions, nb))
     if pair and len(maps) % 2:
-        counts.append(np.bincount(base * nb + maps[-1], minlength=num_regions * nb)
-                      .reshape(num_regions, nb))
+        counts.append(np.bincount(base * nb + maps[-1], minlength=num_regions * nb).reshape(num_regions, nb))
     hist = np.concatenate(counts, axis=1).astype(np.float64)
     totals = hist.sum(axis=1, keepdims=True)
     return hist / np.where(totals > 0, totals, 1.0)
 
 
-def colour_histograms(label_map: np.ndarray, num_regions: int, image: np.ndarray,
-                      bin_index=None) -> np.ndarray:
+def colour_histograms(label_map: np.ndarray, num_regions: int, image: np.ndarray, bin_index=None) -> np.ndarray:
     """(N, C * 25) L1-normalised colour histograms of the regions of ``image``."""
     if bin_index is None:
         bin_index = colour_bin_index(image)
     return region_histograms(label_map, num_regions, bin_index, COLOUR_BINS)
 
 
-def texture_histograms(label_map: np.ndarray, num_regions: int, image: np.ndarray,
-                       bin_index=None) -> np.ndarray:
+def texture_histograms(label_map: np.ndarray, num_regions: int, image: np.ndarray, bin_index=None) -> np.ndarray:
     """(N, C * 8 * 10) L1-normalised texture histograms of the regions of ``image``."""
     if bin_index is None:
         bin_index = texture_bin_index(image)
@@ -123,6 +119,7 @@ def texture_histograms(label_map: np.ndarray, num_regions: int, image: np.ndarra
 
 
 # --- similarities (all broadcast: scalars, (D,) vs (D,), or (D,) vs (R, D)) -------------
+
 
 def histogram_intersection(hist_i: np.ndarray, hist_j: np.ndarray) -> np.ndarray:
     """sum_k min(h_i[k], h_j[k]); 1 for identical L1-normalised histograms, 0 for disjoint."""
@@ -159,5 +156,5 @@ def _gaussian_derivative_kernels(sigma: float):
     gauss = np.exp(-0.5 * (x / sigma) ** 2)
     gauss /= gauss.sum()
     # d/dx of the Gaussian is -x/sigma^2 G; correlation flips the kernel, hence +x.
-    deriv = x / sigma ** 2 * gauss
+    deriv = x / sigma**2 * gauss
     return gauss.astype(np.float32), deriv.astype(np.float32)

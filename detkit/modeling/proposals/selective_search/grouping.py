@@ -9,22 +9,21 @@ strategy combines a subset of them (``parse_similarity``).
 
 Shapes: N initial regions of one segmentation, H x W image.
 """
+
 from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from detkit.errors import SelectiveSearchError
 from detkit.modeling.proposals.selective_search.features import (
-    colour_bin_index,
     colour_histograms,
     fill_similarity,
     histogram_intersection,
     size_similarity,
-    texture_bin_index,
     texture_histograms,
 )
 from detkit.modeling.proposals.selective_search.segmentation import (
@@ -48,19 +47,20 @@ def parse_similarity(similarity: Union[str, Sequence[str]]) -> Tuple[str, ...]:
         letters = similarity.replace("+", "").upper()
         bad = [ch for ch in letters if ch not in _LETTERS]
         if bad or not letters:
-            raise SelectiveSearchError(
-                f"unknown similarity {similarity!r}; use letters C, T, S, F (e.g. 'C+T+S+F')")
+            raise SelectiveSearchError(f"unknown similarity {similarity!r}; use letters C, T, S, F (e.g. 'C+T+S+F')")
         names = {_LETTERS[ch] for ch in letters}
     else:
         names = set(similarity)
         bad = sorted(names - set(SIMILARITIES))
         if bad or not names:
             raise SelectiveSearchError(
-                f"unknown similarity {bad or similarity!r}; expected a non-empty subset of {SIMILARITIES}")
+                f"unknown similarity {bad or similarity!r}; expected a non-empty subset of {SIMILARITIES}"
+            )
     return tuple(name for name in SIMILARITIES if name in names)
 
 
 # --- hierarchical grouping ------------------------------------------------------------
+
 
 @dataclass
 class Regions:
@@ -97,13 +97,19 @@ class Hierarchy:
 
     @property
     def merged_boxes(self) -> np.ndarray:
-        return self.boxes[self.num_initial:]
+        return self.boxes[self.num_initial :]
 
 
-def region_features(label_map: np.ndarray, image: Optional[np.ndarray] = None, *,
-                    colour: bool = True, texture: bool = True, connectivity: int = 4,
-                    colour_index: Optional[np.ndarray] = None,
-                    texture_index: Optional[np.ndarray] = None) -> Regions:
+def region_features(
+    label_map: np.ndarray,
+    image: Optional[np.ndarray] = None,
+    *,
+    colour: bool = True,
+    texture: bool = True,
+    connectivity: int = 4,
+    colour_index: Optional[np.ndarray] = None,
+    texture_index: Optional[np.ndarray] = None,
+) -> Regions:
     """Describe the regions of ``label_map`` (labels 0..N-1) for grouping.
 
     ``image`` is (H, W, C) uint8 in the strategy's colour space; it is needed only for the
@@ -115,7 +121,8 @@ def region_features(label_map: np.ndarray, image: Optional[np.ndarray] = None, *
         raise SelectiveSearchError("region_features needs the image for colour/texture histograms")
     if image is not None and np.shape(image)[:2] != np.shape(label_map):
         raise SelectiveSearchError(
-            f"image shape {np.shape(image)[:2]} does not match label map shape {np.shape(label_map)}")
+            f"image shape {np.shape(image)[:2]} does not match label map shape {np.shape(label_map)}"
+        )
     return Regions(
         sizes=sizes,
         boxes=region_boxes(label_map, n),
@@ -158,8 +165,7 @@ def group_regions(regions: Regions, similarity: Union[str, Sequence[str]] = CTSF
         s = histogram_intersection(hist[t], hist[js]) if hist is not None else 0.0
         if use_size and use_fill:
             # size + fill = 2 - size(BB_tj) / size_im: the region sizes cancel.
-            extent = (np.maximum(boxes[t, ..., 2:], boxes[js, 2:])
-                      - np.minimum(boxes[t, ..., :2], boxes[js, :2]))
+            extent = np.maximum(boxes[t, ..., 2:], boxes[js, 2:]) - np.minimum(boxes[t, ..., :2], boxes[js, :2])
             s = s + (2.0 - extent.prod(axis=-1) * (1.0 / image_size))
         elif use_size:
             s = s + size_similarity(sizes[t], sizes[js], image_size)
@@ -221,21 +227,23 @@ def group_regions(regions: Regions, similarity: Union[str, Sequence[str]] = CTSF
 
     num_merged = len(merges)
     return Hierarchy(
-        boxes=boxes[:n + num_merged],
+        boxes=boxes[: n + num_merged],
         merges=np.asarray(merges, np.int64).reshape(-1, 2),
         similarities=np.asarray(merge_sims, np.float64),
         num_initial=n,
     )
 
 
-def hierarchical_grouping(label_map: np.ndarray, image: Optional[np.ndarray] = None,
-                          similarity: Union[str, Sequence[str]] = CTSF,
-                          connectivity: int = 4) -> Hierarchy:
+def hierarchical_grouping(
+    label_map: np.ndarray,
+    image: Optional[np.ndarray] = None,
+    similarity: Union[str, Sequence[str]] = CTSF,
+    connectivity: int = 4,
+) -> Hierarchy:
     """Group the regions of ``label_map`` (labels 0..N-1) of ``image`` (H, W, C) uint8 in the
     strategy's colour space; ``image`` may be None for size/fill-only similarities."""
     use = parse_similarity(similarity)
-    regions = region_features(label_map, image, colour="colour" in use,
-                              texture="texture" in use, connectivity=connectivity)
+    regions = region_features(
+        label_map, image, colour="colour" in use, texture="texture" in use, connectivity=connectivity
+    )
     return group_regions(regions, use)
-
-

@@ -27,9 +27,9 @@ The per-colour-space work (conversion, texture derivatives, pixel bin indices) a
 per-segmentation work (label map, adjacency, histograms) are computed once and shared by
 every strategy that needs them; only the greedy merge loop runs per strategy.
 """
+
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -44,14 +44,12 @@ from detkit.modeling.proposals.selective_search.grouping import (
     FILL,
     SIZE,
     TSF,
-    Hierarchy,
     group_regions,
     parse_similarity,
     region_features,
 )
 from detkit.modeling.proposals.selective_search.segmentation import (
     canonical_colour_space,
-    check_label_map,
     convert_colour,
     segment_smoothed,
     smooth_for_segmentation,
@@ -97,8 +95,14 @@ def strategies_for_mode(mode: str) -> List[Strategy]:
 
 # --- ranking ---------------------------------------------------------------------------
 
-def rank_boxes(boxes: np.ndarray, priorities: np.ndarray, seed: Optional[int] = 0,
-               min_size: float = 0, max_boxes: Optional[int] = None):
+
+def rank_boxes(
+    boxes: np.ndarray,
+    priorities: np.ndarray,
+    seed: Optional[int] = 0,
+    min_size: float = 0,
+    max_boxes: Optional[int] = None,
+):
     """Pseudo-random ranking (paper Sec. 3.3) of pooled boxes.
 
     boxes (R, 4) xyxy and priorities (R,) (1 = best position inside its hierarchy).
@@ -125,10 +129,17 @@ def rank_boxes(boxes: np.ndarray, priorities: np.ndarray, seed: Optional[int] = 
 
 # --- the public entry point ------------------------------------------------------------
 
-def selective_search(image: np.ndarray, mode: Union[str, Sequence[Strategy]] = "fast",
-                     min_size: float = 20, max_boxes: Optional[int] = None, seed: Optional[int] = 0,
-                     scale: Optional[float] = None, sigma: float = 0.8,
-                     connectivity: int = 4) -> Tuple[np.ndarray, np.ndarray]:
+
+def selective_search(
+    image: np.ndarray,
+    mode: Union[str, Sequence[Strategy]] = "fast",
+    min_size: float = 20,
+    max_boxes: Optional[int] = None,
+    seed: Optional[int] = 0,
+    scale: Optional[float] = None,
+    sigma: float = 0.8,
+    connectivity: int = 4,
+) -> Tuple[np.ndarray, np.ndarray]:
     """Selective Search proposals of one image.
 
     Args:
@@ -168,8 +179,7 @@ def selective_search(image: np.ndarray, mode: Union[str, Sequence[Strategy]] = "
     by_segmentation: Dict[Tuple[str, int], List[Tuple[str, ...]]] = {}
     for strategy in strategies:
         if not isinstance(strategy, Strategy):
-            raise SelectiveSearchError(
-                f"mode must be a mode name or a list of Strategy, got an item {strategy!r}")
+            raise SelectiveSearchError(f"mode must be a mode name or a list of Strategy, got an item {strategy!r}")
         sims = by_segmentation.setdefault((strategy.colour_space, strategy.k), [])
         if strategy.similarity not in sims:
             sims.append(strategy.similarity)
@@ -191,10 +201,15 @@ def selective_search(image: np.ndarray, mode: Union[str, Sequence[Strategy]] = "
         if need_texture and space not in texture_idx:
             texture_idx[space] = texture_bin_index(cs_image)
         labels = segment_smoothed(smoothed[space], k=k, min_size=k)
-        regions = region_features(labels, cs_image, colour=need_colour, texture=need_texture,
-                                  connectivity=connectivity,
-                                  colour_index=colour_idx.get(space),
-                                  texture_index=texture_idx.get(space))
+        regions = region_features(
+            labels,
+            cs_image,
+            colour=need_colour,
+            texture=need_texture,
+            connectivity=connectivity,
+            colour_index=colour_idx.get(space),
+            texture_index=texture_idx.get(space),
+        )
         n = len(regions)
         # As in the authors' code, the initial regions enter once per segmentation, ranked
         # just behind the first merge (position N); merged regions of each similarity get
@@ -211,8 +226,7 @@ def selective_search(image: np.ndarray, mode: Union[str, Sequence[Strategy]] = "
         sx, sy = width / work.shape[1], height / work.shape[0]
         boxes = boxes * np.array([sx, sy, sx, sy])
         boxes = np.clip(np.rint(boxes), 0, [width, height, width, height])
-    boxes, values = rank_boxes(boxes, np.concatenate(all_priorities), seed=seed,
-                               min_size=min_size, max_boxes=max_boxes)
+    boxes, values = rank_boxes(boxes, np.concatenate(all_priorities), seed=seed, min_size=min_size, max_boxes=max_boxes)
     return boxes.astype(np.float32), (1.0 / (1.0 + values)).astype(np.float32)
 
 
@@ -234,6 +248,7 @@ def _check_image(image) -> np.ndarray:
 
 # --- the ProposalGenerator ---------------------------------------------------------------
 
+
 class SelectiveSearchProposals(torch.nn.Module):
     """ProposalGenerator running ``selective_search`` on every image of the batch:
     ``forward(images, features, targets=None) -> (proposals, {})``.
@@ -252,9 +267,15 @@ class SelectiveSearchProposals(torch.nn.Module):
     serves demos, single images and checks.
     """
 
-    def __init__(self, mode: str = "fast", max_proposals: int = 2000, min_size: float = 20,
-                 pixel_mean: Sequence[float] = (0.485, 0.456, 0.406),
-                 pixel_std: Sequence[float] = (0.229, 0.224, 0.225), seed: Optional[int] = 0):
+    def __init__(
+        self,
+        mode: str = "fast",
+        max_proposals: int = 2000,
+        min_size: float = 20,
+        pixel_mean: Sequence[float] = (0.485, 0.456, 0.406),
+        pixel_std: Sequence[float] = (0.229, 0.224, 0.225),
+        seed: Optional[int] = 0,
+    ):
         super().__init__()
         strategies_for_mode(mode)  # fails early on a bad mode name
         if max_proposals < 1:
@@ -290,7 +311,8 @@ class SelectiveSearchProposals(torch.nn.Module):
             if images.orig_sizes is not None:
                 oh, ow = images.orig_sizes[i]
                 scale = min(h / oh, w / ow)
-            boxes, scores = selective_search(array, self.mode, min_size=self.min_size * scale,
-                                             max_boxes=self.max_proposals, seed=self.seed)
+            boxes, scores = selective_search(
+                array, self.mode, min_size=self.min_size * scale, max_boxes=self.max_proposals, seed=self.seed
+            )
             out.append(Proposals(torch.from_numpy(boxes).to(device), torch.from_numpy(scores).to(device)))
         return out, {}

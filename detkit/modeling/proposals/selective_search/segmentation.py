@@ -9,6 +9,7 @@ Shapes: H x W image, C channels of the colour space, N initial regions, E adjace
 A *label map* is (H, W) int64 with every value in 0..N-1 used. Region boxes are int64 xyxy
 with exclusive ends (x1 <= x < x2), the convention of ``detkit.structures``.
 """
+
 from __future__ import annotations
 
 import cv2
@@ -22,14 +23,11 @@ COLOUR_SPACES = ("RGB", "HSV", "Lab", "rgI", "H", "I")
 _CANONICAL = {name.lower(): name for name in COLOUR_SPACES}
 
 
-
-
 def canonical_colour_space(name: str) -> str:
     """'hsv' -> 'HSV', 'rgi' -> 'rgI'; unknown names raise with the list of valid ones."""
     key = str(name).lower()
     if key not in _CANONICAL:
-        raise SelectiveSearchError(
-            f"unknown colour space {name!r}; expected one of {', '.join(COLOUR_SPACES)}")
+        raise SelectiveSearchError(f"unknown colour space {name!r}; expected one of {', '.join(COLOUR_SPACES)}")
     return _CANONICAL[key]
 
 
@@ -95,8 +93,7 @@ def segment_smoothed(smoothed: np.ndarray, k: float, min_size=None) -> np.ndarra
         min_size = k
     # skimage takes [0, 1] floats and divides k by 255, i.e. k is in 0..255 units as in the
     # reference implementation; sigma=0 because the image is already smoothed.
-    labels = felzenszwalb(smoothed, scale=float(k), sigma=0.0, min_size=int(min_size),
-                          channel_axis=-1)
+    labels = felzenszwalb(smoothed, scale=float(k), sigma=0.0, min_size=int(min_size), channel_axis=-1)
     return labels.astype(np.int64, copy=False)
 
 
@@ -120,7 +117,8 @@ def check_label_map(label_map: np.ndarray) -> np.ndarray:
     if sizes.min() == 0:
         raise SelectiveSearchError(
             f"label map must use every label in 0..{len(sizes) - 1}; label {int(sizes.argmin())} "
-            f"is missing (use relabel() first)")
+            f"is missing (use relabel() first)"
+        )
     return sizes
 
 
