@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Dict
 
 from detkit.cli.common import expand_inputs, load_run_config
 from detkit.data.io import read_image_array
@@ -45,7 +46,8 @@ def run(args) -> int:
     paths = expand_inputs(args.inputs)
     if not paths:
         raise UsageError("no input images")
-    failed, stems = 0, {}
+    failed = 0
+    stems: Dict[str, int] = {}
     for path in paths:
         try:
             image = read_image_array(path)

@@ -12,7 +12,7 @@ from pathlib import Path
 from detkit.cli.common import load_run_config
 from detkit.data.build import build_dataset, dataset_transforms
 from detkit.engine.evaluate import evaluate_detections, summary_lines, write_evaluation
-from detkit.engine.inference import device_from_config, run_inference
+from detkit.engine.inference import denormals_flushed, device_from_config, run_inference
 from detkit.engine.predictor import model_from_checkpoint
 from detkit.errors import UsageError
 
@@ -38,15 +38,16 @@ def run(args) -> int:
     if cfg.data.test is None:
         raise UsageError(f"{args.config}: no data.test dataset to evaluate on")
     dataset = build_dataset(cfg.data.test, classes, dataset_transforms(cfg.data.input, False), name="test")
-    dets, _, sec = run_inference(
-        model,
-        dataset,
-        cfg.data.test_batch_size,
-        device,
-        cfg.data.num_workers,
-        amp=cfg.train.amp and device.type == "cuda",
-        progress=not args.no_progress,
-    )
+    with denormals_flushed(cfg.train.flush_denormal and device.type == "cpu"):
+        dets, _, sec = run_inference(
+            model,
+            dataset,
+            cfg.data.test_batch_size,
+            device,
+            cfg.data.num_workers,
+            amp=cfg.train.amp and device.type == "cuda",
+            progress=not args.no_progress,
+        )
     result = evaluate_detections(cfg.test, dets, dataset)
     result["s_per_img"] = sec
     out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "eval"
