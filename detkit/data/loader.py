@@ -267,6 +267,9 @@ def build_train_loader(
         collate_fn=Collate(size_divisibility),
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
+        # Starting an iterator draws the workers' base seed: from this generator, not from the
+        # global RNG, which the model's sampling (and a resume's restored state) owns.
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
@@ -314,6 +317,7 @@ def build_test_loader(
         batch_sampler=batches,
         collate_fn=Collate(size_divisibility),
         num_workers=num_workers,
+        generator=torch.Generator().manual_seed(0),  # see build_train_loader
     )
     loader.skip_unreadable = skip_unreadable
     return loader

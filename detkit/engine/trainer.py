@@ -207,10 +207,10 @@ class Trainer:
         base_lr, weight_decay, momentum and the schedule from the config (torch's
         load_state_dict would bring back the old run's values and silently keep them)."""
         t = self.tcfg
-        groups = self.optimizer.param_groups
-        configured = [(g["weight_decay"], g["momentum"]) for g in groups]
+        configured = [(g["weight_decay"], g["momentum"]) for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        groups = self.optimizer.param_groups  # new dicts after load_state_dict
         changes = []
         for key, old, new in (
             ("base_lr", self.scheduler.base_lrs[0], t.base_lr),
