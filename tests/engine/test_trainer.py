@@ -368,3 +368,20 @@ def test_log_lines_appear_without_a_progress_bar(tmp_path, toy, caplog):
         train(toy, cfg, toy.ToyDetector(), tmp_path)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("iter ")]
     assert [line.split()[1] for line in lines] == ["2/4", "4/4"]
+
+
+def test_loading_another_architecture_lists_the_mismatched_keys():
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    other = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2)).state_dict()
+    with pytest.raises(CheckpointError) as err:
+        load_model_state(model, other, "other.pt")
+    msg = str(err.value)
+    assert "other.pt does not fit" in msg
+    assert "missing 2: 1.weight, 1.bias" in msg
+    assert "unexpected 2: 2.weight, 2.bias" in msg
+    assert "shape mismatch 2: 0.weight (5, 4) vs (3, 4), 0.bias (5,) vs (3,)" in msg
+
+
+def test_bare_state_dict_checkpoints_load(tmp_path):
+    torch.save({"w": torch.zeros(1)}, tmp_path / "bare.pt")
+    assert set(load_checkpoint(tmp_path / "bare.pt")["model"]) == {"w"}
