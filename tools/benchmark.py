@@ -1,13 +1,20 @@
 """detkit vs torchvision Faster R-CNN, side by side in one run (same weights, inputs, threads).
 
-    python tools/benchmark.py [--cases r50_fpn bccd] [--threads 2] [--images 4] [--steps 4]
-                              [--json OUT]
+    python tools/benchmark.py [--cases r50_fpn bccd denormal] [--threads 2] [--images 4] [--steps 4]
+                              [--denormal-iters 40] [--json OUT]
 
 Cases:
     r50_fpn  torchvision's fasterrcnn_resnet50_fpn settings (800 px shorter side, frozen BN,
              3 trainable stages) vs detkit's converted twin (configs/faster_rcnn/
              r50_fpn_torchvision_coco.yaml), random weights copied from torchvision.
     bccd     the BCCD recipe (configs/faster_rcnn/bccd_r18_fpn.yaml): both models built from it.
+    denormal detkit alone: the BCCD recipe trained on a one-class version of BCCD (WBC only;
+             generated shapes when BCCD is absent) by two identical models side by side, one
+             step each in turn, one with subnormal floats flushed to zero (train.flush_denormal,
+             the default) and one without. Subnormals appear only after some training (a run
+             slowed from 2.5 to 5.7 s/iter after ~20 iterations), so it runs --denormal-iters
+             iterations and compares the step times past the first 20 (ratio off / on: > 1
+             means flushing pays), next to the first 10; not part of the default cases.
 
 Inputs are BCCD test images (640x480) with their boxes (synthetic images if ../shared is
 absent). Each measurement alternates torchvision and detkit (A B A B ...) so that load from
@@ -169,13 +176,105 @@ def run_case(name: str, images, n_images: int, steps: int, warmup: int):
     return res
 
 
+def _subnormal_count(model, optimizer) -> int:
+    """Subnormal float32 values (0 < |x| < 2^-126) in the weights, gradients and momentum."""
+    import torch
+
+    tensors = [p for p in model.parameters()] + [p.grad for p in model.parameters() if p.grad is not None]
+    tensors += [s["momentum_buffer"] for s in optimizer.state.values() if s.get("momentum_buffer") is not None]
+    tiny = torch.finfo(torch.float32).tiny
+    return int(sum(((t.detach().abs() < tiny) & (t.detach() != 0)).sum() for t in tensors))
+
+
+def run_denormal_case(iters: int, skip: int = 20):
+    """Two identical detkit models trained side by side, flush on / off; -> result dict."""
+    import torch
+
+    from detkit.config import load_config
+    from detkit.data.build import build_datasets
+    from detkit.data.loader import build_train_loader
+    from detkit.engine.trainer import LRSchedule, build_optimizer
+    from detkit.modeling.build import build_model
+    from detkit.schema import Config, DatasetConfig, ShapesConfig
+
+    cfg = load_config(ROOT / "configs/faster_rcnn/bccd_r18_fpn.yaml", Config)
+    bccd = Path(os.environ.get("DETKIT_SHARED", ROOT.parent / "shared")) / "data" / "BCCD"
+    if bccd.is_dir():
+        # One class, as in the run where the slowdown was seen (a one-class VOC folder).
+        cfg.data.train = DatasetConfig(format="voc", root=str(bccd), split="trainval")
+        cfg.data.classes = ["WBC"]
+        source = "BCCD trainval, class WBC only"
+    else:
+        import tempfile
+
+        root = Path(tempfile.mkdtemp()) / "shapes"
+        cfg.data.train = DatasetConfig(
+            format="shapes", root=str(root), split="train", shapes=ShapesConfig(num_train=40)
+        )
+        cfg.data.classes = None
+        source = "generated shapes"
+    cfg.data.test = None
+    train_set, _, classes = build_datasets(cfg, need_train=True, need_test=False)
+    t = cfg.train
+    runs = []
+    for flush in (True, False):
+        torch.manual_seed(t.seed)
+        model = build_model(cfg.model, len(classes), cfg.data.input).train()
+        optimizer = build_optimizer(model, t)
+        schedule = LRSchedule(t.max_iter, t.warmup_iters, t.warmup_factor, t.lr_schedule, t.steps, t.gamma)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        loader = build_train_loader(train_set, cfg.data.batch_size, t.seed, size_divisibility=model.size_divisibility)
+        runs.append(
+            {"flush": flush, "model": model, "opt": optimizer, "sched": scheduler, "data": iter(loader), "s": []}
+        )
+    try:
+        for it in range(iters):
+            for r in runs:  # alternate: load from elsewhere on the machine hits both alike
+                images, targets = next(r["data"])
+                torch.set_flush_denormal(r["flush"])
+                start = time.perf_counter()
+                _, losses = r["model"](images, targets)
+                r["opt"].zero_grad(set_to_none=True)
+                sum(losses.values()).backward()
+                r["opt"].step()
+                r["sched"].step()
+                r["s"].append(time.perf_counter() - start)
+            if (it + 1) % 10 == 0:
+                print(
+                    f"  denormal: iteration {it + 1}/{iters}: "
+                    + ", ".join(f"flush {'on' if r['flush'] else 'off'} {r['s'][-1]:.2f} s" for r in runs),
+                    flush=True,
+                )
+    finally:
+        torch.set_flush_denormal(False)
+    on, off = runs
+    med = statistics.median
+    late = slice(skip, None) if iters > skip else slice(None)
+    return {
+        "case": "denormal",
+        "input": f"{source}; shorter side {cfg.data.input.min_size_train}, batch {cfg.data.batch_size}",
+        "iterations": iters,
+        "flush_on_s_per_iter_first10": med(on["s"][:10]),
+        "flush_off_s_per_iter_first10": med(off["s"][:10]),
+        f"flush_on_s_per_iter_after{skip}": med(on["s"][late]),
+        f"flush_off_s_per_iter_after{skip}": med(off["s"][late]),
+        "ratio_off_on_first10": med(off["s"][:10]) / med(on["s"][:10]),
+        f"ratio_off_on_after{skip}": med(off["s"][late]) / med(on["s"][late]),
+        "subnormals_at_end_flush_off": _subnormal_count(off["model"], off["opt"]),
+        "subnormals_at_end_flush_on": _subnormal_count(on["model"], on["opt"]),
+        "s_per_iter_flush_on": on["s"],
+        "s_per_iter_flush_off": off["s"],
+    }
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--cases", nargs="+", default=["bccd", "r50_fpn"], choices=["bccd", "r50_fpn"])
+    p.add_argument("--cases", nargs="+", default=["bccd", "r50_fpn"], choices=["bccd", "r50_fpn", "denormal"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--images", type=int, default=4, help="inference images per case")
     p.add_argument("--steps", type=int, default=4, help="training steps per case")
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--denormal-iters", type=int, default=40, help="training iterations of the denormal case")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
     import torch
@@ -184,6 +283,19 @@ def main():
     images, source = _load_images(max(args.images, 2))
     results = []
     for case in args.cases:
+        if case == "denormal":
+            r = run_denormal_case(args.denormal_iters)
+            results.append(r)
+            print(
+                f"denormal {r['input']}: flush on / off {r['flush_on_s_per_iter_first10']:.2f} / "
+                f"{r['flush_off_s_per_iter_first10']:.2f} s/iter in the first 10 iterations "
+                f"(ratio {r['ratio_off_on_first10']:.2f}), {r['flush_on_s_per_iter_after20']:.2f} / "
+                f"{r['flush_off_s_per_iter_after20']:.2f} s/iter after 20 (ratio {r['ratio_off_on_after20']:.2f}); "
+                f"subnormal values at the end: {r['subnormals_at_end_flush_off']} without flushing, "
+                f"{r['subnormals_at_end_flush_on']} with",
+                flush=True,
+            )
+            continue
         r = run_case(case, images, args.images, args.steps, args.warmup)
         results.append(r)
         print(
