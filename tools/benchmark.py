@@ -186,15 +186,10 @@ def _subnormal_count(model, optimizer) -> int:
     return int(sum(((t.detach().abs() < tiny) & (t.detach() != 0)).sum() for t in tensors))
 
 
-def run_denormal_case(iters: int, skip: int = 20):
-    """Two identical detkit models trained side by side, flush on / off; -> result dict."""
-    import torch
-
+def _denormal_setup():
+    """The BCCD recipe on one-class BCCD (or generated shapes) -> (cfg, train set, classes, source)."""
     from detkit.config import load_config
     from detkit.data.build import build_datasets
-    from detkit.data.loader import build_train_loader
-    from detkit.engine.trainer import LRSchedule, build_optimizer
-    from detkit.modeling.build import build_model
     from detkit.schema import Config, DatasetConfig, ShapesConfig
 
     cfg = load_config(ROOT / "configs/faster_rcnn/bccd_r18_fpn.yaml", Config)
@@ -215,44 +210,91 @@ def run_denormal_case(iters: int, skip: int = 20):
         source = "generated shapes"
     cfg.data.test = None
     train_set, _, classes = build_datasets(cfg, need_train=True, need_test=False)
+    return cfg, train_set, classes, source
+
+
+def _denormal_worker(conn, flush: bool, threads: int) -> None:
+    """One side of the denormal case, in a fresh process: the flush mode is a per-thread CPU
+    flag that torch's pool threads inherit when they start, so it is set before any tensor
+    work. Trains one step per "step" message and answers (seconds, subnormal count or None)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(flush)
+    from detkit.data.loader import build_train_loader
+    from detkit.engine.trainer import LRSchedule, build_optimizer
+    from detkit.modeling.build import build_model
+
+    cfg, train_set, classes, source = _denormal_setup()
     t = cfg.train
-    runs = []
+    torch.manual_seed(t.seed)
+    model = build_model(cfg.model, len(classes), cfg.data.input).train()
+    optimizer = build_optimizer(model, t)
+    schedule = LRSchedule(t.max_iter, t.warmup_iters, t.warmup_factor, t.lr_schedule, t.steps, t.gamma)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    data = iter(build_train_loader(train_set, cfg.data.batch_size, t.seed, size_divisibility=model.size_divisibility))
+    conn.send(f"{source}; shorter side {cfg.data.input.min_size_train}, batch {cfg.data.batch_size}")
+    while True:
+        message = conn.recv()
+        if message == "stop":
+            return
+        images, targets = next(data)
+        start = time.perf_counter()
+        _, losses = model(images, targets)
+        optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        optimizer.step()
+        scheduler.step()
+        seconds = time.perf_counter() - start
+        conn.send((seconds, _subnormal_count(model, optimizer) if message == "step+count" else None))
+
+
+def run_denormal_case(iters: int, threads: int, skip: int = 20):
+    """Two identical detkit models trained side by side in two processes, one step each in
+    turn (load from elsewhere on the machine hits both alike), flush on / off."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    sides = []
     for flush in (True, False):
-        torch.manual_seed(t.seed)
-        model = build_model(cfg.model, len(classes), cfg.data.input).train()
-        optimizer = build_optimizer(model, t)
-        schedule = LRSchedule(t.max_iter, t.warmup_iters, t.warmup_factor, t.lr_schedule, t.steps, t.gamma)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        loader = build_train_loader(train_set, cfg.data.batch_size, t.seed, size_divisibility=model.size_divisibility)
-        runs.append(
-            {"flush": flush, "model": model, "opt": optimizer, "sched": scheduler, "data": iter(loader), "s": []}
-        )
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_denormal_worker, args=(child, flush, threads), daemon=True)
+        proc.start()
+        sides.append({"flush": flush, "conn": parent, "proc": proc, "s": [], "subnormals": []})
     try:
+        inputs = [side["conn"].recv() for side in sides]
         for it in range(iters):
-            for r in runs:  # alternate: load from elsewhere on the machine hits both alike
-                images, targets = next(r["data"])
-                torch.set_flush_denormal(r["flush"])
-                start = time.perf_counter()
-                _, losses = r["model"](images, targets)
-                r["opt"].zero_grad(set_to_none=True)
-                sum(losses.values()).backward()
-                r["opt"].step()
-                r["sched"].step()
-                r["s"].append(time.perf_counter() - start)
-            if (it + 1) % 10 == 0:
+            count = (it + 1) % 10 == 0 or it + 1 == iters
+            for side in sides:
+                side["conn"].send("step+count" if count else "step")
+                seconds, subnormals = side["conn"].recv()
+                side["s"].append(seconds)
+                if subnormals is not None:
+                    side["subnormals"].append((it + 1, subnormals))
+            if count:
                 print(
                     f"  denormal: iteration {it + 1}/{iters}: "
-                    + ", ".join(f"flush {'on' if r['flush'] else 'off'} {r['s'][-1]:.2f} s" for r in runs),
+                    + ", ".join(
+                        f"flush {'on' if side['flush'] else 'off'} {statistics.median(side['s'][-10:]):.2f} s/iter, "
+                        f"{side['subnormals'][-1][1]} subnormal values"
+                        for side in sides
+                    ),
                     flush=True,
                 )
     finally:
-        torch.set_flush_denormal(False)
-    on, off = runs
+        for side in sides:
+            try:
+                side["conn"].send("stop")
+            except OSError:
+                pass
+            side["proc"].join(timeout=30)
+    on, off = sides
     med = statistics.median
     late = slice(skip, None) if iters > skip else slice(None)
     return {
         "case": "denormal",
-        "input": f"{source}; shorter side {cfg.data.input.min_size_train}, batch {cfg.data.batch_size}",
+        "input": inputs[0],
+        "threads": threads,
         "iterations": iters,
         "flush_on_s_per_iter_first10": med(on["s"][:10]),
         "flush_off_s_per_iter_first10": med(off["s"][:10]),
@@ -260,8 +302,8 @@ def run_denormal_case(iters: int, skip: int = 20):
         f"flush_off_s_per_iter_after{skip}": med(off["s"][late]),
         "ratio_off_on_first10": med(off["s"][:10]) / med(on["s"][:10]),
         f"ratio_off_on_after{skip}": med(off["s"][late]) / med(on["s"][late]),
-        "subnormals_at_end_flush_off": _subnormal_count(off["model"], off["opt"]),
-        "subnormals_at_end_flush_on": _subnormal_count(on["model"], on["opt"]),
+        "subnormals_flush_off": off["subnormals"],
+        "subnormals_flush_on": on["subnormals"],
         "s_per_iter_flush_on": on["s"],
         "s_per_iter_flush_off": off["s"],
     }
@@ -284,15 +326,15 @@ def main():
     results = []
     for case in args.cases:
         if case == "denormal":
-            r = run_denormal_case(args.denormal_iters)
+            r = run_denormal_case(args.denormal_iters, args.threads)
             results.append(r)
             print(
                 f"denormal {r['input']}: flush on / off {r['flush_on_s_per_iter_first10']:.2f} / "
                 f"{r['flush_off_s_per_iter_first10']:.2f} s/iter in the first 10 iterations "
                 f"(ratio {r['ratio_off_on_first10']:.2f}), {r['flush_on_s_per_iter_after20']:.2f} / "
                 f"{r['flush_off_s_per_iter_after20']:.2f} s/iter after 20 (ratio {r['ratio_off_on_after20']:.2f}); "
-                f"subnormal values at the end: {r['subnormals_at_end_flush_off']} without flushing, "
-                f"{r['subnormals_at_end_flush_on']} with",
+                f"subnormal weights/gradients/momentum at the end: {r['subnormals_flush_off'][-1][1]} without "
+                f"flushing, {r['subnormals_flush_on'][-1][1]} with",
                 flush=True,
             )
             continue

@@ -14,6 +14,7 @@ from typing import Dict
 
 from detkit.cli.common import expand_inputs, load_run_config
 from detkit.data.io import read_image_array
+from detkit.engine.inference import denormals_flushed
 from detkit.engine.predictor import Predictor
 from detkit.errors import ImageReadError, UsageError
 from detkit.visualize import draw_detections, save_rgb
@@ -39,6 +40,13 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     cfg = load_run_config(args.config, args.overrides) if args.config else None
+    # Before any tensor work, so that torch's thread pool inherits the mode (see
+    # denormals_flushed); on unless --config turns train.flush_denormal off.
+    with denormals_flushed(cfg.train.flush_denormal if cfg is not None else True):
+        return _run(args, cfg)
+
+
+def _run(args, cfg) -> int:
     predictor = Predictor.from_checkpoint(args.checkpoint, cfg)
     predictor.model.roi_head.score_thresh = args.score_thresh
     out = Path(args.out)

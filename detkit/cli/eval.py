@@ -33,21 +33,26 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     cfg = load_run_config(args.config, args.overrides)
+    # Before any tensor work, so that torch's thread pool inherits the mode (see denormals_flushed).
+    with denormals_flushed(cfg.train.flush_denormal):
+        return _run(args, cfg)
+
+
+def _run(args, cfg) -> int:
     device = device_from_config(cfg.train.device)
     model, cfg, classes = model_from_checkpoint(args.checkpoint, cfg, device)
     if cfg.data.test is None:
         raise UsageError(f"{args.config}: no data.test dataset to evaluate on")
     dataset = build_dataset(cfg.data.test, classes, dataset_transforms(cfg.data.input, False), name="test")
-    with denormals_flushed(cfg.train.flush_denormal and device.type == "cpu"):
-        dets, _, sec = run_inference(
-            model,
-            dataset,
-            cfg.data.test_batch_size,
-            device,
-            cfg.data.num_workers,
-            amp=cfg.train.amp and device.type == "cuda",
-            progress=not args.no_progress,
-        )
+    dets, _, sec = run_inference(
+        model,
+        dataset,
+        cfg.data.test_batch_size,
+        device,
+        cfg.data.num_workers,
+        amp=cfg.train.amp and device.type == "cuda",
+        progress=not args.no_progress,
+    )
     result = evaluate_detections(cfg.test, dets, dataset)
     result["s_per_img"] = sec
     out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "eval"

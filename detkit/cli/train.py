@@ -18,7 +18,7 @@ from detkit.cli.common import default_out, load_run_config
 from detkit.config import dump_config
 from detkit.data.build import build_datasets
 from detkit.engine.evaluate import summary_lines
-from detkit.engine.inference import device_from_config
+from detkit.engine.inference import denormals_flushed, device_from_config
 from detkit.engine.pipelines import stages_for
 from detkit.engine.stages import RunContext, run_stages
 from detkit.engine.trainer import RUN_FILES, check_output_dir
@@ -55,6 +55,12 @@ def save_run_config(cfg, out: Path, resume: bool) -> None:
 
 def run(args) -> int:
     cfg = load_run_config(args.config, args.overrides)
+    # Before any tensor work, so that torch's thread pool inherits the mode (see denormals_flushed).
+    with denormals_flushed(cfg.train.flush_denormal):
+        return _run(args, cfg)
+
+
+def _run(args, cfg) -> int:
     out = Path(args.out) if args.out else default_out(args.config, RUN_FILES, args.resume)
     check_output_dir(out, args.resume)
     device = device_from_config(cfg.train.device)

@@ -71,7 +71,7 @@ class Predictor:
             tensors.append(t)
             geometries.append(target.geometry)
         batch = ImageList.from_tensors(tensors, self.model.size_divisibility, geometries=geometries)
-        with denormals_flushed(self.cfg.train.flush_denormal and self.device.type == "cpu"):
+        with denormals_flushed(self.cfg.train.flush_denormal):
             detections, _ = self.model(batch.to(self.device))
         return [d.to("cpu") for d in detections]
 

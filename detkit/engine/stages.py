@@ -180,9 +180,8 @@ def run_stages(stages: Sequence[Stage], run: RunContext) -> Dict[str, Any]:
     while skip < len(stages) and skip < len(finished) and finished[skip] == names[skip] and stages[skip].done(run):
         skip += 1
     run.out_dir.mkdir(parents=True, exist_ok=True)
-    cpu = run.device is not None and run.device.type == "cpu"
     try:
-        with denormals_flushed(run.cfg.train.flush_denormal and cpu):
+        with denormals_flushed(run.cfg.train.flush_denormal):
             if skip < len(stages) and any(s.changes_model for s in stages[:skip]):
                 run.load_final()
             for stage in stages[:skip]:

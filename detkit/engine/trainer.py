@@ -236,7 +236,7 @@ class Trainer:
     def train(self) -> None:
         """Train from ``start_iter`` to ``train.max_iter``, then save model_final.pt; sets
         ``run.results["train_minutes"]``."""
-        with denormals_flushed(self.tcfg.flush_denormal and self.device.type == "cpu"):
+        with denormals_flushed(self.tcfg.flush_denormal):
             self._train()
 
     def _step(self, images, targets, it: int) -> Dict[str, torch.Tensor]:

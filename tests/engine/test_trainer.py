@@ -385,3 +385,17 @@ def test_loading_another_architecture_lists_the_mismatched_keys():
 def test_bare_state_dict_checkpoints_load(tmp_path):
     torch.save({"w": torch.zeros(1)}, tmp_path / "bare.pt")
     assert set(load_checkpoint(tmp_path / "bare.pt")["model"]) == {"w"}
+
+
+def test_resume_with_amp_from_a_checkpoint_trained_without_it(tmp_path, toy, monkeypatch):
+    # The CUDA + AMP case on a CPU machine: a CPU GradScaler stands in for the CUDA one.
+    cfg = toy.config(max_iter=2)
+    train(toy, cfg, toy.ToyDetector(), tmp_path)
+    assert load_checkpoint(tmp_path / "model_final.pt")["scaler"] == {}  # a disabled scaler's state
+    real = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda device, enabled: real("cpu", enabled=True, init_scale=256.0))
+    cfg.train.max_iter = 3
+    trainer = Trainer(toy.make_run(cfg, toy.ToyDetector(), tmp_path, resume=True))  # torch would raise here
+    assert trainer.start_iter == 2 and trainer.scaler.is_enabled() and trainer.scaler.get_scale() == 256.0
+    trainer.train()
+    assert load_checkpoint(tmp_path / "model_final.pt")["scaler"]["scale"] == 256.0
