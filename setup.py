@@ -19,6 +19,8 @@ setup(
         "opencv-python-headless",
         "scikit-learn",
         "scikit-image",
+        # compiles the sequential merge loop of Felzenszwalb's segmentation (Selective Search)
+        "numba",
         "scipy",
         "pyyaml",
         "tqdm",
