@@ -123,17 +123,17 @@ def _decode_png_with_pil(data: bytes, truncated: bool) -> Tuple[Optional[np.ndar
                 try:
                     with Image.open(io.BytesIO(data)) as im:
                         im.load()
-                        im = ImageOps.exif_transpose(im)
+                        upright = ImageOps.exif_transpose(im)  # as OpenCV applies it
                 finally:
                     ImageFile.LOAD_TRUNCATED_IMAGES = saved
         except Exception:  # PIL raises many types for broken data
             continue
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        if upright.mode in ("I;16", "I;16B", "I;16L", "I"):
             # 16-bit grey: keep the high byte, as OpenCV's IMREAD_COLOR does.
-            grey = (np.asarray(im, dtype=np.uint32) >> 8).astype(np.uint8)
+            grey = (np.asarray(upright, dtype=np.uint32) >> 8).astype(np.uint8)
             rgb = np.repeat(grey[:, :, None], 3, axis=2)
         else:
-            rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
+            rgb = np.asarray(upright.convert("RGB"), dtype=np.uint8)
         return np.ascontiguousarray(rgb), (TRUNCATED if tolerant else None)
     return None, None
 
