@@ -70,8 +70,9 @@ _ORIENTATION_TAG = 0x0112
 # Files whose partial decode was already reported in this process (by a dataset load or an
 # earlier read): the per-read warning is given once per file, not once per epoch.
 _reported_partial: Set[str] = set()
-# PIL's tolerance for truncated files is a module switch; it is only flipped under this lock.
-_pil_truncated_lock = threading.Lock()
+# PIL's tolerance for truncated files and its pixel limit are module switches; they are only
+# changed (and put back) under this lock.
+_pil_switch_lock = threading.Lock()
 
 
 def decode_image(path: PathLike) -> Tuple[np.ndarray, Optional[str]]:
@@ -117,7 +118,7 @@ def _decode_png_with_pil(data: bytes, truncated: bool) -> Tuple[Optional[np.ndar
 
     for tolerant in (False, True) if truncated else (False,):
         try:
-            with _pil_truncated_lock:
+            with _pil_switch_lock:
                 saved = ImageFile.LOAD_TRUNCATED_IMAGES
                 ImageFile.LOAD_TRUNCATED_IMAGES = tolerant
                 try:
@@ -239,10 +240,20 @@ def probe_image(path: PathLike) -> ImageProbe:
     try:
         file_size = os.path.getsize(path)
         with open(path, "rb") as f:
-            with Image.open(f) as im:
-                width, height = im.size
-                fmt = str(im.format or "")
-                orientation = _orientation(im) if fmt in _EXIF_ORIENTED else 1
+            with _pil_switch_lock:
+                # PIL refuses headers of more than 2 x 89 M pixels (a "decompression bomb"
+                # guard for its own decoding); reading a header allocates nothing, and the
+                # pixels are OpenCV's to decode (with its own limit), so large aerial or
+                # slide images stay usable.
+                saved = Image.MAX_IMAGE_PIXELS
+                Image.MAX_IMAGE_PIXELS = None
+                try:
+                    with Image.open(f) as im:
+                        width, height = im.size
+                        fmt = str(im.format or "")
+                        orientation = _orientation(im) if fmt in _EXIF_ORIENTED else 1
+                finally:
+                    Image.MAX_IMAGE_PIXELS = saved
             suspicious = fmt not in _OPENCV_FORMATS or _looks_truncated(f, fmt, file_size)
     except FileNotFoundError:
         raise ImageReadError(f"image not found: {path}") from None

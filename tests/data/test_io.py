@@ -213,6 +213,17 @@ def test_probe_rejects_files_that_are_no_images(tmp_path):
     assert log.lines() == ["ds: skipped unreadable images: 2 in 2 files (empty.jpg, text.jpg)"]
 
 
+def test_probe_is_not_stopped_by_pils_pixel_limit(tmp_path, monkeypatch):
+    from PIL import Image
+
+    _write_rgb(tmp_path / "big.png", _smooth_image(48, 64))
+    # As if the image had more than twice PIL's limit (89 M pixels by default), which makes
+    # Image.open raise DecompressionBombError.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    assert probe_image(tmp_path / "big.png") == ImageProbe(64, 48, "PNG", None)
+    assert Image.MAX_IMAGE_PIXELS == 1000  # put back
+
+
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
 def test_header_size_follows_the_exif_orientation_as_decoding_does(tmp_path, fmt):
     from PIL import Image
