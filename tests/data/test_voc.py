@@ -337,7 +337,7 @@ def test_truncated_image_is_kept_and_flagged_at_load(tmp_path, detkit_log):
     assert ids_of(dataset) == ["a", "b"]
     assert warnings_of(detkit_log) == ["ds:all: decoded partially (truncated image data): 1 in 1 file (b.jpg)"]
     image, target = dataset[1]
-    assert image.shape == (3, 48, 64) and target["boxes"].tolist() == [[10.0, 10.0, 30.0, 30.0]]
+    assert image.shape == (3, 48, 64) and target.boxes.tolist() == [[10.0, 10.0, 30.0, 30.0]]
     dataset[1]
     assert len(warnings_of(detkit_log)) == 1  # reading it (every epoch) warns no more
 
