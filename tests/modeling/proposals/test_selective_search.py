@@ -603,3 +603,14 @@ def test_selective_search_rejects_bad_mode_and_scale():
         selective_search(image, max_boxes=-5)
     with pytest.raises(SelectiveSearchError, match="list of Strategy"):
         selective_search(image, mode=["fast"])
+
+
+def test_segment_graph_without_numba_is_a_one_line_error(monkeypatch):
+    import sys
+
+    graph = pixel_graph(np.zeros((2, 2, 1)))
+    # A None entry in sys.modules makes the import fail as if numba were not installed.
+    monkeypatch.setitem(sys.modules, "numba", None)
+    monkeypatch.delitem(sys.modules, "detkit.modeling.proposals.selective_search.fh_kernel", raising=False)
+    with pytest.raises(SelectiveSearchError, match="needs numba: pip install numba"):
+        segment_graph(graph, 50)

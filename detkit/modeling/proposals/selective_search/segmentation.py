@@ -173,7 +173,12 @@ def segment_graph(graph: PixelGraph, k: float, min_size: Optional[int] = None) -
     min_size=min_size)``.
     """
     # numba is imported here, not at the top: only a segmentation needs it (see fh_kernel).
-    from detkit.modeling.proposals.selective_search.fh_kernel import felzenszwalb_labels
+    try:
+        from detkit.modeling.proposals.selective_search.fh_kernel import felzenszwalb_labels
+    except ModuleNotFoundError as exc:
+        if exc.name != "numba":
+            raise
+        raise SelectiveSearchError("Selective Search's segmentation needs numba: pip install numba") from exc
 
     # weights are in [0, 1] units (the image was scaled by 1/255), so k scales the same way
     labels = felzenszwalb_labels(
