@@ -55,6 +55,10 @@ def felzenszwalb_labels(first, second, weights, num_pixels, scale, min_size):
     parent = np.arange(num_pixels)
     size = np.ones(num_pixels, np.int64)
     internal = np.zeros(num_pixels)  # Int(C) at each root: the weight of its last join
+    # Edges that joined nothing, in sorted order. The others lie inside one component from
+    # their turn on (components only grow), so the post-processing need not look at them.
+    rejected = np.empty(len(weights), np.int64)
+    num_rejected = 0
 
     for e in range(len(weights)):
         a = _find(parent, first[e])
@@ -64,10 +68,13 @@ def felzenszwalb_labels(first, second, weights, num_pixels, scale, min_size):
         m_int = min(np.float32(internal[a] + scale / size[a]), np.float32(internal[b] + scale / size[b]))
         if weights[e] < m_int:
             internal[_join(parent, size, a, b)] = weights[e]
+        else:
+            rejected[num_rejected] = e
+            num_rejected += 1
 
     # Post-processing of the authors' code: a component below min_size joins its neighbour
     # across the lightest edge, i.e. the first edge in the sorted order that leaves it.
-    for e in range(len(weights)):
+    for e in rejected[:num_rejected]:
         a = _find(parent, first[e])
         b = _find(parent, second[e])
         if a != b and (size[a] < min_size or size[b] < min_size):
