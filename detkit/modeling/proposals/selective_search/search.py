@@ -23,9 +23,10 @@ simFunctionHandles, of which ``fastMode`` keeps the first two of each):
 Shapes: H x W image, N initial regions of one segmentation, R proposal boxes.
 Boxes are float32 xyxy in input-image pixels with exclusive ends (``detkit.structures``).
 
-The per-colour-space work (conversion, texture derivatives, pixel bin indices) and the
-per-segmentation work (label map, adjacency, histograms) are computed once and shared by
-every strategy that needs them; only the greedy merge loop runs per strategy.
+The per-colour-space work (conversion, the segmentation's sorted pixel graph, texture
+derivatives, pixel bin indices) and the per-segmentation work (label map, adjacency,
+histograms) are computed once and shared by every strategy that needs them; only the greedy
+merge loop runs per strategy.
 """
 
 from __future__ import annotations
