@@ -25,10 +25,11 @@ import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
+from numpy.typing import ArrayLike
 
 # Distinct, colour-blind friendly colours (Okabe-Ito, then a few more), RGB, cycled per class.
 PALETTE = [
@@ -115,14 +116,27 @@ def draw_rectangle(img: np.ndarray, box, color: Color, thickness: int, dashed: b
         _dashed_line(img, p, q, color, thickness, dash)
 
 
+def _overlap(a: Tuple[int, int, int, int], b: Tuple[int, int, int, int]) -> bool:
+    return not (a[2] < b[0] or b[2] < a[0] or a[3] < b[1] or b[3] < a[1])
+
+
 def label_rect(
-    text: str, box, height: int, width: int, style: DrawStyle
+    text: str,
+    box,
+    height: int,
+    width: int,
+    style: DrawStyle,
+    avoid: Sequence[Tuple[int, int, int, int]] = (),
 ) -> Tuple[Tuple[int, int, int, int], Tuple[int, int], float]:
     """Where the label of ``box`` goes: ((x0, y0, x1, y1) of its filled background, the text
-    origin, the font scale used). Above the box's top-left corner when there is room, else
-    under its bottom-left corner (the outline stays visible), else just inside its top;
-    shifted left where it would leave the image on the right; the font shrinks when the
-    text is wider than the image. Always inside the image."""
+    origin, the font scale used). Always inside the image.
+
+    Above the box's top-left corner when there is room, else under its bottom-left corner
+    (the outline stays visible), else just inside its top; shifted left where it would
+    leave the image on the right; the font shrinks when the text is wider than the image.
+    ``avoid``: labels already placed; the first of the positions above, under, inside top,
+    inside bottom (left-aligned, then right-aligned with the box) that overlaps none of
+    them is taken (else the first position)."""
     scale = style.font_scale
     (tw, th), base = cv2.getTextSize(text, _FONT, scale, style.text_thickness)
     while tw + 4 > width and scale > 0.2:  # a label wider than the image: smaller font
@@ -130,23 +144,24 @@ def label_rect(
         (tw, th), base = cv2.getTextSize(text, _FONT, scale, style.text_thickness)
     pad = max(1, style.thickness)
     lw, lh = tw + 2 * pad, th + base + 2 * pad
-    x1b, y1b, _, y2b = box_pixels(box, height, width)
-    x0 = int(np.clip(x1b, 0, max(0, width - lw)))
-    if y1b - lh >= 0:
-        y0 = y1b - lh
-    elif y2b + 1 + lh <= height:
-        y0 = y2b + 1
-    else:
-        y0 = y1b
-    y0 = int(np.clip(y0, 0, max(0, height - lh)))
-    rect = (x0, y0, min(width - 1, x0 + lw - 1), min(height - 1, y0 + lh - 1))
-    return rect, (x0 + pad, y0 + pad + th), scale
+    x1b, y1b, x2b, y2b = box_pixels(box, height, width)
+    ys = [y for y, fits in ((y1b - lh, y1b - lh >= 0), (y2b + 1, y2b + 1 + lh <= height)) if fits]
+    ys += [y1b, max(y1b, y2b - lh + 1)]
+    xs = [x1b, x2b - lw + 1]
+
+    def rect_at(x, y):
+        x0 = int(np.clip(x, 0, max(0, width - lw)))
+        y0 = int(np.clip(y, 0, max(0, height - lh)))
+        return (x0, y0, min(width - 1, x0 + lw - 1), min(height - 1, y0 + lh - 1))
+
+    candidates = [rect_at(x, y) for y in ys for x in xs]
+    rect = next((r for r in candidates if not any(_overlap(r, a) for a in avoid)), candidates[0])
+    return rect, (rect[0] + pad, rect[1] + pad + th), scale
 
 
-def draw_label(img: np.ndarray, text: str, box, color: Color, style: DrawStyle) -> None:
-    """In place: ``text`` on a filled ``color`` background at ``label_rect``."""
-    h, w = img.shape[:2]
-    (x0, y0, x1, y1), origin, scale = label_rect(text, box, h, w, style)
+def draw_label(img: np.ndarray, text: str, rect, origin, scale: float, color: Color, style: DrawStyle) -> None:
+    """In place: ``text`` on a filled ``color`` background, as ``label_rect`` placed it."""
+    x0, y0, x1, y1 = rect
     cv2.rectangle(img, (x0, y0), (x1, y1), color, -1)
     cv2.putText(img, text, origin, _FONT, scale, _text_color(color), style.text_thickness, cv2.LINE_AA)
 
@@ -157,10 +172,10 @@ def _name(label: int, class_names: Sequence[str]) -> str:
 
 def draw_boxes(
     image: np.ndarray,
-    boxes: np.ndarray,
-    labels: np.ndarray,
+    boxes: ArrayLike,
+    labels: ArrayLike,
     class_names: Sequence[str],
-    scores: Optional[np.ndarray] = None,
+    scores: Optional[ArrayLike] = None,
     dashed: Union[bool, np.ndarray] = False,
     show_labels: bool = True,
     style: Optional[DrawStyle] = None,
@@ -175,15 +190,23 @@ def draw_boxes(
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     labels = np.asarray(labels).reshape(-1)
     dash = np.broadcast_to(np.asarray(dashed, dtype=bool), (len(boxes),))
-    order = np.argsort(np.asarray(scores), kind="stable") if scores is not None else np.arange(len(boxes))
+    score_arr = np.asarray(scores, dtype=np.float64).reshape(-1) if scores is not None else None
+    order = np.argsort(score_arr, kind="stable") if score_arr is not None else np.arange(len(boxes))
     for i in order:
         color = class_color(labels[i])
         draw_rectangle(out, boxes[i], color, style.thickness, bool(dash[i]))
     if show_labels:
-        for i in order:
+        # Placed best first (so the best detections get the preferred spots, and later
+        # labels dodge them), drawn best last (on top where they still overlap).
+        placed: Dict[int, Tuple[str, Tuple[int, int, int, int], Tuple[int, int], float]] = {}
+        for i in order[::-1]:
             name = _name(labels[i], class_names)
-            text = f"{name} {float(scores[i]):.2f}" if scores is not None else name
-            draw_label(out, text, boxes[i], class_color(labels[i]), style)
+            text = f"{name} {score_arr[i]:.2f}" if score_arr is not None else name
+            rect, origin, scale = label_rect(text, boxes[i], h, w, style, avoid=[p[1] for p in placed.values()])
+            placed[i] = (text, rect, origin, scale)
+        for i in order:
+            text, rect, origin, scale = placed[i]
+            draw_label(out, text, rect, origin, scale, class_color(labels[i]), style)
     return out
 
 
@@ -200,7 +223,7 @@ def draw_detections(
     Detections solid with "name 0.93" labels; ground truth, when given, dashed in its class
     colour without labels (under the detections)."""
     out = image
-    if gt_boxes is not None and len(gt_boxes):
+    if gt_boxes is not None and gt_labels is not None and len(gt_boxes):
         out = draw_boxes(image, gt_boxes, gt_labels, class_names, dashed=True, show_labels=False)
     return draw_boxes(out, boxes, labels, class_names, scores=scores)
 
@@ -355,8 +378,10 @@ def dataset_figures(
     ax = fig.add_subplot()
     counts = np.bincount(np.asarray(labels, np.int64), minlength=len(class_names) + 1)[1 : len(class_names) + 1]
     x = np.arange(len(class_names))
-    ax.bar(x, counts, color=[_mpl_color(class_color(k + 1)) for k in x])
-    ax.set_xticks(x, list(class_names), rotation=30 if len(class_names) > 6 else 0, ha="right" if len(x) > 6 else "center")
+    ax.bar(x, counts, color=[_mpl_color(class_color(int(k) + 1)) for k in x])
+    ax.set_xticks(
+        x, list(class_names), rotation=30 if len(class_names) > 6 else 0, ha="right" if len(x) > 6 else "center"
+    )
     for xi, c in zip(x, counts):
         ax.annotate(str(int(c)), (xi, c), ha="center", va="bottom", fontsize=8)
     ax.set(ylabel="objects", title=f"{prefix}objects per class")
@@ -404,20 +429,22 @@ def dataset_figures(
 
 
 # Which panels the training-curve figure has, in order, and which record keys go in each.
-def curve_panels(keys: Sequence[str]) -> List[Tuple[str, List[str]]]:
+def curve_panels(keys: Iterable[str]) -> List[Tuple[str, List[str]]]:
     """From the metric keys present in the runs: [(panel title, [train key, val key...])].
     Panels: total loss (train ``loss`` and validation ``val_loss``), one per loss term
     (``loss_*`` with its ``val_loss_*``), learning rate, eval mAP."""
-    keys = set(keys)
+    present = set(keys)
     panels: List[Tuple[str, List[str]]] = []
-    if "loss" in keys or "val_loss" in keys:
+    if "loss" in present or "val_loss" in present:
         panels.append(("loss (train vs validation)", ["loss", "val_loss"]))
-    terms = sorted({k for k in keys if k.startswith("loss_")} | {k[4:] for k in keys if k.startswith("val_loss_")})
+    terms = sorted(
+        {k for k in present if k.startswith("loss_")} | {k[4:] for k in present if k.startswith("val_loss_")}
+    )
     for term in terms:
         panels.append((term, [term, f"val_{term}"]))
-    if "lr" in keys:
+    if "lr" in present:
         panels.append(("learning rate", ["lr"]))
-    if "eval_mAP" in keys:
+    if "eval_mAP" in present:
         panels.append(("eval mAP", ["eval_mAP"]))
     return panels
 
@@ -537,6 +564,7 @@ def error_breakdown_figure(counts: Mapping[str, int], dap: Optional[Mapping[str,
     ax.barh(labels, [counts[t] for t in types], color=colors)
     ax.invert_yaxis()
     ax.set(xlabel="count", title="errors")
+    ax.margins(x=0.18)
     for i, t in enumerate(types):
         ax.annotate(f" {counts[t]}", (counts[t], i), va="center", fontsize=8)
     if dap:
@@ -545,6 +573,7 @@ def error_breakdown_figure(counts: Mapping[str, int], dap: Optional[Mapping[str,
         ax.barh(labels, vals, color=colors)
         ax.invert_yaxis()
         ax.set(xlabel="mAP points gained by fixing", title="dAP")
+        ax.margins(x=0.18)
         for i, v in enumerate(vals):
             ax.annotate(f" {v:.2f}", (v, i), va="center", fontsize=8)
     if title:

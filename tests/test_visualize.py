@@ -200,3 +200,21 @@ def test_label_under_a_box_at_the_top_edge():
     # No room above or below (the box fills the image): inside its top.
     (x0, y0, x1, y1), _, _ = label_rect("a 0.50", [0, 0, 150, 150], 150, 150, style)
     assert (x0, y0) == (0, 0)
+
+
+def test_labels_of_neighbouring_boxes_do_not_overlap():
+    # Two boxes side by side with long labels: the second label moves (under its box).
+    h, w = 150, 150
+    boxes = np.array([[10, 40, 60, 90], [40, 45, 100, 95]], float)
+    scores = np.array([0.9, 0.8])
+    out = draw_boxes(grey(h, w), boxes, np.array([1, 2]), ["circle", "triangle"], scores=scores)
+    style = draw_style(h, w)
+    first, _, _ = label_rect("circle 0.90", boxes[0], h, w, style)
+    second, _, _ = label_rect("triangle 0.80", boxes[1], h, w, style, avoid=[first])
+    assert second[1] > boxes[1][3] - 1  # under the box
+    x0, y0, x1, y1 = first
+    u0, v0, u1, v1 = second
+    assert x1 < u0 or u1 < x0 or y1 < v0 or v1 < y0
+    # Both labels are drawn where placed: their backgrounds carry the class colours.
+    assert color_mask(out, class_color(1))[y0 : y1 + 1, x0 : x1 + 1].mean() > 0.5
+    assert color_mask(out, class_color(2))[v0 : v1 + 1, u0 : u1 + 1].mean() > 0.5

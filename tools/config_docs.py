@@ -143,7 +143,7 @@ def generate() -> str:
     anchor = {cls: _anchor(pre[0]) for cls, pre in secs}
     out = [HEADER]
     out.append("Sections: " + ", ".join(f"[{' / '.join(pre)}](#{anchor[cls]})" for cls, pre in secs) + ".\n")
-    for cls, pre in secs:
+    for cls, _ in secs:
         out.append(f'<a id="{anchor[cls]}"></a>\n\n## {heading[cls]}\n')
         doc = cls.__doc__ or ""
         # dataclasses give classes without a docstring a generated signature; skip that.
@@ -155,7 +155,9 @@ def generate() -> str:
             tp = hints[f.name]
             sub = _nested(tp)
             is_path = f.metadata.get("path", False)
-            type_name = "path" + (" or null" if type(None) in typing.get_args(tp) else "") if is_path else _type_name(tp)
+            type_name = (
+                "path" + (" or null" if type(None) in typing.get_args(tp) else "") if is_path else _type_name(tp)
+            )
             if sub is not None:
                 type_name = type_name.replace(f"mapping ({sub.__name__})", "mapping")
                 default = "null" if f.default is None else "(the section's defaults)"
@@ -169,7 +171,8 @@ def generate() -> str:
             if sub is not None and not meaning:
                 meaning = _first_sentence(sub.__doc__) if not (sub.__doc__ or "").startswith(sub.__name__ + "(") else ""
             if sub is not None:
-                meaning = (meaning + " " if meaning else "") + f"See [{heading[sub]}](#{anchor[sub]})."
+                lead = meaning.rstrip(".") + ". " if meaning else ""
+                meaning = lead + f"See [{heading[sub]}](#{anchor[sub]})."
             out.append(f"| `{f.name}` | {_cell(type_name)} | {_cell(default)} | {_cell(meaning)} |")
         out.append("")
     return "\n".join(out).rstrip() + "\n"

@@ -156,7 +156,9 @@ class Demo:
             return None
         if self.keep_labels is not None:
             m = np.isin(rec.labels, self.keep_labels)
-            rec = ImageRecord(rec.image_id, rec.file_name, rec.width, rec.height, rec.boxes[m], rec.labels[m], rec.difficult[m])
+            rec = ImageRecord(
+                rec.image_id, rec.file_name, rec.width, rec.height, rec.boxes[m], rec.labels[m], rec.difficult[m]
+            )
         return rec
 
     def process(self, image: np.ndarray, path: Optional[Path]) -> Tuple[np.ndarray, dict, str]:
@@ -206,7 +208,7 @@ def open_writer(path: Path, fps: float, size: Tuple[int, int]) -> cv2.VideoWrite
     if ext not in FOURCC:
         raise UsageError(f"cannot write video {path}: use a .mp4 or .avi file name")
     path.parent.mkdir(parents=True, exist_ok=True)
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*FOURCC[ext]), float(fps), size)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*FOURCC[ext]), float(fps), size)
     if not writer.isOpened():
         raise VideoError(f"cannot write video {path} with codec {FOURCC[ext]} (this OpenCV build lacks it?)")
     return writer
@@ -235,8 +237,9 @@ class FrameSink:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.release()
-        if self.resized:
-            logger.warning("%s: resized %d frame(s) to the first frame's size %dx%d", self.path, self.resized, *self.size)
+        if self.resized and self.size is not None:
+            w, h = self.size
+            logger.warning("%s: resized %d frame(s) to the first frame's size %dx%d", self.path, self.resized, w, h)
 
 
 def run_video(demo: Demo, path: Path, out_video: Path, out_json: Path) -> str:
@@ -248,9 +251,10 @@ def run_video(demo: Demo, path: Path, out_video: Path, out_json: Path) -> str:
             raise VideoError(f"cannot open video {path} (missing, not a video, or a codec this OpenCV build lacks)")
         fps = cap.get(cv2.CAP_PROP_FPS)
         sink = FrameSink(out_video, fps if fps and fps > 0 else 25.0)
-        frames, total_dets, total_ms = [], 0, 0.0
+        frames: List[dict] = []
+        total_dets, total_ms = 0, 0.0
         try:
-            while ok:
+            while ok and frame is not None:
                 rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
                 drawn, record, summary = demo.process(rgb, None)
                 logger.debug("%s frame %d: %s", path, len(frames), summary)
@@ -295,7 +299,8 @@ def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    failed, done, stems = 0, 0, {}
+    failed, done = 0, 0
+    stems: Dict[str, int] = {}
     sink = FrameSink(video_out, args.fps) if video_out is not None else None
     frame_records: List[dict] = []
 
@@ -345,7 +350,7 @@ def run(args) -> int:
     finally:
         if sink is not None:
             sink.close()
-    if sink is not None and sink.frames:
+    if sink is not None and video_out is not None and sink.frames:
         video_out.with_suffix(".json").write_text(json.dumps({"fps": args.fps, "frames": frame_records}, indent=1))
         logger.info("wrote %d frames to %s", sink.frames, video_out)
     else:

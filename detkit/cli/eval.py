@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
     e.add_argument(
         "--analyze",
         action="store_true",
-        help="also write the error analysis (PR curves, confusion matrix, error breakdown, worst errors) to OUT/analysis",
+        help="also write the error analysis (PR curves, confusion matrix, error types, worst errors) to OUT/analysis",
     )
     e.add_argument(
         "--analyze-score",

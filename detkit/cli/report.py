@@ -20,7 +20,9 @@ def add_parser(sub) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="run folder written by detkit train")
     p.add_argument("--out", required=True, help="HTML file to write")
     p.add_argument("--gallery", type=int, default=12, help="test images in the gallery (default 12)")
-    p.add_argument("--score-thresh", type=float, default=0.5, help="detections drawn and counted in the confusion matrix")
+    p.add_argument(
+        "--score-thresh", type=float, default=0.5, help="detections drawn and counted in the confusion matrix"
+    )
     p.set_defaults(func=run)
 
 

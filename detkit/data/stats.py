@@ -47,7 +47,11 @@ def box_stats(records, min_size: Optional[float] = None, max_size: Optional[floa
     labels, widths, heights, per_image = [], [], [], []
     for r in records:
         b = r.boxes.reshape(-1, 4).astype(np.float64)
-        s = resize_scale(r.height, r.width, min_size, max_size) if min_size and r.width and r.height else 1.0
+        s = (
+            resize_scale(r.height, r.width, min_size, max_size or float("inf"))
+            if min_size and r.width and r.height
+            else 1.0
+        )
         widths.append((b[:, 2] - b[:, 0]) * s)
         heights.append((b[:, 3] - b[:, 1]) * s)
         labels.append(r.labels)

@@ -73,8 +73,8 @@ def error_crops(
     """A grid of crops, one per entry of ``result["false_positives"]`` or ``["missed"]``
     (the first ``num``), or None when there is nothing to show.
 
-    False positives: the detection solid with "class score", the ground-truth box its error
-    refers to (if any) dashed; the caption says the error type. Misses: the missed box dashed."""
+    False positives: the detection solid with "class score", the image's ground truth dashed;
+    the caption says the error type. Misses: the missed box dashed, with its class."""
     names = dataset.class_names
     tiles, titles = [], []
     unreadable = 0
@@ -89,12 +89,9 @@ def error_crops(
         style = draw_style(*cell[::-1])
         name = names[e["label"] - 1]
         if "score" in e:  # a false positive
-            tile = crop
-            if e.get("target_label"):
-                # The ground-truth box the error refers to is the one of that class with the
-                # best overlap in the image; draw every box of the image that lies in view.
-                gt = _to_crop(rec.boxes, scale, x0, y0)
-                tile = draw_boxes(tile, gt, rec.labels, names, dashed=True, show_labels=False, style=style)
+            # The image's ground truth, dashed (the box an error refers to is among them).
+            gt = _to_crop(rec.boxes, scale, x0, y0)
+            tile = draw_boxes(crop, gt, rec.labels, names, dashed=True, show_labels=False, style=style)
             tile = draw_boxes(tile, _to_crop(e["box"], scale, x0, y0), [e["label"]], names, [e["score"]], style=style)
             kind = ERROR_LABELS.get(e["type"], e["type"])
             extra = f" on {names[e['target_label'] - 1]}" if e["type"] == "classification" else ""

@@ -130,14 +130,16 @@ def plot_runs(run_dirs: Sequence, out_png, names: Optional[Sequence[str]] = None
 # -- the HTML report -----------------------------------------------------------------------
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; padding: 0 1em; }
-h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 2em; }
-.meta { color: #666; } .big { font-size: 1.3em; }
-table { border-collapse: collapse; margin: 0.5em 0; } td, th { border: 1px solid #ddd; padding: 3px 10px; text-align: right; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; }
+h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 2em; }
+.meta { color: #666; } .big { font-size: 1.3em; } .note { color: #a60; }
+table { border-collapse: collapse; margin: 0.5em 0; }
+td, th { border: 1px solid #ddd; padding: 3px 10px; text-align: right; }
 th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
 img { max-width: 100%; } .gallery { display: flex; flex-wrap: wrap; gap: 10px; }
 .gallery figure { margin: 0; width: 260px; } .gallery img { width: 260px; border: 1px solid #ccc; }
-figcaption { font-size: 0.8em; color: #555; } pre { background: #f7f7f7; padding: 1em; overflow-x: auto; font-size: 0.85em; }
-.note { color: #a60; }
+figcaption { font-size: 0.8em; color: #555; }
+pre { background: #f7f7f7; padding: 1em; overflow-x: auto; font-size: 0.85em; }
 """
 
 
@@ -226,7 +228,9 @@ def build_report(run_dir, out_html, gallery: int = 12, score_thresh: float = 0.5
     if result is not None:
         summary = (
             f'<p class="big">{html.escape(str(result.get("metric")))} mAP <b>{_fmt(result.get("mAP"))}</b>'
-            + "".join(f" &middot; {html.escape(m)} mAP {_fmt(e.get('mAP'))}" for m, e in result.get("extra", {}).items())
+            + "".join(
+                f" &middot; {html.escape(m)} mAP {_fmt(e.get('mAP'))}" for m, e in result.get("extra", {}).items()
+            )
             + "</p>"
         )
 
@@ -239,8 +243,10 @@ def build_report(run_dir, out_html, gallery: int = 12, score_thresh: float = 0.5
     except RunFolderError as exc:
         parts.append(note(str(exc)))
     minutes = [r["train_minutes"] for r in metrics or [] if "train_minutes" in r]
-    if minutes:
-        summary += f'<p class="meta">training: {sum(minutes):.1f} min, {int(max(r["iter"] for r in metrics))} iterations</p>'
+    if metrics and minutes:
+        summary += (
+            f'<p class="meta">training: {sum(minutes):.1f} min, {int(max(r["iter"] for r in metrics))} iterations</p>'
+        )
 
     # Per-class table.
     parts.append("<h2>Per-class AP</h2>")
@@ -294,7 +300,9 @@ def build_report(run_dir, out_html, gallery: int = 12, score_thresh: float = 0.5
                 if sheet is not None:
                     parts.append(f"<h3>{title}</h3>" + _img(png_bytes(sheet), title))
 
-    parts.append(f"<h2>Gallery</h2><p class=meta>detections with score &ge; {score_thresh:g} solid, ground truth dashed</p>")
+    parts.append(
+        f"<h2>Gallery</h2><p class=meta>detections with score &ge; {score_thresh:g} solid, ground truth dashed</p>"
+    )
     if dataset is not None and dets is not None:
         shown = gallery_images(dataset, dets, gallery_indices(len(dataset.records), gallery), score_thresh)
         figs_html = "".join(
@@ -322,4 +330,3 @@ def build_report(run_dir, out_html, gallery: int = 12, score_thresh: float = 0.5
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")
     return out
-

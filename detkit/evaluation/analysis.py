@@ -39,7 +39,7 @@ row.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Tuple
 
 import numpy as np
 
@@ -218,9 +218,7 @@ def confusion_matrix(
     difficult boxes and the detections matching them are left out (see the module docstring)."""
     keep = det_scores >= score_thresh
     idx = np.flatnonzero(keep)
-    status, matched = match_detections(
-        gt, det_image[idx], det_boxes[idx], det_scores[idx], det_labels[idx], iou_thresh
-    )
+    status, matched = match_detections(gt, det_image[idx], det_boxes[idx], det_scores[idx], det_labels[idx], iou_thresh)
     k = num_classes
     cm = np.zeros((k + 1, k + 1), np.int64)
     found = np.zeros(len(gt.labels), bool)
@@ -315,7 +313,7 @@ def analyze_detections(
         "confusion_score_thresh": float(score_thresh),
     }
     if fix_errors:
-        base = result["mAP"]
+        base = _mean(aps)
         result["dAP"] = {
             t: _fixed_map(t, gt, k, image, boxes, scores, labels, kind, target, found, missed, iou_thresh, use_07)
             - base
@@ -408,7 +406,7 @@ def analysis_to_json(result: dict, dataset=None) -> dict:
         v = float(v)
         return None if np.isnan(v) else v
 
-    out = {}
+    out: Dict[str, object] = {}
     for key, value in result.items():
         if key == "pr":
             continue
@@ -447,7 +445,9 @@ def format_errors(result: dict) -> str:
     short = {"localization": "loc", "classification": "cls", "duplicate": "dup", "background": "bkg", "missed": "miss"}
     head = f"{'class':<{width}}" + "".join(f"  {short[t]:>6}" for t in ERROR_TYPES)
     rule = "-" * len(head)
-    lines = [f"errors (Hoiem et al. 2012 / TIDE; IoU > {result['iou_thresh']:g}, background < {result['bg_iou_thresh']:g})"]
+    lines = [
+        f"errors (Hoiem et al. 2012 / TIDE; IoU > {result['iou_thresh']:g}, background < {result['bg_iou_thresh']:g})"
+    ]
     lines += [head, rule]
     for n in names:
         lines.append(f"{n:<{width}}" + "".join(f"  {result['errors_per_class'][n][t]:>6}" for t in ERROR_TYPES))
@@ -456,8 +456,3 @@ def format_errors(result: dict) -> str:
     if "dAP" in result:
         lines.append(f"{'dAP (pts)':<{width}}" + "".join(f"  {100 * result['dAP'][t]:>6.2f}" for t in ERROR_TYPES))
     return "\n".join(lines)
-
-
-def top_entries(entries: List[dict], n: int, kinds: Optional[Tuple[str, ...]] = None) -> List[dict]:
-    """The first ``n`` entries (already sorted worst first), optionally of some types only."""
-    return [e for e in entries if kinds is None or e.get("type") in kinds][:n]

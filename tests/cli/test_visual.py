@@ -5,7 +5,6 @@ colour), --show-gt, videos, the dataset browser and histograms, eval --analyze, 
 import base64
 import json
 import re
-from pathlib import Path
 
 import cv2
 import numpy as np

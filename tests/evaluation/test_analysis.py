@@ -68,7 +68,13 @@ def test_hand_made_case_error_counts():
     }
     # False positives worst (highest score) first, each with its type.
     types = [(e["score"], e["type"]) for e in r["false_positives"]]
-    assert types == [(0.97, "background"), (0.8, "duplicate"), (0.7, "classification"), (0.6, "localization"), (0.3, "classification")]
+    assert types == [
+        (0.97, "background"),
+        (0.8, "duplicate"),
+        (0.7, "classification"),
+        (0.6, "localization"),
+        (0.3, "classification"),
+    ]
     cls = [e for e in r["false_positives"] if e["type"] == "classification"]
     assert [e["target_label"] for e in cls] == [2, 1]
     assert r["false_positives"][3]["iou"] == pytest.approx(0.5)
