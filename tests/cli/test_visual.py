@@ -264,3 +264,21 @@ def test_report_on_a_folder_that_is_not_a_run(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a detkit run folder" in err[0]
     assert not (tmp_path / "r.html").exists()
+
+
+def test_report_without_the_test_dataset_says_so(run, tmp_path):
+    """A run copied to a machine without its data: the page still comes, with a note where
+    the dataset was needed."""
+    import shutil
+
+    cfg, out = run
+    copy = tmp_path / "copied_run"
+    shutil.copytree(out, copy)
+    text = (copy / "config.yaml").read_text()
+    (copy / "config.yaml").write_text(text.replace("format: shapes", "format: voc").replace(str(out.parent), "/nowhere"))
+    html_path = tmp_path / "r.html"
+    assert main(["report", str(copy), "--out", str(html_path)]) == 0
+    page = html_path.read_text()
+    assert "test dataset not available" in page and "/nowhere" in page
+    assert 'class="gallery-image"' not in page
+    assert "Training curves" in page and page.count("data:image/png;base64,") == 1  # the curves
