@@ -10,6 +10,8 @@ Top level:  data (datasets, input sizes, batching) / model (backbone, proposals,
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Dict, List, Literal, Optional, Union
 
@@ -24,17 +26,136 @@ def _rel(**kw):
     return field(default=None, metadata={"path": True, "relative_to": "root"}, **kw)
 
 
+#: The shapes the generated dataset can draw, in label order (``ShapesConfig.classes``).
+SHAPE_CLASSES = ("circle", "square", "triangle")
+
+
+def _opt(default, help: str, **kw):
+    """A ShapesConfig field with its help text (shown by ``detkit data shapes --help``)."""
+    if isinstance(default, list):
+        value = list(default)
+        return field(default_factory=lambda: list(value), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
 @dataclass
 class ShapesConfig:
-    """Parameters of ``detkit.data.shapes.generate_shapes`` for ``format: shapes``."""
+    """Options of the generated shapes dataset: ``format: shapes`` in a config, the flags of
+    ``detkit data shapes``, and ``detkit.data.shapes.generate_shapes`` all use this one class,
+    so they share one set of defaults. A range is [min, max]; from Python a single number
+    means a fixed value (``object_size=21``). Checked on construction (one-line ValueError)."""
 
-    num_train: int = 300  # images in the train split
-    num_test: int = 100  # images in the test split
-    seed: int = 0  # image i of a split is drawn from (seed, split, i): same seed, same files
-    # [min, max] image width and height in px (each drawn in the range)
-    image_size: List[int] = field(default_factory=lambda: [128, 192])
-    object_size: List[int] = field(default_factory=lambda: [16, 64])  # [min, max] shape size in px, drawn log-uniformly
-    objects_per_image: List[int] = field(default_factory=lambda: [1, 6])  # [min, max] shapes per image
+    num_train: int = _opt(300, "images in the train split")
+    num_test: int = _opt(100, "images in the test split")
+    seed: int = _opt(0, "image i of split s is drawn from a generator seeded by (seed, s, i)")
+    image_size: List[int] = _opt([128, 192], "width and height (px), each drawn from [min, max]")
+    aspect_ratio: Optional[List[float]] = _opt(
+        None, "[min, max] of height / width (unset: any); sizes outside it are drawn again"
+    )
+    object_size: List[float] = _opt(
+        [16.0, 64.0], "shape size (px: circle diameter, square / triangle side), drawn log-uniformly"
+    )
+    objects_per_image: List[int] = _opt([1, 6], "objects per image, drawn uniformly (fewer when placements fail)")
+    classes: List[str] = _opt(list(SHAPE_CLASSES), f"shapes to draw, in label order (of {', '.join(SHAPE_CLASSES)})")
+    max_iou: float = _opt(0.3, "reject a placement whose box IoU with an earlier shape is higher")
+    min_visible: float = _opt(0.75, "reject a placement that leaves an earlier shape less of its pixels visible")
+    cluster: float = _opt(
+        0.0, "probability that a shape is placed near an earlier one (overlaps as far as max_iou allows)"
+    )
+    max_outside: float = _opt(
+        0.0, "fraction of a shape that may lie outside the image (> 0: shapes cross the border, VOC truncated=1)"
+    )
+    max_rotation: float = _opt(20.0, "squares and triangles are rotated by up to +-this (degrees)")
+    min_contrast: float = _opt(80.0, "RGB distance (0..255 scale) of an object colour from what lies under it")
+    noise_std: float = _opt(6.0, "Gaussian pixel noise of the background (0..255 scale)")
+    image_format: str = _opt("png", "png (lossless, exact edges) or jpg")
+
+    def __post_init__(self):
+        for name in ("num_train", "num_test", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+            setattr(self, name, int(value))
+        self.image_size = _range("image_size", self.image_size, integer=True)
+        self.object_size = _range("object_size", self.object_size, integer=False)
+        self.objects_per_image = _range("objects_per_image", self.objects_per_image, integer=True)
+        if self.aspect_ratio is not None:
+            self.aspect_ratio = _range("aspect_ratio", self.aspect_ratio, integer=False)
+        for name in ("max_iou", "min_visible", "cluster", "max_outside", "max_rotation", "min_contrast", "noise_std"):
+            setattr(self, name, _finite(name, getattr(self, name)))
+        fmt = str(self.image_format).lower().lstrip(".")
+        self.image_format = "jpg" if fmt == "jpeg" else fmt
+        if self.image_format not in ("png", "jpg"):
+            raise ValueError(f"image_format must be 'png' or 'jpg', got {self.image_format!r}")
+        side = self.image_size[0]
+        if side < 16:
+            raise ValueError(f"image_size must be at least 16 px, got {self.image_size!r}")
+        lo, hi = self.object_size
+        if lo < 4:
+            raise ValueError(f"object_size must be at least 4 px, got {self.object_size!r}")
+        if self.max_outside == 0.0 and hi * math.sqrt(2) > side - 2:
+            # A square rotated by 45 degrees spans sqrt(2) x its side; it must still fit.
+            raise ValueError(
+                f"object_size max {hi:g} does not fit the smallest image "
+                f"({side} px; need max * 1.42 <= image size - 2, or max_outside > 0)"
+            )
+        if hi > side:
+            raise ValueError(f"object_size max {hi:g} is larger than the smallest image ({side} px)")
+        if self.objects_per_image[0] < 0:
+            raise ValueError(f"objects_per_image must be >= 0, got {self.objects_per_image!r}")
+        if self.aspect_ratio is not None:
+            a_lo, a_hi = self.aspect_ratio
+            s_lo, s_hi = self.image_size
+            if a_lo <= 0 or a_lo > s_hi / s_lo or a_hi < s_lo / s_hi:
+                raise ValueError(
+                    f"aspect_ratio {self.aspect_ratio!r} cannot be met by image_size {self.image_size!r} "
+                    f"(height / width lies in [{s_lo / s_hi:.3g}, {s_hi / s_lo:.3g}])"
+                )
+        if not self.classes or not all(isinstance(c, str) for c in self.classes):
+            raise ValueError(f"classes must be a non-empty list of names, got {self.classes!r}")
+        unknown = [c for c in self.classes if c not in SHAPE_CLASSES]
+        if unknown or len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes must be distinct names out of {', '.join(SHAPE_CLASSES)}, got {self.classes!r}")
+        self.classes = list(self.classes)
+        for name, ok, interval in (
+            ("max_iou", 0.0 <= self.max_iou <= 1.0, "[0, 1]"),
+            ("min_visible", 0.0 < self.min_visible <= 1.0, "(0, 1]"),
+            ("cluster", 0.0 <= self.cluster <= 1.0, "[0, 1]"),
+            ("max_outside", 0.0 <= self.max_outside < 1.0, "[0, 1)"),
+            ("max_rotation", 0.0 <= self.max_rotation <= 180.0, "[0, 180] degrees"),
+            ("min_contrast", 0.0 <= self.min_contrast <= 400.0, "[0, 400]"),
+            ("noise_std", 0.0 <= self.noise_std <= 100.0, "[0, 100]"),
+        ):
+            if not ok:
+                raise ValueError(f"{name} must be in {interval}, got {getattr(self, name)!r}")
+
+
+def _range(name: str, value, integer: bool) -> list:
+    """A number or a (min, max) pair -> [min, max]; one-line ValueError otherwise."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        raw = [value, value]
+    else:
+        try:
+            raw = list(value)
+        except TypeError:
+            raw = []
+        if len(raw) != 2:
+            raise ValueError(f"{name} must be a number or a [min, max] pair, got {value!r}")
+    for v in raw:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+            raise ValueError(f"{name} must hold numbers, got {value!r}")
+        if integer and not float(v).is_integer():
+            raise ValueError(f"{name} must hold whole numbers, got {value!r}")
+    pair = [int(float(v)) if integer else float(v) for v in raw]
+    if pair[0] > pair[1]:
+        raise ValueError(f"{name} must be [min, max] with min <= max, got {value!r}")
+    return pair
+
+
+def _finite(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
 
 
 @dataclass

@@ -15,7 +15,7 @@ Conventions, stated once:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -92,38 +92,131 @@ class Detections:
         )
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """What the data pipeline did to one image: the one record that maps boxes between the
+    original image's pixels and the network input's pixels.
+
+    orig_size: (h, w) of the original image; size: (h, w) of the network input after the
+        transforms (before batch padding); flipped: mirrored horizontally AFTER resizing (the
+        order of ``detkit.data.transforms.build_transforms``).
+
+    Each axis was scaled by size / orig_size (the resize floors each side, so the two axes'
+    factors differ slightly). ``apply`` takes original boxes into the input, ``invert`` takes
+    input boxes back; the transforms, the precomputed-proposal generator, the detector's
+    ``map_to_original`` and the RPN proposal dump all go through these two methods.
+    """
+
+    orig_size: Tuple[int, int]
+    size: Tuple[int, int]
+    flipped: bool = False
+
+    @staticmethod
+    def identity(height: int, width: int) -> "Geometry":
+        return Geometry((int(height), int(width)), (int(height), int(width)), False)
+
+    @property
+    def scale(self) -> Tuple[float, float]:
+        """(sy, sx): input pixels per original pixel along each axis."""
+        return self.size[0] / self.orig_size[0], self.size[1] / self.orig_size[1]
+
+    def resized(self, height: int, width: int) -> "Geometry":
+        """The record after resizing the current input to (height, width)."""
+        if self.flipped:
+            raise ValueError("Geometry: resizing after a flip is not supported (flip last)")
+        return Geometry(self.orig_size, (int(height), int(width)), self.flipped)
+
+    def mirrored(self) -> "Geometry":
+        return Geometry(self.orig_size, self.size, not self.flipped)
+
+    def apply(self, boxes: torch.Tensor) -> torch.Tensor:
+        """(R, 4) xyxy boxes in original pixels -> network-input pixels."""
+        h, w = self.size
+        sy, sx = self.scale
+        out = boxes * boxes.new_tensor([sx, sy, sx, sy])
+        if self.flipped:
+            out = torch.stack([w - out[:, 2], out[:, 1], w - out[:, 0], out[:, 3]], dim=1)
+        return out
+
+    def invert(self, boxes: torch.Tensor) -> torch.Tensor:
+        """(R, 4) xyxy boxes in network-input pixels -> original pixels."""
+        h, w = self.size
+        oh, ow = self.orig_size
+        if self.flipped:
+            boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
+        # The ratio orig / resized in float32, as torchvision's resize_boxes computes it, so
+        # that converted torchvision models give bit-identical boxes.
+        rw = torch.tensor(ow, dtype=torch.float32) / torch.tensor(w, dtype=torch.float32)
+        rh = torch.tensor(oh, dtype=torch.float32) / torch.tensor(h, dtype=torch.float32)
+        return boxes * torch.stack([rw, rh, rw, rh]).to(boxes)
+
+
+@dataclass
+class Target:
+    """Ground truth of one image as the model sees it.
+
+    boxes: (R, 4) float32 xyxy in network-input pixels (the transforms keep them there);
+    labels: (R,) int64 in 1..K; difficult: (R,) bool, neither training positives (unless
+    the model trains on difficult boxes) nor counted by metrics; image_id: the dataset id;
+    geometry: how the input was made from the original image (None: unknown, taken as the
+    identity).
+    """
+
+    boxes: torch.Tensor
+    labels: torch.Tensor
+    difficult: Optional[torch.Tensor] = None
+    image_id: Optional[ImageId] = None
+    geometry: Optional[Geometry] = None
+
+    def __post_init__(self):
+        if self.difficult is None:
+            self.difficult = torch.zeros((self.boxes.shape[0],), dtype=torch.bool, device=self.boxes.device)
+
+    def __len__(self) -> int:
+        return self.boxes.shape[0]
+
+    def to(self, device) -> "Target":
+        assert self.difficult is not None
+        return replace(
+            self, boxes=self.boxes.to(device), labels=self.labels.to(device), difficult=self.difficult.to(device)
+        )
+
+
 @dataclass
 class ImageList:
     """A padded batch of network inputs.
 
     tensor: (N, C, H, W), every image padded at the bottom/right to a common size.
     image_sizes: per image (h, w) of the valid region before padding (after resizing).
-    orig_sizes: per image (h, w) of the original image; detections are mapped back to these.
+    geometries: per image what the data pipeline did (original size, resize, flip); boxes
+        go between input and original pixels through them. None: the inputs are originals.
     image_ids: per image its dataset id (used by precomputed proposal files).
-    flipped: per image whether the data pipeline mirrored it (precomputed proposals, which
-        are stored for the unflipped original, must be mirrored too).
     """
 
     tensor: torch.Tensor
     image_sizes: List[Tuple[int, int]]
-    orig_sizes: Optional[List[Tuple[int, int]]] = None
+    geometries: Optional[List[Geometry]] = None
     image_ids: Optional[List[ImageId]] = None
-    flipped: Optional[List[bool]] = None
 
     def __len__(self) -> int:
         return len(self.image_sizes)
 
+    def geometry(self, i: int) -> Geometry:
+        """Image i's record (the identity when the batch carries none)."""
+        if self.geometries is None:
+            return Geometry.identity(*self.image_sizes[i])
+        return self.geometries[i]
+
     def to(self, device) -> "ImageList":
-        return ImageList(self.tensor.to(device), self.image_sizes, self.orig_sizes, self.image_ids, self.flipped)
+        return ImageList(self.tensor.to(device), self.image_sizes, self.geometries, self.image_ids)
 
     @staticmethod
     def from_tensors(
         tensors: Sequence[torch.Tensor],
         size_divisibility: int = 0,
         pad_value: float = 0.0,
-        orig_sizes=None,
-        image_ids=None,
-        flipped=None,
+        geometries: Optional[List[Geometry]] = None,
+        image_ids: Optional[List[ImageId]] = None,
     ) -> "ImageList":
         """Pads (C, H_i, W_i) images to a common (H, W), rounded up to a multiple of
         ``size_divisibility`` so that every FPN level has an integer size."""
@@ -139,4 +232,4 @@ class ImageList:
         batch = tensors[0].new_full((len(tensors), tensors[0].shape[0], max_h, max_w), pad_value)
         for img, pad in zip(tensors, batch):
             pad[:, : img.shape[-2], : img.shape[-1]].copy_(img)
-        return ImageList(batch, sizes, orig_sizes, image_ids, flipped)
+        return ImageList(batch, sizes, geometries, image_ids)

@@ -83,7 +83,7 @@ def run_case(name: str, images, n_images: int, steps: int, warmup: int):
     from detkit.data.build import dataset_transforms
     from detkit.engine.convert import map_torchvision_state
     from detkit.modeling.build import build_model
-    from detkit.structures import ImageList
+    from detkit.structures import ImageList, Target
 
     cfg, k = _case_config(name)
     torch.manual_seed(0)
@@ -102,8 +102,9 @@ def run_case(name: str, images, n_images: int, steps: int, warmup: int):
 
     def dk_infer(i):
         with torch.no_grad():
-            t, _ = test_tf(tensors[i], {"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.long)})
-            dk(ImageList.from_tensors([t], dk.size_divisibility, orig_sizes=[tuple(tensors[i].shape[-2:])]))
+            empty = Target(torch.zeros((0, 4)), torch.zeros(0, dtype=torch.long))
+            t, target = test_tf(tensors[i], empty)
+            dk(ImageList.from_tensors([t], dk.size_divisibility, geometries=[target.geometry]))
 
     set_torchvision_mode(tv, False)
     dk.eval()
@@ -134,7 +135,7 @@ def run_case(name: str, images, n_images: int, steps: int, warmup: int):
         pairs = [
             train_tf(
                 tensors[i],
-                {"boxes": torch.as_tensor(images[i][1]), "labels": torch.as_tensor(images[i][2]), "scale": (1.0, 1.0)},
+                Target(torch.as_tensor(images[i][1]), torch.as_tensor(images[i][2])),
             )
             for i in batch
         ]

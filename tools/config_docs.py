@@ -6,7 +6,8 @@ from the schema (``detkit/schema.py``), so the reference cannot drift from the c
     python tools/config_docs.py --check docs/configs.md   # exit 1 when the file is stale
 
 Meaning of a key: the comment lines directly above its field in schema.py, or the comment at
-the end of the field's line(s); for a nested section, the first sentence of its class
+the end of the field's line(s), or the field's ``metadata["help"]`` (ShapesConfig's fields
+carry one for the command line); for a nested section, the first sentence of its class
 docstring. Types are named as the config validator names them in its error messages.
 """
 
@@ -167,7 +168,7 @@ def generate() -> str:
                 default = f"`{_format_value(f.default_factory())}`"  # type: ignore[misc]
             else:
                 default = "(required)"
-            meaning = meanings.get((cls.__name__, f.name), "")
+            meaning = meanings.get((cls.__name__, f.name), "") or str(f.metadata.get("help", ""))
             if sub is not None and not meaning:
                 meaning = _first_sentence(sub.__doc__) if not (sub.__doc__ or "").startswith(sub.__name__ + "(") else ""
             if sub is not None:

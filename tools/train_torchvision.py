@@ -78,8 +78,8 @@ def main(argv=None) -> int:
         images, targets = next(data)
         tv_targets = []
         for tg in targets:
-            keep = ~tg["difficult"] if not cfg.model.train_difficult else torch.ones_like(tg["difficult"])
-            tv_targets.append({"boxes": tg["boxes"][keep], "labels": tg["labels"][keep]})
+            keep = ~tg.difficult if not cfg.model.train_difficult else torch.ones_like(tg.difficult)
+            tv_targets.append({"boxes": tg.boxes[keep], "labels": tg.labels[keep]})
         losses = model(images, tv_targets)
         total = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
         for i in tqdm(range(len(test_set)), desc="torchvision eval", dynamic_ncols=True):
             image, target = test_set[i]
             o = model([image])[0]
-            dets[target["image_id"]] = {k: o[k].numpy() for k in ("boxes", "scores", "labels")}
+            dets[target.image_id] = {k: o[k].numpy() for k in ("boxes", "scores", "labels")}
     sec = (time.perf_counter() - t0) / max(len(test_set), 1)
     result = evaluate_detections(cfg.test, dets, test_set)
     result["s_per_img"] = sec

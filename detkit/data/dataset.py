@@ -6,10 +6,11 @@ applies the box-aware transforms. Each item is ``(image, target)`` with
 
     image:  float32 tensor (3, H, W) in [0, 1] before normalisation (after the transforms
             it is whatever they make of it: usually resized and normalised)
-    target: dict(boxes=(R, 4) float32 xyxy, labels=(R,) int64 in 1..K,
-                 difficult=(R,) bool, image_id, orig_size=(h, w), scale=(sy, sx))
+    target: detkit.structures.Target(boxes=(R, 4) float32 xyxy, labels=(R,) int64 in 1..K,
+                 difficult=(R,) bool, image_id, geometry)
 
-where ``scale`` maps original pixels to network-input pixels (x_in = x_orig * sx).
+where ``geometry`` records how the transforms made the network input from the original
+image (``Geometry.apply`` / ``invert`` map boxes between the two).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from detkit.structures import ImageId, ImageRecord
+from detkit.structures import Geometry, ImageId, ImageRecord, Target
 
 
 class DetectionDataset(torch.utils.data.Dataset):
@@ -73,14 +74,13 @@ class DetectionDataset(torch.utils.data.Dataset):
 
         rec = self.records[index]
         image = read_image(rec.file_name)
-        target = {
-            "boxes": torch.from_numpy(rec.boxes.copy()),
-            "labels": torch.from_numpy(rec.labels.copy()),
-            "difficult": torch.from_numpy(rec.difficult.copy()),
-            "image_id": rec.image_id,
-            "orig_size": (int(image.shape[-2]), int(image.shape[-1])),
-            "scale": (1.0, 1.0),
-        }
+        target = Target(
+            boxes=torch.from_numpy(rec.boxes.copy()),
+            labels=torch.from_numpy(rec.labels.copy()),
+            difficult=torch.from_numpy(rec.difficult.copy()),
+            image_id=rec.image_id,
+            geometry=Geometry.identity(int(image.shape[-2]), int(image.shape[-1])),
+        )
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target

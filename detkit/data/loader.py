@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from detkit.structures import ImageList
+from detkit.structures import Geometry, ImageList
 
 
 class Collate:
-    """list[(image, target)] -> (ImageList, list[target])."""
+    """list[(image, Target)] -> (ImageList, list[Target])."""
 
     def __init__(self, size_divisibility: int = 32):
         self.size_divisibility = int(size_divisibility)
@@ -29,9 +29,8 @@ class Collate:
         image_list = ImageList.from_tensors(
             images,
             self.size_divisibility,
-            orig_sizes=[t["orig_size"] for t in targets],
-            image_ids=[t["image_id"] for t in targets],
-            flipped=[bool(t.get("flipped", False)) for t in targets],
+            geometries=[t.geometry or Geometry.identity(*img.shape[-2:]) for img, t in zip(images, targets)],
+            image_ids=[t.image_id for t in targets],
         )
         return image_list, targets
 

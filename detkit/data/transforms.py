@@ -1,10 +1,11 @@
 """Box-aware transforms on ``(image, target)`` pairs.
 
-image: float32 tensor (3, H, W); target: dict as produced by ``DetectionDataset`` (boxes
-(R, 4) xyxy, labels, difficult, image_id, orig_size, scale). Every geometric transform
-keeps ``target["scale"] = (sy, sx)`` up to date, the factor from original pixels to network
-input pixels, so that detections can be mapped back in one place
-(``detkit.modeling.detector.map_to_original``).
+image: float32 tensor (3, H, W); target: a ``detkit.structures.Target`` as produced by
+``DetectionDataset`` (boxes (R, 4) xyxy in the current image's pixels, labels, difficult,
+image_id, geometry) or None. Every geometric transform moves the boxes with a one-step
+``Geometry`` and records itself in ``target.geometry`` (original size, resize, flip), so
+that proposal files and detections are mapped between original and input pixels by that
+one record (``Geometry.apply`` / ``Geometry.invert``).
 
 Resizing follows the convention of the Fast/Faster R-CNN papers (shorter side to a target
 length, longer side capped) and is computed exactly as torchvision's detection transform
@@ -14,11 +15,14 @@ the same pixels.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
+
+from detkit.structures import Geometry, Target
 
 # ImageNet statistics, for backbones from torchvision.models (and what they were trained with).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -52,6 +56,16 @@ def resize_image(image: torch.Tensor, scale: float) -> torch.Tensor:
     )[0]
 
 
+def _moved(target: Target, step: Geometry) -> Target:
+    """The target after one geometric step (``step`` maps the current image to the new one):
+    boxes moved by it, and the step composed into the target's record."""
+    h, w = step.orig_size
+    geometry = target.geometry or Geometry.identity(h, w)
+    geometry = geometry.mirrored() if step.flipped else geometry.resized(*step.size)
+    boxes = step.apply(target.boxes) if target.boxes.numel() else target.boxes
+    return replace(target, boxes=boxes, geometry=geometry)
+
+
 class ResizeShortestEdge:
     """Resize so that the shorter side is ``min_sizes`` (one chosen at random per image when
     several are given: multi-scale training, Fast R-CNN paper sec. 5.2) and the longer side is
@@ -74,15 +88,8 @@ class ResizeShortestEdge:
         else:
             short = self.min_sizes[int(torch.randint(len(self.min_sizes), ()))]
         image = resize_image(image, resize_scale(h, w, short, self.max_size))
-        nh, nw = image.shape[-2:]
-        sy, sx = nh / h, nw / w
         if target is not None:
-            target = dict(target)
-            boxes = target["boxes"]
-            if boxes.numel():
-                target["boxes"] = boxes * boxes.new_tensor([sx, sy, sx, sy])
-            oy, ox = target.get("scale", (1.0, 1.0))
-            target["scale"] = (oy * sy, ox * sx)
+            target = _moved(target, Geometry.identity(h, w).resized(*image.shape[-2:]))
         return image, target
 
     def __repr__(self) -> str:
@@ -90,7 +97,7 @@ class ResizeShortestEdge:
 
 
 class RandomHorizontalFlip:
-    """Mirror image and boxes with probability ``p``; records ``target["flipped"]``."""
+    """Mirror image and boxes with probability ``p`` (recorded in ``target.geometry``)."""
 
     def __init__(self, p: float = 0.5):
         self.p = float(p)
@@ -99,12 +106,7 @@ class RandomHorizontalFlip:
         if self.p > 0 and float(torch.rand(())) < self.p:
             image = image.flip(-1)
             if target is not None:
-                target = dict(target)
-                w = image.shape[-1]
-                boxes = target["boxes"]
-                if boxes.numel():
-                    target["boxes"] = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
-                target["flipped"] = not target.get("flipped", False)
+                target = _moved(target, Geometry.identity(*image.shape[-2:]).mirrored())
         return image, target
 
     def __repr__(self) -> str:

@@ -19,7 +19,7 @@ from detkit.engine.inference import device_from_config
 from detkit.errors import CheckpointError
 from detkit.modeling.build import build_model
 from detkit.schema import Config
-from detkit.structures import Detections, ImageList
+from detkit.structures import Detections, Geometry, ImageList, Target
 
 
 def model_from_checkpoint(path, cfg: Optional[Config] = None, device="cpu"):
@@ -62,14 +62,15 @@ class Predictor:
     @torch.no_grad()
     def predict_batch(self, images: List[np.ndarray]) -> List[Detections]:
         """images: (H, W, 3) uint8 RGB arrays -> detections in their own pixels (CPU)."""
-        tensors, sizes = [], []
+        tensors, geometries = [], []
         for array in images:
             t = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float().div_(255.0)
-            empty = {"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0,), dtype=torch.int64)}
-            t, _ = self.transforms(t, empty)
+            h, w = array.shape[:2]
+            empty = Target(torch.zeros((0, 4)), torch.zeros((0,), dtype=torch.int64), geometry=Geometry.identity(h, w))
+            t, target = self.transforms(t, empty)
             tensors.append(t)
-            sizes.append(tuple(array.shape[:2]))
-        batch = ImageList.from_tensors(tensors, self.model.size_divisibility, orig_sizes=sizes)
+            geometries.append(target.geometry)
+        batch = ImageList.from_tensors(tensors, self.model.size_divisibility, geometries=geometries)
         detections, _ = self.model(batch.to(self.device))
         return [d.to("cpu") for d in detections]
 

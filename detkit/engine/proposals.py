@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -43,10 +43,8 @@ from detkit.engine.inference import device_from_config
 from detkit.engine.predictor import model_from_checkpoint
 from detkit.errors import ProposalFileError, SelectiveSearchError, UsageError
 from detkit.evaluation.recall import format_recall, plot_recall, recall_summary
-from detkit.modeling.detector import map_to_original
 from detkit.modeling.proposals.rpn import RPN
 from detkit.modeling.proposals.selective_search import selective_search
-from detkit.structures import Detections
 
 logger = logging.getLogger("detkit")
 
@@ -224,6 +222,7 @@ def _run_selective_search(records, job: "ProposalJob", partial: PartialRun) -> f
     """-> seconds of Selective Search per image (summed over workers)."""
     tasks = [(str(r.image_id), r.file_name, job.mode, job.max_proposals, job.min_size, job.seed) for r in records]
     pool = None
+    results: Iterator[Tuple[str, np.ndarray, np.ndarray, float]]
     if job.workers > 1 and len(tasks) > 1:
         # spawn, not fork: a process forked while another thread of the parent (torch's
         # OpenMP pool, a progress bar, a logging handler) holds a lock can deadlock on it.
@@ -279,15 +278,14 @@ def _run_rpn(records, dataset, model, device, job: "ProposalJob", partial: Parti
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 seconds += time.perf_counter() - start
-                as_dets = [Detections(p.boxes, p.scores, torch.zeros(len(p), dtype=torch.int64)) for p in proposals]
-                for det, image_id, (oh, ow) in zip(
-                    map_to_original(as_dets, images), images.image_ids, images.orig_sizes
-                ):
-                    boxes = det.boxes.float().cpu().numpy()
+                for i, (props, image_id) in enumerate(zip(proposals, images.image_ids)):
+                    geometry = images.geometry(i)
+                    oh, ow = geometry.orig_size
+                    boxes = geometry.invert(props.boxes).float().cpu().numpy()
                     # float rounding of the rescale may step a clipped box past the border
                     np.clip(boxes[:, 0::2], 0, ow, out=boxes[:, 0::2])
                     np.clip(boxes[:, 1::2], 0, oh, out=boxes[:, 1::2])
-                    partial.add(str(image_id), boxes, det.scores.float().cpu().numpy())
+                    partial.add(str(image_id), boxes, props.scores.float().cpu().numpy())
     finally:
         partial.flush()
     return seconds / max(len(indices), 1)

@@ -16,28 +16,25 @@ boxes are removed from them before any loss unless ``train_difficult`` is set.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from detkit.modeling.backbones.common import keep_frozen_bn_in_eval
-from detkit.structures import Detections, ImageList
+from detkit.structures import Detections, ImageList, Target
 
 
 def map_to_original(detections: List[Detections], images: ImageList) -> List[Detections]:
-    """The one place where boxes go from network-input pixels back to original pixels
-    (per-axis ratio original / resized, as the resize scaled each axis)."""
-    if images.orig_sizes is None:
+    """The one place where detections go from network-input pixels back to original pixels
+    (each image's ``Geometry.invert``)."""
+    if images.geometries is None:
         return detections
-    out = []
-    for det, (h, w), (oh, ow) in zip(detections, images.image_sizes, images.orig_sizes):
-        # float32 division like torchvision's resize_boxes, so converted models agree exactly.
-        rw = torch.tensor(ow, dtype=torch.float32) / torch.tensor(w, dtype=torch.float32)
-        rh = torch.tensor(oh, dtype=torch.float32) / torch.tensor(h, dtype=torch.float32)
-        ratio = torch.stack([rw, rh, rw, rh]).to(det.boxes)
-        out.append(Detections(det.boxes * ratio, det.scores, det.labels))
-    return out
+    return [
+        Detections(geometry.invert(det.boxes), det.scores, det.labels)
+        for det, geometry in zip(detections, images.geometries)
+    ]
 
 
 class Detector(nn.Module):
@@ -70,21 +67,21 @@ class Detector(nn.Module):
         keep_frozen_bn_in_eval(self)
         return self
 
-    def _training_targets(self, targets: Optional[List[dict]], device) -> Optional[List[dict]]:
+    def _training_targets(self, targets: Optional[List[Target]], device) -> Optional[List[Target]]:
+        """Targets on the model's device, difficult boxes removed unless ``train_difficult``."""
         if targets is None:
             return None
         out = []
         for t in targets:
-            boxes, labels = t["boxes"].to(device), t["labels"].to(device)
-            difficult = t.get("difficult")
-            if difficult is not None and not self.train_difficult and difficult.any():
-                keep = ~difficult.to(device)
-                boxes, labels = boxes[keep], labels[keep]
-            out.append({"boxes": boxes, "labels": labels})
+            t = t.to(device)
+            if t.difficult is not None and not self.train_difficult and t.difficult.any():
+                keep = ~t.difficult
+                t = replace(t, boxes=t.boxes[keep], labels=t.labels[keep], difficult=t.difficult[keep])
+            out.append(t)
         return out
 
     def forward(
-        self, images: ImageList, targets: Optional[List[dict]] = None
+        self, images: ImageList, targets: Optional[List[Target]] = None
     ) -> Tuple[List[Detections], Dict[str, Tensor]]:
         """-> (detections per image in original pixels; [] in training mode), losses."""
         targets = self._training_targets(targets, images.tensor.device)

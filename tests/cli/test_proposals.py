@@ -23,7 +23,7 @@ from detkit.evaluation.recall import proposal_recall
 from detkit.modeling.build import build_model
 from detkit.modeling.proposals.selective_search import selective_search
 from detkit.schema import Config
-from detkit.structures import ImageList
+from detkit.structures import Geometry, ImageList, Target
 
 MIN_SIZE = 10  # shapes objects are 16..64 px; the authors' 20 would drop some small ones
 
@@ -256,12 +256,13 @@ def test_rpn_method_raises_topk_and_maps_to_original_pixels(shapes, tmp_path):
     for record in dataset.records[:2]:
         image, target = transforms(
             torch.from_numpy(read_image_array(record.file_name)).permute(2, 0, 1) / 255.0,
-            {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
+            Target(torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64)),
         )
         h, w = image.shape[-2:]
         oh, ow = record.height, record.width
         assert min(h, w) == 96 and (h, w) != (oh, ow)  # really resized
-        images = ImageList.from_tensors([image], model.size_divisibility, orig_sizes=[(oh, ow)])
+        assert target.geometry == Geometry((oh, ow), (h, w))
+        images = ImageList.from_tensors([image], model.size_divisibility, geometries=[target.geometry])
         with torch.no_grad():
             (props,), _ = gen(images, model.backbone(images.tensor))
         boxes, scores = table[record.image_id]

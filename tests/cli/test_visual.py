@@ -275,7 +275,9 @@ def test_report_without_the_test_dataset_says_so(run, tmp_path):
     copy = tmp_path / "copied_run"
     shutil.copytree(out, copy)
     text = (copy / "config.yaml").read_text()
-    (copy / "config.yaml").write_text(text.replace("format: shapes", "format: voc").replace(str(out.parent), "/nowhere"))
+    (copy / "config.yaml").write_text(
+        text.replace("format: shapes", "format: voc").replace(str(out.parent), "/nowhere")
+    )
     html_path = tmp_path / "r.html"
     assert main(["report", str(copy), "--out", str(html_path)]) == 0
     page = html_path.read_text()

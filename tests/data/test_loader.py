@@ -10,7 +10,7 @@ import torch
 
 from detkit.data.dataset import DetectionDataset
 from detkit.data.loader import Collate, GroupedBatchSampler, build_test_loader, build_train_loader
-from detkit.structures import ImageRecord
+from detkit.structures import Geometry, ImageRecord, Target
 
 L, P = (30, 20), (20, 30)  # (width, height): landscape, portrait
 
@@ -27,7 +27,10 @@ def make_dataset(tmp_path, sizes):
 
 
 def item(h, w, image_id, fill=1.0):
-    return torch.full((3, h, w), fill), {"orig_size": (2 * h, 2 * w), "image_id": image_id, "boxes": torch.zeros(0, 4)}
+    geometry = Geometry((2 * h, 2 * w), (h, w))
+    return torch.full((3, h, w), fill), Target(
+        torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), None, image_id, geometry
+    )
 
 
 def test_dataset_item_through_the_test_transforms(tmp_path):
@@ -37,9 +40,9 @@ def test_dataset_item_through_the_test_transforms(tmp_path):
     dataset.transforms = build_transforms(False, min_size_test=40, max_size=1000, mean=(0, 0, 0), std=(1, 1, 1))
     image, target = dataset[0]
     assert image.shape == (3, 40, 60)  # 20x30 -> shorter side 40: factor 2
-    assert target["orig_size"] == (20, 30) and target["scale"] == (2.0, 2.0)
-    assert target["boxes"].tolist() == [[2, 2, 10, 10]]
-    assert target["image_id"] == "im0" and target["labels"].tolist() == [1]
+    assert target.geometry == Geometry((20, 30), (40, 60), False) and target.geometry.scale == (2.0, 2.0)
+    assert target.boxes.tolist() == [[2, 2, 10, 10]]
+    assert target.image_id == "im0" and target.labels.tolist() == [1]
     assert torch.allclose(image, torch.full_like(image, 1 / 255))
     # The record itself is untouched (the next epoch starts from original pixels again).
     assert dataset.records[0].boxes.tolist() == [[1, 1, 5, 5]]
@@ -51,7 +54,7 @@ def test_collate_pads_with_zeros_to_a_multiple_of_size_divisibility():
     images, targets = Collate(32)(batch)
     assert images.tensor.shape == (2, 3, 64, 96)  # max 50x90 rounded up to multiples of 32
     assert images.image_sizes == [(50, 70), (40, 90)]
-    assert images.orig_sizes == [(100, 140), (80, 180)]
+    assert [g.orig_size for g in images.geometries] == [(100, 140), (80, 180)]
     assert images.image_ids == ["a", "b"]
     assert targets == [batch[0][1], batch[1][1]]
     assert bool((images.tensor[0, :, :50, :70] == 1.0).all())
@@ -115,7 +118,7 @@ def test_train_loader_batches_and_resumes(tmp_path):
     batches = list(islice(iter(loader), 6))
     for images, targets in batches:
         ids = images.image_ids
-        assert [t["image_id"] for t in targets] == ids
+        assert [t.image_id for t in targets] == ids
         portrait = {int(i[2:]) % 2 == 1 for i in ids}
         assert len(portrait) == 1
         # 20x30 or 30x20 images: padded to multiples of 16 -> 32x32.
@@ -145,9 +148,9 @@ def test_collate_tells_which_images_were_flipped():
     # Precomputed proposals are stored for the unflipped image: the batch must say which
     # images the pipeline mirrored so that their proposals are mirrored too.
     batch = [
-        (torch.zeros(3, 4, 4), {"image_id": "a", "orig_size": (4, 4), "flipped": True}),
-        (torch.zeros(3, 4, 4), {"image_id": "b", "orig_size": (4, 4)}),
+        (torch.zeros(3, 4, 4), Target(torch.zeros(0, 4), torch.zeros(0), None, "a", Geometry((4, 4), (4, 4), True))),
+        (torch.zeros(3, 4, 4), Target(torch.zeros(0, 4), torch.zeros(0), None, "b", Geometry((4, 4), (4, 4)))),
     ]
     images, _ = Collate(1)(batch)
-    assert images.flipped == [True, False]
-    assert images.to("cpu").flipped == [True, False]
+    assert [g.flipped for g in images.geometries] == [True, False]
+    assert [g.flipped for g in images.to("cpu").geometries] == [True, False]

@@ -19,18 +19,12 @@ from detkit.data.transforms import (
     resize_scale,
     unnormalize,
 )
+from detkit.structures import Geometry, Target
 
 
-def target(boxes, scale=(1.0, 1.0)):
+def target(boxes, geometry=None):
     boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-    return {
-        "boxes": boxes,
-        "labels": torch.ones(len(boxes), dtype=torch.int64),
-        "difficult": torch.zeros(len(boxes), dtype=torch.bool),
-        "image_id": "x",
-        "orig_size": (0, 0),
-        "scale": scale,
-    }
+    return Target(boxes, torch.ones(len(boxes), dtype=torch.int64), image_id="x", geometry=geometry)
 
 
 # -- resizing ---------------------------------------------------------------------------------
@@ -60,23 +54,25 @@ def test_resize_output_size_is_the_floor_of_size_times_scale(h, w, short, max_si
     assert tv([torch.zeros(3, h, w)])[0].image_sizes == [expected]
 
 
-def test_resize_scales_boxes_per_axis_and_updates_scale():
+def test_resize_scales_boxes_per_axis_and_records_the_geometry():
     # 371x500 -> 799x1078: sy = 799/371, sx = 1078/500 (the factors of the pixels actually
     # produced, not the nominal 800/371).
     image = torch.zeros(3, 371, 500)
-    out, t = ResizeShortestEdge([800], 1333)(image, target([[10, 20, 110, 220]], scale=(2.0, 0.5)))
+    earlier = Geometry((742, 250), (371, 500))  # an earlier resize from a 742x250 original
+    out, t = ResizeShortestEdge([800], 1333)(image, target([[10, 20, 110, 220]], earlier))
     sy, sx = 799 / 371, 1078 / 500
     expected = torch.tensor([[10 * sx, 20 * sy, 110 * sx, 220 * sy]], dtype=torch.float32)
-    torch.testing.assert_close(t["boxes"], expected, rtol=1e-6, atol=0)  # float32 rounding only
-    assert t["scale"] == (2.0 * sy, 0.5 * sx)  # composes with an earlier scale
-    assert t["labels"].tolist() == [1]
+    torch.testing.assert_close(t.boxes, expected, rtol=1e-6, atol=0)  # float32 rounding only
+    assert t.geometry == Geometry((742, 250), (799, 1078), False)  # composes with the earlier step
+    assert t.geometry.scale == (799 / 742, 1078 / 250)
+    assert t.labels.tolist() == [1]
 
 
 def test_resize_keeps_an_empty_box_set_empty():
     out, t = ResizeShortestEdge([96], 1000)(torch.zeros(3, 48, 64), target([]))
     assert out.shape == (3, 96, 128)
-    assert t["boxes"].shape == (0, 4)
-    assert t["scale"] == (2.0, 2.0)
+    assert t.boxes.shape == (0, 4)
+    assert t.geometry == Geometry((48, 64), (96, 128)) and t.geometry.scale == (2.0, 2.0)
 
 
 def test_multi_scale_picks_only_from_the_list():
@@ -100,11 +96,11 @@ def test_horizontal_flip_of_image_and_box():
     out, t = RandomHorizontalFlip(1.0)(image, target([[1, 0, 3, 2], [0, 0, 5, 1]]))
     assert out[0, 0].tolist() == [4, 3, 2, 1, 0]
     # x1' = W - x2, x2' = W - x1 with W = 5: the continuous box [1, 3) maps to [2, 4).
-    assert t["boxes"].tolist() == [[2, 0, 4, 2], [0, 0, 5, 1]]
-    assert t["flipped"] is True
+    assert t.boxes.tolist() == [[2, 0, 4, 2], [0, 0, 5, 1]]
+    assert t.geometry.flipped is True
     back, t2 = RandomHorizontalFlip(1.0)(out, t)
-    assert torch.equal(back, image) and t2["boxes"].tolist() == [[1, 0, 3, 2], [0, 0, 5, 1]]
-    assert t2["flipped"] is False
+    assert torch.equal(back, image) and t2.boxes.tolist() == [[1, 0, 3, 2], [0, 0, 5, 1]]
+    assert t2.geometry.flipped is False
 
 
 def test_flip_with_zero_probability_does_nothing():
@@ -129,7 +125,7 @@ def test_color_jitter_changes_pixels_not_boxes():
     t = target([[1, 1, 4, 4]])
     out, t_out = ColorJitter(0.5, 0.5, 0.5, 0.1)(image.clone(), t)
     assert not torch.equal(out, image) and 0.0 <= out.min() and out.max() <= 1.0
-    assert t_out["boxes"].tolist() == [[1, 1, 4, 4]]
+    assert t_out.boxes.tolist() == [[1, 1, 4, 4]]
 
 
 def test_build_transforms_pipelines():
@@ -156,9 +152,10 @@ def test_test_pipeline_is_bit_identical_to_torchvision(h, w):
     nh, nw = tv_images.image_sizes[0]
     assert tuple(ours.shape) == (3, nh, nw)
     assert torch.equal(ours, tv_images.tensors[0, :, :nh, :nw])
-    assert torch.equal(t["boxes"], tv_targets[0]["boxes"])
+    assert torch.equal(t.boxes, tv_targets[0]["boxes"])
     # Padded to a multiple of 32 with zeros, as torchvision batches them.
-    batch, _ = Collate(32)([(ours, {**t, "orig_size": (h, w)})])
+    batch, _ = Collate(32)([(ours, t)])
+    assert batch.geometries == [Geometry((h, w), (nh, nw))]
     assert torch.equal(batch.tensor, tv_images.tensors)
 
 
@@ -168,7 +165,7 @@ def test_padded_batch_of_two_sizes_matches_torchvision():
     tv = GeneralizedRCNNTransform(600, 1000, list(IMAGENET_MEAN), list(IMAGENET_STD)).eval()
     tv_images, _ = tv([im.clone() for im in images])
     pipeline = build_transforms(False, min_size_test=600, max_size=1000)
-    items = [pipeline(im.clone(), {**target([]), "orig_size": tuple(im.shape[-2:])}) for im in images]
+    items = [pipeline(im.clone(), target([])) for im in images]
     batch, _ = Collate(32)(items)
     assert batch.image_sizes == tv_images.image_sizes
     assert torch.equal(batch.tensor, tv_images.tensors)

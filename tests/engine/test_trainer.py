@@ -19,7 +19,7 @@ from detkit.engine.checkpoint import (
 from detkit.engine.trainer import LRSchedule, Trainer, build_optimizer, check_output_dir
 from detkit.errors import TrainingError
 from detkit.schema import Config, TrainConfig
-from detkit.structures import ImageRecord
+from detkit.structures import Geometry, ImageRecord, Target
 
 
 def test_warmup_then_steps():
@@ -95,12 +95,9 @@ class _TinyDataset(torch.utils.data.Dataset):
         return np.ones(len(self.records))
 
     def __getitem__(self, i):
-        return torch.rand(3, 8, 8), {
-            "boxes": torch.zeros(0, 4),
-            "labels": torch.zeros(0, dtype=torch.long),
-            "image_id": i,
-            "orig_size": (8, 8),
-        }
+        return torch.rand(3, 8, 8), Target(
+            torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), image_id=i, geometry=Geometry.identity(8, 8)
+        )
 
 
 def test_nan_loss_stops_before_the_update_and_keeps_the_last_checkpoint(tmp_path):

@@ -9,7 +9,7 @@ from detkit.config import from_dict
 from detkit.errors import BackboneError
 from detkit.modeling.build import build_backbone, build_model
 from detkit.schema import ModelConfig
-from detkit.structures import ImageList
+from detkit.structures import Geometry, ImageList, Target
 
 LOSS_KEYS = {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box"}
 
@@ -30,12 +30,11 @@ def batch(model):
     g = torch.Generator().manual_seed(0)
     tensors = [torch.randn(3, 64, 96, generator=g), torch.randn(3, 80, 60, generator=g)]
     # originals twice the network input: detections must come back x2
-    images = ImageList.from_tensors(
-        tensors, size_divisibility=model.size_divisibility, orig_sizes=[(128, 192), (160, 120)]
-    )
+    geometries = [Geometry((128, 192), (64, 96)), Geometry((160, 120), (80, 60))]
+    images = ImageList.from_tensors(tensors, size_divisibility=model.size_divisibility, geometries=geometries)
     targets = [
-        {"boxes": torch.tensor([[10.0, 8.0, 40.0, 50.0], [50.0, 20.0, 90.0, 60.0]]), "labels": torch.tensor([1, 3])},
-        {"boxes": torch.tensor([[5.0, 30.0, 35.0, 75.0]]), "labels": torch.tensor([2])},
+        Target(torch.tensor([[10.0, 8.0, 40.0, 50.0], [50.0, 20.0, 90.0, 60.0]]), torch.tensor([1, 3])),
+        Target(torch.tensor([[5.0, 30.0, 35.0, 75.0]]), torch.tensor([2])),
     ]
     return images, targets
 
@@ -64,7 +63,7 @@ def test_build_train_backward_and_eval(make_cfg):
     with torch.no_grad():
         detections, losses = model(images)
         assert losses == {} and len(detections) == 2
-        for det, (oh, ow) in zip(detections, images.orig_sizes):
+        for det, (oh, ow) in zip(detections, [g.orig_size for g in images.geometries]):
             assert det.boxes.shape[1] == 4 and len(det) <= 100
             assert ((det.labels >= 1) & (det.labels <= 3)).all()
             assert (det.boxes[:, 0::2] <= ow).all() and (det.boxes[:, 1::2] <= oh).all()
@@ -79,7 +78,7 @@ def test_detections_are_mapped_to_original_pixels():
     images, _ = batch(model)
     with torch.no_grad():
         original = model(images)[0]
-        images.orig_sizes = None  # no originals: boxes stay in network-input pixels
+        images.geometries = None  # no originals: boxes stay in network-input pixels
         resized = model(images)[0]
     for a, b in zip(original, resized):
         assert len(a) > 0

@@ -9,21 +9,23 @@ from torch import nn
 
 from detkit.modeling.backbones.tiny import TinyResNetBody
 from detkit.modeling.detector import Detector, map_to_original
-from detkit.structures import Detections, ImageList, Proposals
+from detkit.structures import Detections, Geometry, ImageList, Proposals, Target
 
 
 def test_map_to_original_scales_per_axis():
     # resized (h, w) = (50, 100) from original (100, 150): x * 150/100 = 1.5, y * 100/50 = 2
     det = Detections(torch.tensor([[10.0, 10.0, 20.0, 30.0]]), torch.tensor([0.9]), torch.tensor([3]))
-    images = ImageList(torch.zeros(1, 3, 64, 128), [(50, 100)], orig_sizes=[(100, 150)])
+    images = ImageList(torch.zeros(1, 3, 64, 128), [(50, 100)], [Geometry((100, 150), (50, 100))])
     (out,) = map_to_original([det], images)
     torch.testing.assert_close(out.boxes, torch.tensor([[15.0, 20.0, 30.0, 60.0]]))
     assert out.scores.tolist() == pytest.approx([0.9]) and out.labels.tolist() == [3]
 
 
-def test_map_to_original_per_image_and_without_orig_sizes():
+def test_map_to_original_per_image_and_without_geometries():
     dets = [Detections(torch.tensor([[4.0, 4.0, 8.0, 8.0]]), torch.ones(1), torch.ones(1, dtype=torch.int64))] * 2
-    images = ImageList(torch.zeros(2, 3, 32, 32), [(32, 32), (16, 32)], orig_sizes=[(64, 64), (16, 8)])
+    images = ImageList(
+        torch.zeros(2, 3, 32, 32), [(32, 32), (16, 32)], [Geometry((64, 64), (32, 32)), Geometry((16, 8), (16, 32))]
+    )
     a, b = map_to_original(dets, images)
     torch.testing.assert_close(a.boxes, torch.tensor([[8.0, 8.0, 16.0, 16.0]]))  # x2 both axes
     torch.testing.assert_close(b.boxes, torch.tensor([[1.0, 4.0, 2.0, 8.0]]))  # x 8/32, y 16/16
@@ -76,14 +78,16 @@ def stub_detector(**kw):
     return Detector(StubBackbone(), StubProposals(), StubHead(), **kw)
 
 
-IMAGES = ImageList(torch.zeros(2, 3, 40, 60), [(40, 60), (30, 20)], orig_sizes=[(80, 120), (60, 10)])
+IMAGES = ImageList(
+    torch.zeros(2, 3, 40, 60), [(40, 60), (30, 20)], [Geometry((80, 120), (40, 60)), Geometry((60, 10), (30, 20))]
+)
 TARGETS = [
-    {
-        "boxes": torch.tensor([[1.0, 1, 5, 5], [2, 2, 9, 9], [3, 3, 4, 4]]),
-        "labels": torch.tensor([1, 2, 3]),
-        "difficult": torch.tensor([False, True, False]),
-    },
-    {"boxes": torch.tensor([[0.0, 0, 4, 4]]), "labels": torch.tensor([2]), "difficult": torch.tensor([True])},
+    Target(
+        torch.tensor([[1.0, 1, 5, 5], [2, 2, 9, 9], [3, 3, 4, 4]]),
+        torch.tensor([1, 2, 3]),
+        torch.tensor([False, True, False]),
+    ),
+    Target(torch.tensor([[0.0, 0, 4, 4]]), torch.tensor([2]), torch.tensor([True])),
 ]
 
 
@@ -91,23 +95,23 @@ def test_difficult_boxes_removed_from_training_targets():
     model = stub_detector().train()
     model(IMAGES, TARGETS)
     for seen in (model.proposal_generator.seen[-1], model.roi_head.seen[-1]):
-        assert seen[0]["boxes"].tolist() == [[1.0, 1, 5, 5], [3, 3, 4, 4]]
-        assert seen[0]["labels"].tolist() == [1, 3]
-        assert seen[1]["boxes"].shape == (0, 4) and seen[1]["labels"].tolist() == []
-        assert set(seen[0]) == {"boxes", "labels"}
+        assert seen[0].boxes.tolist() == [[1.0, 1, 5, 5], [3, 3, 4, 4]]
+        assert seen[0].labels.tolist() == [1, 3]
+        assert seen[0].difficult.tolist() == [False, False]
+        assert seen[1].boxes.shape == (0, 4) and seen[1].labels.tolist() == []
 
 
 def test_train_difficult_keeps_them():
     model = stub_detector(train_difficult=True).train()
     model(IMAGES, TARGETS)
     seen = model.roi_head.seen[-1]
-    assert seen[0]["labels"].tolist() == [1, 2, 3] and seen[1]["labels"].tolist() == [2]
+    assert seen[0].labels.tolist() == [1, 2, 3] and seen[1].labels.tolist() == [2]
 
 
-def test_targets_without_difficult_key():
+def test_targets_without_difficult_flags():
     model = stub_detector().train()
-    model(IMAGES, [{"boxes": t["boxes"], "labels": t["labels"]} for t in TARGETS])
-    assert model.roi_head.seen[-1][0]["labels"].tolist() == [1, 2, 3]
+    model(IMAGES, [Target(t.boxes, t.labels) for t in TARGETS])
+    assert model.roi_head.seen[-1][0].labels.tolist() == [1, 2, 3]
 
 
 def test_training_mode_returns_losses_and_no_detections():

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
 from detkit.modeling.box_ops import BalancedSampler, BoxCoder, Matcher, clip_boxes, nonempty, pairwise_iou, smooth_l1
-from detkit.structures import BACKGROUND, Detections, ImageList, Proposals
+from detkit.structures import BACKGROUND, Detections, ImageList, Proposals, Target
 
 
 class MLPBoxHead(nn.Module):
@@ -161,12 +161,12 @@ class FastRCNNHead(nn.Module):
 
     # -- training targets ----------------------------------------------------------------
     @torch.no_grad()
-    def label_and_sample(self, proposals: List[Tensor], targets: List[dict]) -> Tuple[List[Tensor], Tensor, Tensor]:
+    def label_and_sample(self, proposals: List[Tensor], targets: List[Target]) -> Tuple[List[Tensor], Tensor, Tensor]:
         """-> sampled boxes per image, labels (R,) in 0..K, encoded box targets (R, 4)."""
         sampled_boxes, labels_out, targets_out = [], [], []
         for boxes, target in zip(proposals, targets):
-            gt = target["boxes"].to(boxes.device, boxes.dtype)
-            gt_labels = target["labels"].to(boxes.device)
+            gt = target.boxes.to(boxes.device, boxes.dtype)
+            gt_labels = target.labels.to(boxes.device)
             if self.add_gt_as_proposals and len(gt):
                 boxes = torch.cat([boxes, gt], 0)
             matched, match_labels = self.matcher(pairwise_iou(gt, boxes))
@@ -192,7 +192,7 @@ class FastRCNNHead(nn.Module):
         images: ImageList,
         features: Dict[str, Tensor],
         proposals: List[Proposals],
-        targets: Optional[List[dict]] = None,
+        targets: Optional[List[Target]] = None,
     ) -> Tuple[List[Detections], Dict[str, Tensor]]:
         boxes = [p.boxes for p in proposals]
         assert not any(b.requires_grad for b in boxes), "proposals must be detached before the RoI head"

@@ -34,10 +34,9 @@ class PrecomputedProposals(nn.Module):
     ``detkit proposals`` writes one file per split); their images are pooled, and an image
     id in two files is an error. Files are loaded once, at the first forward (building a
     model stays cheap, e.g. to load a checkpoint). Per image, the proposals of
-    ``images.image_ids[i]`` are scaled from original pixels to network-input pixels by
-    image_sizes[i] / orig_sizes[i] per axis (the data transforms resized each axis by that
-    factor), mirrored when ``images.flipped[i]`` is set (an ImageList without ``flipped`` is
-    taken as unflipped), clipped to the image, emptied boxes dropped, and the best
+    ``images.image_ids[i]`` are brought from original pixels into the network input by the
+    image's ``Geometry.apply`` (resize per axis, mirror if flipped; an ImageList without
+    geometries is taken as original images), clipped to the image, emptied boxes dropped, and the best
     ``max_proposals`` kept. An image id missing from the files is an error
     (ProposalFileError naming the id and the files): silently training or testing without
     proposals would hide a wrong file.
@@ -97,16 +96,10 @@ class PrecomputedProposals(nn.Module):
                 f"PrecomputedProposals ({self.files}) needs images.image_ids to find each image's proposals"
             )
         device = images.tensor.device
-        orig_sizes = images.orig_sizes or images.image_sizes  # no orig sizes: not resized
-        flipped = images.flipped or [False] * len(images)
         out = []
-        for image_id, (h, w), (oh, ow), flip in zip(images.image_ids, images.image_sizes, orig_sizes, flipped):
+        for i, (image_id, (h, w)) in enumerate(zip(images.image_ids, images.image_sizes)):
             boxes, scores = self.lookup(image_id)
-            b = torch.as_tensor(boxes, dtype=torch.float32)
-            scale = torch.tensor([w / ow, h / oh, w / ow, h / oh], dtype=torch.float32)
-            b = b * scale
-            if flip:
-                b = torch.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], dim=1)
+            b = images.geometry(i).apply(torch.as_tensor(boxes, dtype=torch.float32))
             b[:, 0::2] = b[:, 0::2].clamp(0, w)
             b[:, 1::2] = b[:, 1::2].clamp(0, h)
             keep = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])

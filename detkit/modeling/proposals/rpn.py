@@ -26,7 +26,7 @@ from torchvision.ops import batched_nms
 
 from detkit.modeling.box_ops import BalancedSampler, BoxCoder, Matcher, clip_boxes, nonempty, pairwise_iou, smooth_l1
 from detkit.modeling.proposals.anchors import AnchorGenerator
-from detkit.structures import ImageList, Proposals
+from detkit.structures import ImageList, Proposals, Target
 
 
 class RPNHead(nn.Module):
@@ -103,7 +103,7 @@ class RPN(nn.Module):
         self.allowed_border = float(allowed_border)
 
     def forward(
-        self, images: ImageList, features: Dict[str, Tensor], targets: Optional[List[dict]] = None
+        self, images: ImageList, features: Dict[str, Tensor], targets: Optional[List[Target]] = None
     ) -> Tuple[List[Proposals], Dict[str, Tensor]]:
         feats = [features[k] for k in self.in_features]
         logits, deltas = self.head(feats)
@@ -156,12 +156,12 @@ class RPN(nn.Module):
         return results
 
     def label_anchors(
-        self, anchors: Tensor, targets: List[dict], image_sizes: List[Tuple[int, int]]
+        self, anchors: Tensor, targets: List[Target], image_sizes: List[Tuple[int, int]]
     ) -> Tuple[Tensor, Tensor]:
         """-> labels (N, M) in {1, 0, -1} and matched GT boxes (N, M, 4)."""
         labels, matched_boxes = [], []
         for target, (h, w) in zip(targets, image_sizes):
-            gt = target["boxes"].to(anchors.device)
+            gt = target.boxes.to(anchors.device)
             iou = pairwise_iou(gt, anchors)
             outside = None
             if self.allowed_border >= 0:
@@ -181,7 +181,7 @@ class RPN(nn.Module):
         return torch.stack(labels), torch.stack(matched_boxes)
 
     def losses(
-        self, anchors: Tensor, logits: Tensor, deltas: Tensor, targets: List[dict], image_sizes
+        self, anchors: Tensor, logits: Tensor, deltas: Tensor, targets: List[Target], image_sizes
     ) -> Dict[str, Tensor]:
         """anchors (M, 4); logits (N, M); deltas (N, M, 4)."""
         labels, matched_boxes = self.label_anchors(anchors, targets, image_sizes)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from detkit.modeling.box_ops import BalancedSampler, BoxCoder, Matcher
 from detkit.modeling.heads.fast_rcnn import FastRCNNHead, FastRCNNPredictor, MLPBoxHead
 from detkit.modeling.poolers import RoIPooler
-from detkit.structures import Detections, ImageList, Proposals
+from detkit.structures import Detections, ImageList, Proposals, Target
 
 C = 4  # feature channels
 
@@ -45,7 +45,7 @@ def make_head(num_classes=2, batch=8, fraction=0.75, bg_lo=0.1, agnostic=False, 
 PROPOSALS = torch.tensor(
     [[0.0, 0, 10, 10], [0, 0, 10, 20], [0, 0, 10, 25], [0, 0, 10, 110], [25, 20, 45, 40], [100, 100, 120, 120]]
 )
-TARGET = {"boxes": torch.tensor([[0.0, 0, 10, 10], [20, 20, 40, 40]]), "labels": torch.tensor([2, 1])}
+TARGET = Target(torch.tensor([[0.0, 0, 10, 10], [20, 20, 40, 40]]), torch.tensor([2, 1]))
 D = 5 * math.log(0.5)
 EXPECTED_ROWS = {  # box -> (label, encoded target)
     (0.0, 0.0, 10.0, 10.0): [(2, (0.0, 0.0, 0.0, 0.0))] * 2,  # p0 and g0
@@ -97,7 +97,7 @@ def test_label_and_sample_bg_from_zero_and_quota():
 
 
 def test_label_and_sample_empty_ground_truth():
-    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+    empty = Target(torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64))
     # bg in [0, 0.5): every proposal is background (IoU 0)
     (boxes,), labels, targets = make_head(bg_lo=0.0).label_and_sample([PROPOSALS], [empty])
     assert labels.tolist() == [0] * 6 and targets.abs().sum() == 0
@@ -144,7 +144,7 @@ def test_losses_match_independent_computation_on_seeded_predictor(agnostic):
         head.predictor.cls_score.weight.normal_(std=0.5)
     features = {"p": torch.randn(2, C, 8, 8)}
     props = [PROPOSALS, torch.tensor([[5.0, 5, 30, 30], [40, 40, 60, 60], [0, 0, 64, 64]])]
-    targets = [TARGET, {"boxes": torch.tensor([[6.0, 4, 30, 28]]), "labels": torch.tensor([1])}]
+    targets = [TARGET, Target(torch.tensor([[6.0, 4, 30, 28]]), torch.tensor([1]))]
     images = ImageList(torch.zeros(2, 3, 64, 64), [(64, 64), (64, 64)])
 
     torch.manual_seed(1)
@@ -176,7 +176,7 @@ def test_forward_with_an_empty_gt_image_in_the_batch():
     torch.manual_seed(0)
     head = make_head(bg_lo=0.0).train()
     features = {"p": torch.randn(2, C, 8, 8, requires_grad=True)}
-    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+    empty = Target(torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64))
     props = [Proposals(PROPOSALS[:3], torch.ones(3)), Proposals(PROPOSALS[3:], torch.ones(3))]
     images = ImageList(torch.zeros(2, 3, 64, 64), [(64, 64), (64, 64)])
     detections, losses = head(images, features, props, [TARGET, empty])
@@ -194,7 +194,7 @@ def test_forward_batch_without_any_sampled_roi():
     # ignored; a batch of such images samples nothing and must give zero losses, not crash.
     torch.manual_seed(0)
     head = make_head(bg_lo=0.1).train()
-    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+    empty = Target(torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64))
     images = ImageList(torch.zeros(1, 3, 64, 64), [(64, 64)])
     _, losses = head(images, {"p": torch.randn(1, C, 8, 8)}, [Proposals(PROPOSALS, torch.ones(6))], [empty])
     assert losses["loss_cls"].item() == 0.0 and losses["loss_box"].item() == 0.0

@@ -22,7 +22,7 @@ from detkit.data.proposal_files import (
     save_proposals,
 )
 from detkit.modeling.proposals.precomputed import PrecomputedProposals
-from detkit.structures import ImageList, Proposals
+from detkit.structures import Geometry, ImageList, Proposals
 
 
 def sample_table():
@@ -289,7 +289,7 @@ def test_precomputed_maps_original_to_input_pixels_per_axis(tmp_path):
     )
     scores = np.array([0.9, 0.5, 0.99, 0.7], np.float32)  # unsorted on purpose
     gen = PrecomputedProposals(generator_file(tmp_path, {"img": (boxes, scores)}))
-    images = ImageList(torch.zeros(1, 3, 64, 320), [(50, 300)], orig_sizes=[(100, 200)], image_ids=["img"])
+    images = ImageList(torch.zeros(1, 3, 64, 320), [(50, 300)], [Geometry((100, 200), (50, 300))], ["img"])
     (p,), losses = gen(images, {})
     assert losses == {}
     torch.testing.assert_close(
@@ -305,14 +305,13 @@ def test_precomputed_batch_topk_flip_and_int_ids(tmp_path):
         "2": (np.array([[4, 0, 8, 4]], np.float32), np.array([1], np.float32)),
     }
     gen = PrecomputedProposals(generator_file(tmp_path, table), max_proposals=2)
-    images = ImageList(
-        torch.zeros(2, 3, 32, 32), [(20, 20), (16, 16)], orig_sizes=[(10, 10), (16, 16)], image_ids=[1, 2]
-    )  # int ids (COCO) are looked up as strings
+    geometries = [Geometry((10, 10), (20, 20)), Geometry((16, 16), (16, 16))]
+    images = ImageList(torch.zeros(2, 3, 32, 32), [(20, 20), (16, 16)], geometries, [1, 2])  # int ids: as strings
     a, b = gen(images, None)[0]
     torch.testing.assert_close(a.boxes, torch.tensor([[0.0, 0.0, 20.0, 20.0], [4.0, 4.0, 8.0, 16.0]]))  # top 2, x2
     torch.testing.assert_close(b.boxes, torch.tensor([[4.0, 0.0, 8.0, 4.0]]))  # not resized
     # a horizontally flipped input (width 16): x -> 16 - x
-    images.flipped = [False, True]
+    images.geometries = [geometries[0], geometries[1].mirrored()]
     _, b = gen(images, None)[0]
     torch.testing.assert_close(b.boxes, torch.tensor([[8.0, 0.0, 12.0, 4.0]]))
 
@@ -320,7 +319,7 @@ def test_precomputed_batch_topk_flip_and_int_ids(tmp_path):
 def test_precomputed_missing_id_lazy_load_and_no_state(tmp_path):
     missing_file = PrecomputedProposals(tmp_path / "later.npz")  # building does not read the file
     assert missing_file.state_dict() == {}  # nothing in checkpoints
-    images = ImageList(torch.zeros(1, 3, 8, 8), [(8, 8)], orig_sizes=[(8, 8)], image_ids=["x"])
+    images = ImageList(torch.zeros(1, 3, 8, 8), [(8, 8)], [Geometry((8, 8), (8, 8))], ["x"])
     with pytest.raises(ProposalFileError, match="not found"):
         missing_file(images, {})
     gen = PrecomputedProposals(generator_file(tmp_path, sample_table()))
@@ -337,7 +336,7 @@ def test_precomputed_pools_several_files(tmp_path):
     train = save_proposals(tmp_path / "train.npz", {"train_1": one})
     test = save_proposals(tmp_path / "test.json", {"test_1": (one[0] + 1, one[1])})
     gen = PrecomputedProposals([train, test])
-    images = ImageList(torch.zeros(2, 3, 8, 8), [(8, 8)] * 2, orig_sizes=[(8, 8)] * 2, image_ids=["train_1", "test_1"])
+    images = ImageList(torch.zeros(2, 3, 8, 8), [(8, 8)] * 2, [Geometry((8, 8), (8, 8))] * 2, ["train_1", "test_1"])
     a, b = gen(images, None)[0]
     torch.testing.assert_close(a.boxes, torch.tensor([[0.0, 0.0, 4.0, 4.0]]))
     torch.testing.assert_close(b.boxes, torch.tensor([[1.0, 1.0, 5.0, 5.0]]))

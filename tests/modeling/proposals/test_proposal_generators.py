@@ -16,7 +16,7 @@ from detkit.modeling.build import build_model
 from detkit.modeling.proposals.precomputed import PrecomputedProposals
 from detkit.modeling.proposals.selective_search import SelectiveSearchProposals, selective_search
 from detkit.schema import ModelConfig
-from detkit.structures import ImageList
+from detkit.structures import Geometry, ImageList
 
 
 def model_cfg(**proposals):
@@ -39,9 +39,8 @@ def batch_of(image, orig_scale=1.0):
     t = torch.from_numpy(image).permute(2, 0, 1).float() / 255.0
     t, _ = Normalize()(t, None)
     h, w = image.shape[:2]
-    return ImageList.from_tensors(
-        [t], 32, orig_sizes=[(int(h * orig_scale), int(w * orig_scale))], image_ids=["test_00000"]
-    )
+    geometry = Geometry((int(h * orig_scale), int(w * orig_scale)), (h, w))
+    return ImageList.from_tensors([t], 32, geometries=[geometry], image_ids=["test_00000"])
 
 
 def test_selective_search_generator_sees_the_exact_image(image):
@@ -67,7 +66,7 @@ def test_detector_with_selective_search_proposals(image):
     images = batch_of(image, orig_scale=2.0)  # the original was twice the network input
     with torch.no_grad():
         (det,), losses = model(images)
-    oh, ow = images.orig_sizes[0]
+    oh, ow = images.geometries[0].orig_size
     assert losses == {} and len(det) > 0
     assert (det.boxes[:, 0::2] <= ow).all() and (det.boxes[:, 1::2] <= oh).all()
     # at least one box lies beyond the network input: mapped to original pixels

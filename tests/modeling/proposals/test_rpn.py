@@ -12,7 +12,13 @@ from torchvision.ops import box_iou
 from detkit.modeling.box_ops import BalancedSampler, BoxCoder, Matcher
 from detkit.modeling.proposals.anchors import AnchorGenerator
 from detkit.modeling.proposals.rpn import RPN, RPNHead
-from detkit.structures import ImageList, Proposals
+from detkit.structures import ImageList, Proposals, Target
+
+
+def boxes_target(boxes):
+    """A Target with these GT boxes (all class 1): the RPN looks only at the boxes."""
+    return Target(boxes, torch.ones(len(boxes), dtype=torch.int64))
+
 
 BETA = 1.0 / 9
 
@@ -59,7 +65,7 @@ def test_label_anchors_hand_made():
     torch.testing.assert_close(
         anchors, torch.tensor([[0.0, 0, 16, 16], [16, 0, 32, 16], [0, 16, 16, 32], [16, 16, 32, 32]])
     )
-    labels, matched = rpn.label_anchors(anchors, [{"boxes": GT}], [(32, 32)])
+    labels, matched = rpn.label_anchors(anchors, [boxes_target(GT)], [(32, 32)])
     assert labels.tolist() == [[1, 0, 0, 1]]
     torch.testing.assert_close(matched[0, 0], GT[0])
     torch.testing.assert_close(matched[0, 3], GT[1])
@@ -68,7 +74,7 @@ def test_label_anchors_hand_made():
 def test_allowed_border_ignores_cross_boundary_anchors():
     # offset 0: a0 [-8, -8, 8, 8], a1 [8, -8, 24, 8], a2 [-8, 8, 8, 24], a3 [8, 8, 24, 24];
     # GT = a3 (IoU 1), the others IoU 0 (negatives unless they cross the border).
-    gt = [{"boxes": torch.tensor([[8.0, 8.0, 24.0, 24.0]])}]
+    gt = [boxes_target(torch.tensor([[8.0, 8.0, 24.0, 24.0]]))]
     anchors = make_rpn(offset=0.0).anchor_generator([torch.zeros(1, 4, 2, 2)], (32, 32))[0]
     labels, _ = make_rpn(offset=0.0, allowed_border=0).label_anchors(anchors, gt, [(32, 32)])
     assert labels.tolist() == [[-1, -1, -1, 1]]
@@ -86,18 +92,18 @@ def test_border_gt_gets_its_best_inside_anchor():
     # GT [0, 0, 12, 12]: IoU with a0 = 64 / (256 + 144 - 64) = 0.19, with a3 = 16 / 384 = 0.042;
     # a0 is its best anchor overall but is ignored, so the low-quality positive must be a3
     # (chosen among inside anchors, as py-faster-rcnn drops outside anchors before matching).
-    gt = [{"boxes": torch.tensor([[0.0, 0.0, 12.0, 12.0]])}]
+    gt = [boxes_target(torch.tensor([[0.0, 0.0, 12.0, 12.0]]))]
     rpn = make_rpn(offset=0.0, allowed_border=0)
     anchors = rpn.anchor_generator([torch.zeros(1, 4, 2, 2)], (32, 32))[0]
     labels, matched = rpn.label_anchors(anchors, gt, [(32, 32)])
     assert labels.tolist() == [[-1, -1, -1, 1]]
-    torch.testing.assert_close(matched[0, 3], gt[0]["boxes"][0])
+    torch.testing.assert_close(matched[0, 3], gt[0].boxes[0])
 
 
 def test_losses_hand_computed_zero_logits():
     rpn = make_rpn()
     constant_head(rpn, 0.0)
-    _, losses = rpn(images_of((32, 32)), {"p": torch.randn(1, 4, 2, 2)}, [{"boxes": GT}])
+    _, losses = rpn(images_of((32, 32)), {"p": torch.randn(1, 4, 2, 2)}, [boxes_target(GT)])
     # 4 anchors sampled (2 pos, 2 neg), logit 0: BCE = log 2 each -> (4 log 2) / 4
     assert losses["loss_rpn_cls"].item() == pytest.approx(math.log(2), rel=1e-6)
     # a0 -> g0: target 0. a3 [16,16,32,32] (centre 24, side 16) -> g1 (centre 22, side 12):
@@ -111,7 +117,7 @@ def test_losses_hand_computed_zero_logits():
 def test_losses_hand_computed_logit_one():
     rpn = make_rpn()
     constant_head(rpn, 1.0)
-    _, losses = rpn(images_of((32, 32)), {"p": torch.randn(1, 4, 2, 2)}, [{"boxes": GT}])
+    _, losses = rpn(images_of((32, 32)), {"p": torch.randn(1, 4, 2, 2)}, [boxes_target(GT)])
     # positives (a0, a3): log(1 + e^-1) = 0.3132617; negatives (a1, a2): log(1 + e) = 1.3132617
     assert losses["loss_rpn_cls"].item() == pytest.approx((2 * 0.3132617 + 2 * 1.3132617) / 4, rel=1e-6)
 
@@ -119,7 +125,7 @@ def test_losses_hand_computed_logit_one():
 def test_empty_ground_truth_image():
     rpn = make_rpn()
     constant_head(rpn, 0.5)
-    proposals, losses = rpn(images_of((32, 32)), {"p": torch.randn(1, 4, 2, 2)}, [{"boxes": torch.zeros(0, 4)}])
+    proposals, losses = rpn(images_of((32, 32)), {"p": torch.randn(1, 4, 2, 2)}, [boxes_target(torch.zeros(0, 4))])
     # all 4 anchors negative: BCE(0.5, 0) = log(1 + e^0.5) each
     assert losses["loss_rpn_cls"].item() == pytest.approx(math.log(1 + math.exp(0.5)), rel=1e-6)
     assert losses["loss_rpn_box"].item() == 0.0
@@ -149,7 +155,7 @@ def _independent_losses(feature, rpn, targets):
                     logits.append(logits_map[i, a, y, x])
                     deltas.append(deltas_map[i, 4 * a : 4 * a + 4, y, x])
         anchors = torch.tensor(anchors, dtype=torch.float32)
-        gt = targets[i]["boxes"]
+        gt = targets[i].boxes
         if len(gt):
             iou = box_iou(gt, anchors)
             best, matched = iou.max(0)
@@ -189,8 +195,8 @@ def test_losses_match_independent_computation_on_seeded_head():
             p.normal_(std=0.5)
     feature = torch.randn(2, 4, 4, 4)
     targets = [
-        {"boxes": torch.tensor([[2.0, 3.0, 18.0, 20.0], [16.0, 14.0, 30.0, 31.0]])},
-        {"boxes": torch.zeros(0, 4)},  # an empty-GT image in the same batch
+        boxes_target(torch.tensor([[2.0, 3.0, 18.0, 20.0], [16.0, 14.0, 30.0, 31.0]])),
+        boxes_target(torch.zeros(0, 4)),  # an empty-GT image in the same batch
     ]
     images = images_of((32, 32), (28, 30))
     _, losses = rpn(images, {"p": feature}, targets)
@@ -210,7 +216,7 @@ def test_sampled_count_normalises_both_terms():
     rpn = make_rpn(batch=2)
     constant_head(rpn, 0.0)
     torch.manual_seed(0)
-    _, losses = rpn(images_of((32, 32)), {"p": torch.randn(1, 4, 2, 2)}, [{"boxes": GT}])
+    _, losses = rpn(images_of((32, 32)), {"p": torch.randn(1, 4, 2, 2)}, [boxes_target(GT)])
     assert losses["loss_rpn_cls"].item() == pytest.approx(math.log(2), rel=1e-6)  # (2 log 2) / 2
     # the positive is a0 (box loss 0) or a3 (the hand value above, times 4 / 2)
     a3 = (2 * (0.125 - 1 / 18) + 2 * (-math.log(0.75) - 1 / 18)) / 2

@@ -307,10 +307,7 @@ class SelectiveSearchProposals(torch.nn.Module):
             array = self.image_array(images.tensor[i, :, :h, :w])
             # min_size is in original pixels, as for `detkit proposals` files: scale it to
             # the network input so both paths keep the same boxes.
-            scale = 1.0
-            if images.orig_sizes is not None:
-                oh, ow = images.orig_sizes[i]
-                scale = min(h / oh, w / ow)
+            scale = min(images.geometry(i).scale)
             boxes, scores = selective_search(
                 array, self.mode, min_size=self.min_size * scale, max_boxes=self.max_proposals, seed=self.seed
             )
