@@ -99,11 +99,9 @@ def _format_value(v) -> str:
 
 def _nested(tp) -> Optional[type]:
     """The dataclass a field holds (also inside Optional[...]), or None."""
-    if dataclasses.is_dataclass(tp):
-        return tp
-    for arg in typing.get_args(tp):
-        if dataclasses.is_dataclass(arg):
-            return arg
+    for candidate in (tp, *typing.get_args(tp)):
+        if isinstance(candidate, type) and dataclasses.is_dataclass(candidate):
+            return candidate
     return None
 
 
@@ -164,8 +162,8 @@ def generate() -> str:
                 default = "null" if f.default is None else "(the section's defaults)"
             elif f.default is not dataclasses.MISSING:
                 default = f"`{_format_value(f.default)}`"
-            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-                default = f"`{_format_value(f.default_factory())}`"  # type: ignore[misc]
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f"`{_format_value(f.default_factory())}`"
             else:
                 default = "(required)"
             meaning = meanings.get((cls.__name__, f.name), "") or str(f.metadata.get("help", ""))

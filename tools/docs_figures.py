@@ -34,7 +34,10 @@ MAX_BYTES = 200_000
 
 
 def _read(path) -> np.ndarray:
-    return cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    image = cv2.imread(str(path))
+    if image is None:
+        raise SystemExit(f"cannot read {path}")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 def _write_small(path: Path, image: np.ndarray) -> None:
@@ -67,6 +70,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     config = str(run / "config.yaml")
     cfg = load_run_config(config)
+    if cfg.data.test is None:
+        raise SystemExit(f"{config} has no data.test dataset")
     test = build_dataset(cfg.data.test, cfg.data.classes)
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
