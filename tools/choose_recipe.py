@@ -43,6 +43,7 @@ from parity_runs import (  # noqa: E402
     SuiteError,
     cell,
     exclusive,
+    failed_runs,
     launch_subprocess,
     load_recipe,
     machine,
@@ -213,6 +214,8 @@ def build_report(
                 f" Lead over `{labels[choice['ranking'][1]]}`: {choice['lead']:+.4f} VOC mAP; larger spread "
                 f"{choice['larger_spread']:.4f}: {verdict}."
             )
+    if meta.get("failed"):
+        lines += ["", "Failed runs (left out; the next start trains them again): " + "; ".join(meta["failed"]) + "."]
     data = {
         **meta,
         "spread": "max - min over seeds",
@@ -282,7 +285,7 @@ def run(args, launcher: Callable = launch_subprocess, echo: Callable[[str], None
     results: Dict[str, List[RunResult]] = {name: [] for name, _ in named}
 
     def write() -> None:
-        m = {**meta, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine()}
+        m = {**meta, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "failed": failed_runs(out, specs)}
         write_report(report, *build_report(named, results, m))
 
     with exclusive(out):

@@ -11,12 +11,22 @@ trainer's own files:
                      (time, mode new / resume / restart, exit code, load average)
     suite.log        the trainer's output
 
+    speed/eval.json  detkit only: ``detkit eval`` of model_final.pt (see below)
+
 State of a folder: absent or without trainer files -> trained; ``eval.json`` present ->
 finished, reused (never trained again); otherwise interrupted -> detkit resumes it
 (``detkit train --resume``: from its last checkpoint, finished stages skipped), torchvision
 starts it again (``--restart``; it has no checkpoints). A folder whose ``parity_run.json``
 holds another recipe, or a folder with a run this bookkeeping did not start, is refused
 with one line naming it: nothing is overwritten.
+
+Test speed. detkit's evaluation stage also computes the validation losses (RPN and head
+losses on sampled anchors and regions: ~40 % more time per image on the tiny shapes recipe);
+torchvision's script times plain inference. So a finished detkit run gets one more pass,
+``detkit eval`` (plain inference, what a user's evaluation costs) into ``speed/``, and its
+seconds per image are the ones reported (its mAP is the training run's; both are equal).
+``detkit eval`` sets no thread count of its own: the pass runs with OMP_NUM_THREADS set to
+the recipe's ``train.num_threads``.
 
 Statistics over seeds: mean, min, max and spread = max - min (the full range; with two seeds
 the distance between them).
@@ -108,11 +118,14 @@ def scaled_schedule(train_cfg, factor: float) -> List[str]:
 
 
 def diff_recipes(old: Any, new: Any, prefix: str = "") -> List[str]:
-    """'key: old -> new' for every leaf that differs between two recipe dicts."""
+    """'key: old -> new' for every leaf that differs between two recipe dicts. A key that
+    only one of them has is a schema change between detkit versions (a new option, whose
+    default keeps the old behaviour), not a recipe change: it is not counted."""
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
-        for k in list(old) + [k for k in new if k not in old]:
-            out += diff_recipes(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))
+        for k in old:
+            if k in new:
+                out += diff_recipes(old[k], new[k], f"{prefix}.{k}" if prefix else str(k))
         return out
     return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
 
@@ -121,8 +134,15 @@ def diff_recipes(old: Any, new: Any, prefix: str = "") -> List[str]:
 Launcher = Callable[[RunSpec, Path, str], int]
 
 
+SPEED_DIR = "speed"
+
+
 def command(spec: RunSpec, run_dir: Path, mode: str) -> List[str]:
-    """The command line of a run; ``mode``: new, resume (detkit) or restart (torchvision)."""
+    """The command line of a run; ``mode``: new, resume (detkit) or restart (torchvision),
+    speed (detkit: the inference pass of a finished run)."""
+    if mode == "speed":
+        cmd = [sys.executable, "-m", "detkit", "eval", spec.config, "--checkpoint", str(run_dir / "model_final.pt")]
+        return cmd + ["--out", str(run_dir / SPEED_DIR), "--no-progress"] + list(spec.overrides)
     if spec.framework == "detkit":
         cmd = [sys.executable, "-m", "detkit", "train", spec.config, "--out", str(run_dir), "--no-progress"]
         if mode == "resume":
@@ -140,6 +160,10 @@ def launch_subprocess(spec: RunSpec, run_dir: Path, mode: str) -> int:
     appended to ``run_dir/suite.log``; -> exit code."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if mode == "speed":
+        threads = load_recipe(spec.config, spec.overrides).train.num_threads
+        if threads > 0:
+            env["OMP_NUM_THREADS"] = str(threads)
     cmd = command(spec, run_dir, mode)
     with open(run_dir / LOG_FILE, "a", encoding="utf-8") as log:
         log.write(f"$ {' '.join(cmd)}\n")
@@ -183,6 +207,7 @@ class RunResult:
     s_per_img: Optional[float]
     iterations: Optional[int]
     resumed: bool = False
+    s_per_img_from: str = "eval.json"
 
 
 def read_jsonl(path: Path) -> List[Dict]:
@@ -244,15 +269,20 @@ def read_run(run_dir: Path, seed: int) -> RunResult:
         minutes = logged_minutes(records)
     iters = [int(r["iter"]) for r in records if "s_per_iter" in r and "iter" in r]
     voc, voc07 = metric_values(result)
+    s_per_img, source = result.get("s_per_img"), "eval.json"
+    speed = run_dir / SPEED_DIR / "eval.json"
+    if speed.is_file():
+        s_per_img, source = json.loads(speed.read_text(encoding="utf-8")).get("s_per_img"), f"{SPEED_DIR}/eval.json"
     return RunResult(
         seed=seed,
         dir=str(run_dir),
         mAP=voc,
         voc07=voc07,
         train_minutes=minutes,
-        s_per_img=result.get("s_per_img"),
+        s_per_img=s_per_img,
         iterations=max(iters) if iters else None,
         resumed=resumed,
+        s_per_img_from=source,
     )
 
 
@@ -297,31 +327,44 @@ class Runner:
         run_dir = spec.run_dir(self.out)
         state = self.state(spec, recipe)
         if state == "done":
+            self._speed_pass(spec, run_dir, label)
             return read_run(run_dir, spec.seed)
         mode = "new" if state == "new" else ("resume" if spec.framework == "detkit" else "restart")
         run_dir.mkdir(parents=True, exist_ok=True)
         recorded = read_spec_file(run_dir) or {"spec": asdict(spec), "recipe": recipe, "launches": []}
-        launch = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "mode": mode, "load_before": _loadavg()}
+        launch: Dict[str, Any] = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "mode": mode, "load_before": _loadavg()}
         recorded["launches"].append(launch)
         _write_json(run_dir / SPEC_FILE, recorded)
         verb = {"new": "training", "resume": "resuming", "restart": "restarting"}[mode]
         self.echo(f"{label}{spec.group} {spec.framework} seed {spec.seed}: {verb} in {run_dir}")
         start = time.perf_counter()
         code = self.launcher(spec, run_dir, mode)
-        launch.update({"rc": code, "wall_s": round(time.perf_counter() - start, 1), "load_after": _loadavg()})
+        wall_s = time.perf_counter() - start
+        launch.update({"rc": code, "wall_s": round(wall_s, 1), "load_after": _loadavg()})
         _write_json(run_dir / SPEC_FILE, recorded)
         self.trained += 1
         if code != 0 or not (run_dir / "eval.json").is_file():
-            tail = _last_line(run_dir / LOG_FILE)
+            tail = last_log_line(run_dir / LOG_FILE)
             self.failed.append(f"{spec.group} {spec.name}")
             self.echo(f"  failed (exit code {code}): {tail}  [log: {run_dir / LOG_FILE}]")
             return None
+        self._speed_pass(spec, run_dir, label)
         res = read_run(run_dir, spec.seed)
         self.echo(
-            f"  done in {launch['wall_s'] / 60:.1f} min: VOC mAP {_num(res.mAP)}, VOC07 {_num(res.voc07)}, "
+            f"  done in {wall_s / 60:.1f} min: VOC mAP {_num(res.mAP)}, VOC07 {_num(res.voc07)}, "
             f"training {_num(res.train_minutes, 2)} min, {_num(res.s_per_img, 3)} s/img"
         )
         return res
+
+    def _speed_pass(self, spec: RunSpec, run_dir: Path, label: str) -> None:
+        """detkit: time plain inference of a finished run once (see the module doc); a
+        failure is reported and the evaluation stage's time stays in use."""
+        if spec.framework != "detkit" or (run_dir / SPEED_DIR / "eval.json").is_file():
+            return
+        self.echo(f"{label}{spec.group} {spec.framework} seed {spec.seed}: timing inference (detkit eval)")
+        code = self.launcher(spec, run_dir, "speed")
+        if code != 0 or not (run_dir / SPEED_DIR / "eval.json").is_file():
+            self.echo(f"  inference pass failed (exit code {code}): {last_log_line(run_dir / LOG_FILE)}")
 
     def recorded(self, spec: RunSpec) -> Optional[RunResult]:
         """The result of a finished run of ``spec`` without training anything (None when
@@ -332,6 +375,20 @@ class Runner:
         return read_run(spec.run_dir(self.out), spec.seed)
 
 
+def failed_runs(out: Path, specs: Sequence[RunSpec]) -> List[str]:
+    """'group framework seed S: last log line' of every run whose last launch failed and
+    that has no eval.json (the next start of the suite trains it again)."""
+    failed = []
+    for spec in specs:
+        run_dir = spec.run_dir(out)
+        if (run_dir / "eval.json").is_file():
+            continue
+        launches = read_spec_file(run_dir).get("launches", [])
+        if launches and launches[-1].get("rc") not in (0, None):
+            failed.append(f"{spec.group} {spec.framework} seed {spec.seed}: {last_log_line(run_dir / LOG_FILE)}")
+    return failed
+
+
 def _loadavg() -> Optional[List[float]]:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -339,7 +396,7 @@ def _loadavg() -> Optional[List[float]]:
         return None
 
 
-def _last_line(path: Path) -> str:
+def last_log_line(path: Path) -> str:
     try:
         lines = [x for x in path.read_text(encoding="utf-8", errors="replace").splitlines() if x.strip()]
     except OSError:

@@ -44,6 +44,7 @@ from parity_runs import (  # noqa: E402
     RunSpec,
     cell,
     exclusive,
+    failed_runs,
     launch_subprocess,
     load_recipe,
     machine,
@@ -140,7 +141,7 @@ def regime_specs(
     return specs
 
 
-def test_images(cfg) -> Optional[int]:
+def count_test_images(cfg) -> Optional[int]:
     """How many images the test split has (shapes: num_test; VOC: its split file), None when
     it cannot be told without loading the dataset."""
     d = cfg.data.test
@@ -168,7 +169,7 @@ def estimate_seconds(spec: RunSpec, out: Path) -> float:
     cfg = load_recipe(spec.config, spec.overrides)
     regime = REGIMES[spec.group]
     rate = measured_s_per_iter(out, spec.group, spec.framework) or regime.s_per_iter[spec.framework]
-    n_test = test_images(cfg) or 100
+    n_test = count_test_images(cfg) or 100
     return RUN_OVERHEAD_S + cfg.train.max_iter * rate + n_test * regime.s_per_img[spec.framework]
 
 
@@ -212,7 +213,12 @@ def build_report(
     data: Dict = {**meta, "spread": "max - min over seeds", "regimes": {}}
     rows, verdict_rows = [], []
     for regime, by_fw in results.items():
-        entry: Dict = {"config": None, "overrides": [], "deviations": deviations.get(regime, [])}
+        entry: Dict = {
+            "about": REGIMES[regime].about if regime in REGIMES else None,
+            "config": None,
+            "overrides": [],
+            "deviations": deviations.get(regime, []),
+        }
         if specs.get(regime):
             entry["config"] = _display(specs[regime][0].config)
             entry["overrides"] = [o for o in specs[regime][0].overrides if not o.startswith("train.seed=")]
@@ -285,6 +291,13 @@ def build_report(
             verdict_rows,
         ),
     ]
+    about = [
+        f"`{r}`: {REGIMES[r].about} (`{_display(specs[r][0].config)}`)"
+        for r in results
+        if r in REGIMES and specs.get(r)
+    ]
+    if about:
+        lines += ["", "Regimes: " + "; ".join(about) + "."]
     notes = []
     common = None
     for regime in results:
@@ -297,6 +310,12 @@ def build_report(
         own = [d for d in deviations.get(regime, []) if d not in common]
         if own:
             notes.append(f"{regime}: torchvision cannot follow " + "; ".join(own) + ".")
+    if meta.get("failed"):
+        notes.append(
+            "Failed runs (left out of the table; the next start of the suite trains them again): "
+            + "; ".join(meta["failed"])
+            + "."
+        )
     if any(r[6].endswith("†") for r in rows):
         notes.append("†: a run was resumed; its training minutes are the sum of its logged seconds per iteration.")
     load = meta.get("load_average")
@@ -387,6 +406,7 @@ def run_suite(args, launcher: Callable = launch_subprocess, echo: Callable[[str]
     def write(results) -> None:
         meta = {**meta_base, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine()}
         meta["load_average"] = load_range(out, everything)
+        meta["failed"] = failed_runs(out, everything)
         markdown, data = build_report(results, specs, meta, deviations)
         write_report(report, markdown, data)
 

@@ -27,12 +27,14 @@ def test_finished_runs_are_reused_and_not_trained_again(tmp_path, fake_trainer):
     # One at a time, the frameworks alternating within each seed.
     assert first.calls == [
         (ONE, "detkit", 0, "new"),
+        (ONE, "detkit", 0, "speed"),
         (ONE, "torchvision", 0, "new"),
         (ONE, "detkit", 1, "new"),
+        (ONE, "detkit", 1, "speed"),
         (ONE, "torchvision", 1, "new"),
     ]
     evals = sorted((tmp_path / "runs").rglob("eval.json"))
-    assert len(evals) == 4
+    assert len(evals) == 6  # 4 runs + the 2 detkit inference passes
     stamps = [p.stat().st_mtime_ns for p in evals]
     time.sleep(0.01)
     second = fake_trainer()
@@ -50,10 +52,16 @@ def test_interrupted_runs_are_resumed_by_detkit_and_restarted_by_torchvision(tmp
     assert lines[-1].startswith("2 run(s) failed")
     report = json.loads((tmp_path / "runs" / "parity.json").read_text())
     assert report["regimes"][ONE]["detkit"]["runs"] == 1 and report["regimes"][ONE]["torchvision"]["runs"] == 1
+    assert report["failed"] == [f"{ONE} torchvision seed 0: (no log)", f"{ONE} detkit seed 1: (no log)"]
+    assert "Failed runs (left out of the table" in (tmp_path / "runs" / "parity.md").read_text()
 
     again = fake_trainer()
     assert run_suite(args, again, echo=lambda s: None) == 0
-    assert again.calls == [(ONE, "torchvision", 0, "restart"), (ONE, "detkit", 1, "resume")]
+    assert again.calls == [
+        (ONE, "torchvision", 0, "restart"),
+        (ONE, "detkit", 1, "resume"),
+        (ONE, "detkit", 1, "speed"),
+    ]
     launches = json.loads((tmp_path / "runs" / ONE / "detkit_seed1" / "parity_run.json").read_text())["launches"]
     assert [(x["mode"], x["rc"]) for x in launches] == [("new", 1), ("resume", 0)]
     # The resumed run's session timed only itself (0.1 min); its whole schedule is the sum of
@@ -62,7 +70,7 @@ def test_interrupted_runs_are_resumed_by_detkit_and_restarted_by_torchvision(tmp
     assert res.resumed and res.train_minutes == pytest.approx(24 / 60)
     assert not read_run(tmp_path / "runs" / ONE / "torchvision_seed0", 0).resumed
     md = (tmp_path / "runs" / "parity.md").read_text()
-    assert "†: a run was resumed" in md
+    assert "†: a run was resumed" in md and "Failed runs" not in md
 
 
 def test_a_folder_with_another_recipe_is_refused(tmp_path, fake_trainer, capsys):
@@ -191,7 +199,8 @@ def test_dry_run_shows_what_is_reused_and_estimates_from_measured_runs(tmp_path,
 
 def test_end_to_end_both_frameworks_at_a_minimal_budget(tmp_path):
     """Real trainings (subprocesses): the smallest regime, 2 seeds x 2 frameworks, 4
-    iterations on 8 tiny images; about 30 s on 2 CPU cores."""
+    iterations on 8 tiny images, and detkit's inference passes; about 25 s on 2 idle CPU
+    cores (six processes that each import torch), a minute on a loaded machine."""
     shapes = ["num_train=8", "num_test=4", "image_size=[64,80]", "object_size=[12,32]"]
     sets = [f"data.{split}.root={tmp_path / 'shapes'}" for split in ("train", "test")]
     sets += [f"data.{split}.shapes.{kv}" for split in ("train", "test") for kv in shapes]
@@ -211,9 +220,23 @@ def test_end_to_end_both_frameworks_at_a_minimal_budget(tmp_path):
             detail = next(r for r in entry[fw]["runs_detail"] if r["seed"] == seed)
             assert detail["mAP"] == result["mAP"] and detail["voc07"] == result["extra"]["voc07"]["mAP"]
             assert detail["iterations"] == 4 and detail["train_minutes"] > 0
+            if fw == "detkit":  # plain inference timed by detkit eval: the same detections
+                speed = json.loads((run / "speed" / "eval.json").read_text())
+                assert speed["mAP"] == result["mAP"] and detail["s_per_img"] == speed["s_per_img"]
+            else:
+                assert detail["s_per_img"] == result["s_per_img"]
             assert "train.max_iter=4" in (run / "suite.log").read_text()
         assert f"| {ONE} | {fw} | 2 | 4 |" in "\n".join(rows)
     assert entry["verdict"] is not None and isinstance(entry["verdict"]["on_par"], bool)
     tv = json.loads((tmp_path / "runs" / ONE / "torchvision_seed0" / "eval.json").read_text())
     assert any("P6 anchor stride" in d for d in tv["torchvision_deviations"])
     assert not any("beta" in d for d in tv["torchvision_deviations"])
+
+
+def test_recipe_diff_names_changed_values_and_ignores_schema_additions():
+    from parity_runs import diff_recipes
+
+    old = {"model": {"roi_head": {"smooth_l1_beta": 1.0, "fc_dims": [256, 256]}}, "train": {"seed": 0}}
+    new = {"model": {"roi_head": {"smooth_l1_beta": 0.5, "fc_dims": [256, 256], "name": "fast_rcnn"}}, "train": {}}
+    assert diff_recipes(old, new) == ["model.roi_head.smooth_l1_beta: 1.0 -> 0.5"]
+    assert diff_recipes(old, old) == []
