@@ -102,11 +102,39 @@ class DataConfig:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
 
 
+def _check(ok: bool, message: str) -> None:
+    """A ``__post_init__`` check: ValueError, which the config loader reports as a ConfigError
+    prefixed with the section's key (e.g. ``model.proposals.rpn: fg_iou_thresh ...``)."""
+    if not ok:
+        raise ValueError(message)
+
+
+def _check_box_weights(weights: List[float]) -> None:
+    _check(
+        len(weights) == 4 and all(w > 0 for w in weights),
+        f"box_weights: 4 positive values (wx, wy, ww, wh), got {weights}",
+    )
+
+
+# Backbones whose bodies are residual networks (they need a normalisation layer).
+_RESIDUAL_BACKBONES = ("tiny", "resnet18", "resnet34", "resnet50", "resnet101")
+_SYNCBN = "syncbn needs distributed training (torchrun), not available yet"
+
+
 @dataclass
 class BackboneConfig:
+    """The names are ``detkit.modeling.build.BACKBONES``' (a test keeps them equal).
+
+    fpn: true: FPN P2..P6 over c2..c5 (FPN paper); false: the single stride-16 map c4
+    (ResNet conv4_x / VGG conv5_3). norm: bn | frozen_bn | gn (ResNet, tiny), none | bn
+    (VGG-16). frozen_stages: 0 trains everything; ResNet / tiny: k freezes the stem and the
+    first k - 1 stages (at most 4 for C4, 5 with FPN); VGG-16: conv blocks 1..k (0..5).
+    """
+
     name: Literal["tiny", "resnet18", "resnet34", "resnet50", "resnet101", "vgg16"] = "resnet50"
     fpn: bool = True
     out_channels: int = 256  # FPN channels
+    # syncbn is refused (one line) until detkit trains on several processes.
     norm: Literal["bn", "frozen_bn", "gn", "syncbn", "none"] = "bn"
     fpn_norm: Optional[Literal["bn", "gn", "syncbn", "none"]] = None
     frozen_stages: int = 0
@@ -115,13 +143,44 @@ class BackboneConfig:
     tiny_widths: List[int] = field(default_factory=lambda: [16, 32, 64, 128])
     tiny_blocks: int = 1
 
+    def __post_init__(self):
+        _check(self.norm != "syncbn", f"norm: {_SYNCBN}")
+        _check(self.fpn_norm != "syncbn", f"fpn_norm: {_SYNCBN}")
+        if self.name in _RESIDUAL_BACKBONES:
+            _check(self.norm != "none", f"norm: none: {self.name} needs a normalisation layer (bn, frozen_bn or gn)")
+        else:
+            _check(self.norm in ("none", "bn"), f"norm: {self.norm} is not available for {self.name} (none or bn)")
+        _check(self.out_channels >= 1, f"out_channels: must be >= 1, got {self.out_channels}")
+        _check(self.frozen_stages >= 0, f"frozen_stages: must be >= 0, got {self.frozen_stages}")
+        _check(
+            len(self.tiny_widths) == 4 and all(w >= 1 for w in self.tiny_widths),
+            f"tiny_widths: 4 positive channel counts (c2..c5), got {self.tiny_widths}",
+        )
+        _check(self.tiny_blocks >= 1, f"tiny_blocks: must be >= 1, got {self.tiny_blocks}")
+        _check(
+            not (self.name == "tiny" and self.pretrained),
+            "pretrained: the tiny backbone has no pretrained weights (set it to null)",
+        )
+
 
 @dataclass
 class AnchorConfig:
+    """sizes / aspect_ratios: one list per feature map the RPN looks at (or one list for all
+    of them); every level must have the same number of anchors (sizes x ratios)."""
+
     sizes: List[List[float]] = field(default_factory=lambda: [[32], [64], [128], [256], [512]])
     aspect_ratios: List[List[float]] = field(default_factory=lambda: [[0.5, 1.0, 2.0]])
-    offset: float = 0.0
+    offset: float = 0.0  # anchor centres at (x + offset) * stride; a fraction of the stride
     strides_from_input: bool = False
+
+    def __post_init__(self):
+        _check(0.0 <= self.offset < 1.0, f"offset: must be in [0, 1) (a fraction of the stride), got {self.offset}")
+        for key in ("sizes", "aspect_ratios"):
+            levels = getattr(self, key)
+            _check(
+                len(levels) > 0 and all(len(level) > 0 and all(v > 0 for v in level) for level in levels),
+                f"{key}: non-empty lists of positive values, one per level, got {levels}",
+            )
 
 
 @dataclass
@@ -131,16 +190,33 @@ class RPNConfig:
     bg_iou_thresh: float = 0.3
     batch_size_per_image: int = 256
     positive_fraction: float = 0.5
-    pre_nms_topk_train: int = 2000
+    pre_nms_topk_train: int = 2000  # per level
     pre_nms_topk_test: int = 1000
-    post_nms_topk_train: int = 2000
+    post_nms_topk_train: int = 2000  # per image
     post_nms_topk_test: int = 1000
     nms_thresh: float = 0.7
     min_size: float = 1e-3
     score_thresh: float = 0.0
-    smooth_l1_beta: float = 0.1111111111111111
+    smooth_l1_beta: float = 0.1111111111111111  # 0: L1
     box_weights: List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])
     allowed_border: float = -1.0
+
+    def __post_init__(self):
+        _check(
+            0.0 <= self.bg_iou_thresh <= self.fg_iou_thresh <= 1.0,
+            f"fg_iou_thresh ({self.fg_iou_thresh}) must be >= bg_iou_thresh ({self.bg_iou_thresh}), both in [0, 1]",
+        )
+        _check(self.conv_depth >= 0, f"conv_depth: must be >= 0, got {self.conv_depth}")
+        _check(self.batch_size_per_image >= 1, f"batch_size_per_image: must be >= 1, got {self.batch_size_per_image}")
+        _check(
+            0.0 <= self.positive_fraction <= 1.0, f"positive_fraction: must be in [0, 1], got {self.positive_fraction}"
+        )
+        for key in ("pre_nms_topk_train", "pre_nms_topk_test", "post_nms_topk_train", "post_nms_topk_test"):
+            _check(getattr(self, key) >= 1, f"{key}: must be >= 1, got {getattr(self, key)}")
+        _check(0.0 <= self.nms_thresh <= 1.0, f"nms_thresh: must be in [0, 1], got {self.nms_thresh}")
+        _check(self.min_size >= 0, f"min_size: must be >= 0, got {self.min_size}")
+        _check(self.smooth_l1_beta >= 0, f"smooth_l1_beta: must be >= 0 (0 = L1), got {self.smooth_l1_beta}")
+        _check_box_weights(self.box_weights)
 
 
 @dataclass
@@ -151,6 +227,9 @@ class SelectiveSearchConfig:
     mode: Literal["single", "fast", "quality"] = "fast"
     max_proposals: int = 2000
     min_size: float = 20.0
+
+    def __post_init__(self):
+        _check(self.min_size >= 0, f"min_size: must be >= 0, got {self.min_size}")
 
 
 @dataclass
@@ -164,6 +243,8 @@ class PrecomputedConfig:
 
 @dataclass
 class ProposalConfig:
+    """method: ``detkit.modeling.build.PROPOSAL_GENERATORS``' names (a test keeps them equal)."""
+
     method: Literal["rpn", "selective_search", "precomputed"] = "rpn"
     rpn: RPNConfig = field(default_factory=RPNConfig)
     selective_search: SelectiveSearchConfig = field(default_factory=SelectiveSearchConfig)
@@ -179,8 +260,22 @@ class ProposalConfig:
 
 @dataclass
 class RoIHeadConfig:
+    """name: ``detkit.modeling.build.ROI_HEADS``' names (a test keeps them equal):
+
+    fast_rcnn: pooler -> fc layers (fc_dims) -> classifier + box regressor (Fast R-CNN; on
+               FPN as in the FPN paper; on a single C4 map the "C4 + 2fc" head).
+    res5:      the ResNet paper's C4 head (appendix A): pooler (14 x 14 in Detectron) on C4
+               -> the backbone network's own res5 stage per region -> average pooling ->
+               classifier + box regressor. Needs a ResNet / tiny backbone with fpn: false;
+               fc_dims and dropout do not apply.
+    """
+
+    name: Literal["fast_rcnn", "res5"] = "fast_rcnn"
     pooler: Literal["roi_align", "roi_pool"] = "roi_align"
     pooler_resolution: int = 7
+    # RoIAlign only: sampling points per bin (0 = adaptive) and the half-pixel offset
+    # (aligned: true = detectron2's ROIAlignV2). roi_pool samples every pixel of its quantised
+    # bins: sampling_ratio does not apply and aligned: true is refused.
     sampling_ratio: int = 2
     aligned: bool = False
     # RoIAlign on the CPU as a sparse matrix product (faster; equal up to float rounding);
@@ -191,9 +286,9 @@ class RoIHeadConfig:
     batch_size_per_image: int = 512
     positive_fraction: float = 0.25
     fg_iou_thresh: float = 0.5
-    bg_iou_thresh_lo: float = 0.0
+    bg_iou_thresh_lo: float = 0.0  # background IoU in [bg_iou_thresh_lo, fg_iou_thresh)
     box_weights: List[float] = field(default_factory=lambda: [10.0, 10.0, 5.0, 5.0])
-    smooth_l1_beta: float = 1.0
+    smooth_l1_beta: float = 1.0  # 0: L1
     class_agnostic: bool = False
     add_gt_as_proposals: bool = True
     score_thresh: float = 0.05
@@ -201,9 +296,37 @@ class RoIHeadConfig:
     detections_per_img: int = 100
     min_box_size: float = 0.01
 
+    def __post_init__(self):
+        _check(
+            not (self.pooler == "roi_pool" and self.aligned),
+            "aligned: true is RoIAlign's half-pixel offset and does not apply to pooler roi_pool "
+            "(it quantises boxes): set aligned: false or pooler: roi_align",
+        )
+        _check(self.pooler_resolution >= 1, f"pooler_resolution: must be >= 1, got {self.pooler_resolution}")
+        _check(self.sampling_ratio >= 0, f"sampling_ratio: must be >= 0 (0 = adaptive), got {self.sampling_ratio}")
+        _check(all(d >= 1 for d in self.fc_dims), f"fc_dims: positive widths, got {self.fc_dims}")
+        _check(0.0 <= self.dropout < 1.0, f"dropout: must be in [0, 1), got {self.dropout}")
+        _check(self.batch_size_per_image >= 1, f"batch_size_per_image: must be >= 1, got {self.batch_size_per_image}")
+        _check(
+            0.0 <= self.positive_fraction <= 1.0, f"positive_fraction: must be in [0, 1], got {self.positive_fraction}"
+        )
+        _check(
+            0.0 <= self.bg_iou_thresh_lo < self.fg_iou_thresh <= 1.0,
+            f"bg_iou_thresh_lo ({self.bg_iou_thresh_lo}) must be below fg_iou_thresh ({self.fg_iou_thresh}), "
+            "both in [0, 1]",
+        )
+        _check_box_weights(self.box_weights)
+        _check(self.smooth_l1_beta >= 0, f"smooth_l1_beta: must be >= 0 (0 = L1), got {self.smooth_l1_beta}")
+        _check(0.0 <= self.nms_thresh <= 1.0, f"nms_thresh: must be in [0, 1], got {self.nms_thresh}")
+        _check(self.detections_per_img >= 1, f"detections_per_img: must be >= 1, got {self.detections_per_img}")
+        _check(self.min_box_size >= 0, f"min_box_size: must be >= 0, got {self.min_box_size}")
+
 
 @dataclass
 class ModelConfig:
+    """Values that need the backbone to be judged (anchor levels vs feature maps, frozen
+    stages, a Res5 head on FPN) are checked by ``detkit.modeling.build.check_model_config``."""
+
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     anchors: AnchorConfig = field(default_factory=AnchorConfig)
     proposals: ProposalConfig = field(default_factory=ProposalConfig)

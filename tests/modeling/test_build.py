@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from detkit.config import from_dict
-from detkit.errors import BackboneError
-from detkit.modeling.build import build_backbone, build_model
+from detkit.errors import ConfigError
+from detkit.modeling.build import build_model
 from detkit.schema import ModelConfig
 from detkit.structures import Geometry, ImageList, Target
 
@@ -126,20 +126,24 @@ def test_single_map_wiring():
     ],
 )
 def test_anchor_count_mismatch_between_levels_raises(anchors):
-    with pytest.raises(BackboneError, match="same number of anchors on every level"):
+    with pytest.raises(
+        ConfigError, match=r"model.anchors.sizes / aspect_ratios: the shared RPN head needs the same number"
+    ):
         build_model(fpn_cfg(anchors=anchors), num_classes=3)
 
 
 def test_anchor_levels_must_match_feature_levels():
     cfg = from_dict(ModelConfig, {"backbone": {"name": "tiny", "fpn": False}})  # 5 sizes, 1 map
-    with pytest.raises(ValueError, match="disagree"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^model.anchors.sizes: 5 levels, but the backbone \(tiny, fpn: false\) gives 1 feature map \(c4\)",
+    ):
         build_model(cfg, num_classes=3)
 
 
 def test_tiny_backbone_has_no_pretrained_weights():
-    cfg = from_dict(ModelConfig, {"backbone": {"name": "tiny", "pretrained": "x.pth"}})
-    with pytest.raises(BackboneError, match="no pretrained weights"):
-        build_backbone(cfg.backbone)
+    with pytest.raises(ConfigError, match="pretrained: the tiny backbone has no pretrained weights"):
+        from_dict(ModelConfig, {"backbone": {"name": "tiny", "pretrained": "x.pth"}})
 
 
 def test_channels_last_inference_gives_the_same_detections_and_not_in_training():

@@ -84,6 +84,9 @@ def strategies_for_mode(mode: str) -> List[Strategy]:
     (k outside, colour space inside)."""
     if mode == "single":
         return [Strategy("HSV", 100, CTSF)]
+    spaces: Tuple[str, ...]
+    ks: Tuple[int, ...]
+    sims: Tuple[Tuple[str, ...], ...]
     if mode == "fast":
         spaces, ks, sims = ("HSV", "Lab"), (50, 100), (CTSF, TSF)
     elif mode == "quality":

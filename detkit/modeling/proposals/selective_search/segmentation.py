@@ -12,6 +12,8 @@ with exclusive ends (x1 <= x < x2), the convention of ``detkit.structures``.
 
 from __future__ import annotations
 
+from typing import List
+
 import cv2
 import numpy as np
 from skimage.segmentation import felzenszwalb
@@ -80,9 +82,9 @@ def smooth_for_segmentation(image: np.ndarray, sigma: float = 0.8) -> np.ndarray
         image = image[:, :, None]
     if image.ndim != 3 or image.shape[0] == 0 or image.shape[1] == 0:
         raise SelectiveSearchError(f"segmentation needs an (H, W[, C]) image, got shape {image.shape}")
-    scaled = image.astype(np.float64) * (1.0 / 255.0)
+    scaled: np.ndarray = image.astype(np.float64) * (1.0 / 255.0)
     if sigma > 0:
-        scaled = cv2.GaussianBlur(scaled, (0, 0), sigmaX=float(sigma), borderType=cv2.BORDER_REFLECT)
+        scaled = np.asarray(cv2.GaussianBlur(scaled, (0, 0), sigmaX=float(sigma), borderType=cv2.BORDER_REFLECT))
     return scaled.reshape(image.shape)  # GaussianBlur drops a trailing channel axis of 1
 
 
@@ -134,13 +136,13 @@ def region_adjacency(label_map: np.ndarray, connectivity: int = 4) -> np.ndarray
     shifts = [(lab[:, :-1], lab[:, 1:]), (lab[:-1, :], lab[1:, :])]
     if connectivity == 8:
         shifts += [(lab[:-1, :-1], lab[1:, 1:]), (lab[:-1, 1:], lab[1:, :-1])]
-    keys = []
+    pair_keys: List[np.ndarray] = []
     for a, b in shifts:
         differ = a != b
         a, b = a[differ], b[differ]
         # One int64 key per unordered pair makes np.unique do the de-duplication.
-        keys.append(np.minimum(a, b).astype(np.int64) * n + np.maximum(a, b))
-    keys = np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
+        pair_keys.append(np.minimum(a, b).astype(np.int64) * n + np.maximum(a, b))
+    keys = np.unique(np.concatenate(pair_keys)) if pair_keys else np.zeros(0, np.int64)
     return np.stack([keys // n, keys % n], axis=1)
 
 
