@@ -1,7 +1,9 @@
-"""Run a trained detector on images: ``python demo/demo.py --checkpoint CKPT --out DIR INPUT...``
-(files, folders or globs; ``--config CONFIG`` to override the stored config). Writes
-DIR/<stem>.json (boxes xyxy in original pixels, scores, class names) and DIR/<stem>.png.
-The same as ``detkit demo``."""
+"""Run a trained detector on images or videos: ``python demo/demo.py --checkpoint CKPT --out DIR INPUT...``
+(files, folders, globs or video files; ``--config CONFIG`` to override the stored config).
+Writes DIR/<stem>.json (boxes xyxy in original pixels, scores, class names) and DIR/<stem>.png
+(a video input: DIR/<stem>.mp4 + .json). Options: --score-thresh, --max-dets N, --classes a,b,
+--show-gt (ground truth dashed, for images of the config's dataset), --video OUT.mp4 (image
+inputs as the frames of one video), --fps. The same as ``detkit demo``."""
 
 import sys
 from pathlib import Path

@@ -471,7 +471,7 @@ def _type_name(tp: Any) -> str:
         return "path"
     if tp is Any:
         return "any value"
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return f"mapping ({tp.__name__})"
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in _UNION_TYPES:
@@ -534,7 +534,7 @@ def _all_key_paths(cls: type, prefix: str = "", stack: Tuple[type, ...] = ()) ->
         tp = _hints(cls)[f.name]
         candidates = typing.get_args(tp) if typing.get_origin(tp) in _UNION_TYPES else (tp,)
         for c in candidates:
-            if dataclasses.is_dataclass(c) and c not in stack:  # recursive schemas end
+            if isinstance(c, type) and dataclasses.is_dataclass(c) and c not in stack:  # recursive schemas end
                 out.extend(_all_key_paths(c, path, stack + (cls,)))
     return out
 
@@ -569,7 +569,7 @@ def _build_dataclass(cls: type, value: Any, ctx: _Ctx) -> Any:
         if key not in names:
             raise _unknown_key(cls, key, ctx)
     hints = _hints(cls)
-    kwargs = {}
+    kwargs: Dict[str, Any] = {}
     # Fields with metadata {"path": True, "relative_to": "root"} are resolved after the
     # others: a relative value joins the sibling's resolved path when that is set.
     ordered = sorted(fields, key=lambda f: bool(f.metadata.get("relative_to")))
@@ -628,7 +628,7 @@ def _convert(tp: Any, value: Any, ctx: _Ctx) -> Any:
         if not isinstance(value, tp):
             raise ctx.type_error(tp, value)
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build_dataclass(tp, value, ctx)
 
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -715,7 +715,7 @@ def load_config(path, schema_cls: type, overrides: Sequence[str] = ()) -> Any:
 def to_dict(instance: Any) -> Any:
     """Plain YAML-safe data (dict/list/str/int/float/bool/None) in schema field order."""
     if dataclasses.is_dataclass(instance) and not isinstance(instance, type):
-        return {f.name: to_dict(getattr(instance, f.name)) for f in _init_fields(instance)}
+        return {f.name: to_dict(getattr(instance, f.name)) for f in _init_fields(type(instance))}
     if isinstance(instance, dict):
         return {k: to_dict(v) for k, v in instance.items()}
     if isinstance(instance, (list, tuple)):

@@ -10,6 +10,8 @@ Top level:  data (datasets, input sizes, batching) / model (backbone, proposals,
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Dict, List, Literal, Optional, Union
 
@@ -24,16 +26,136 @@ def _rel(**kw):
     return field(default=None, metadata={"path": True, "relative_to": "root"}, **kw)
 
 
+#: The shapes the generated dataset can draw, in label order (``ShapesConfig.classes``).
+SHAPE_CLASSES = ("circle", "square", "triangle")
+
+
+def _opt(default, help: str, **kw):
+    """A ShapesConfig field with its help text (shown by ``detkit data shapes --help``)."""
+    if isinstance(default, list):
+        value = list(default)
+        return field(default_factory=lambda: list(value), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
 @dataclass
 class ShapesConfig:
-    """Parameters of ``detkit.data.shapes.generate_shapes`` for ``format: shapes``."""
+    """Options of the generated shapes dataset: ``format: shapes`` in a config, the flags of
+    ``detkit data shapes``, and ``detkit.data.shapes.generate_shapes`` all use this one class,
+    so they share one set of defaults. A range is [min, max]; from Python a single number
+    means a fixed value (``object_size=21``). Checked on construction (one-line ValueError)."""
 
-    num_train: int = 300
-    num_test: int = 100
-    seed: int = 0
-    image_size: List[int] = field(default_factory=lambda: [128, 192])
-    object_size: List[int] = field(default_factory=lambda: [16, 64])
-    objects_per_image: List[int] = field(default_factory=lambda: [1, 6])
+    num_train: int = _opt(300, "images in the train split")
+    num_test: int = _opt(100, "images in the test split")
+    seed: int = _opt(0, "image i of split s is drawn from a generator seeded by (seed, s, i)")
+    image_size: List[int] = _opt([128, 192], "width and height (px), each drawn from [min, max]")
+    aspect_ratio: Optional[List[float]] = _opt(
+        None, "[min, max] of height / width (unset: any); sizes outside it are drawn again"
+    )
+    object_size: List[float] = _opt(
+        [16.0, 64.0], "shape size (px: circle diameter, square / triangle side), drawn log-uniformly"
+    )
+    objects_per_image: List[int] = _opt([1, 6], "objects per image, drawn uniformly (fewer when placements fail)")
+    classes: List[str] = _opt(list(SHAPE_CLASSES), f"shapes to draw, in label order (of {', '.join(SHAPE_CLASSES)})")
+    max_iou: float = _opt(0.3, "reject a placement whose box IoU with an earlier shape is higher")
+    min_visible: float = _opt(0.75, "reject a placement that leaves an earlier shape less of its pixels visible")
+    cluster: float = _opt(
+        0.0, "probability that a shape is placed near an earlier one (overlaps as far as max_iou allows)"
+    )
+    max_outside: float = _opt(
+        0.0, "fraction of a shape that may lie outside the image (> 0: shapes cross the border, VOC truncated=1)"
+    )
+    max_rotation: float = _opt(20.0, "squares and triangles are rotated by up to +-this (degrees)")
+    min_contrast: float = _opt(80.0, "RGB distance (0..255 scale) of an object colour from what lies under it")
+    noise_std: float = _opt(6.0, "Gaussian pixel noise of the background (0..255 scale)")
+    image_format: str = _opt("png", "png (lossless, exact edges) or jpg")
+
+    def __post_init__(self):
+        for name in ("num_train", "num_test", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+            setattr(self, name, int(value))
+        self.image_size = _range("image_size", self.image_size, integer=True)
+        self.object_size = _range("object_size", self.object_size, integer=False)
+        self.objects_per_image = _range("objects_per_image", self.objects_per_image, integer=True)
+        if self.aspect_ratio is not None:
+            self.aspect_ratio = _range("aspect_ratio", self.aspect_ratio, integer=False)
+        for name in ("max_iou", "min_visible", "cluster", "max_outside", "max_rotation", "min_contrast", "noise_std"):
+            setattr(self, name, _finite(name, getattr(self, name)))
+        fmt = str(self.image_format).lower().lstrip(".")
+        self.image_format = "jpg" if fmt == "jpeg" else fmt
+        if self.image_format not in ("png", "jpg"):
+            raise ValueError(f"image_format must be 'png' or 'jpg', got {self.image_format!r}")
+        side = self.image_size[0]
+        if side < 16:
+            raise ValueError(f"image_size must be at least 16 px, got {self.image_size!r}")
+        lo, hi = self.object_size
+        if lo < 4:
+            raise ValueError(f"object_size must be at least 4 px, got {self.object_size!r}")
+        if self.max_outside == 0.0 and hi * math.sqrt(2) > side - 2:
+            # A square rotated by 45 degrees spans sqrt(2) x its side; it must still fit.
+            raise ValueError(
+                f"object_size max {hi:g} does not fit the smallest image "
+                f"({side} px; need max * 1.42 <= image size - 2, or max_outside > 0)"
+            )
+        if hi > side:
+            raise ValueError(f"object_size max {hi:g} is larger than the smallest image ({side} px)")
+        if self.objects_per_image[0] < 0:
+            raise ValueError(f"objects_per_image must be >= 0, got {self.objects_per_image!r}")
+        if self.aspect_ratio is not None:
+            a_lo, a_hi = self.aspect_ratio
+            s_lo, s_hi = self.image_size
+            if a_lo <= 0 or a_lo > s_hi / s_lo or a_hi < s_lo / s_hi:
+                raise ValueError(
+                    f"aspect_ratio {self.aspect_ratio!r} cannot be met by image_size {self.image_size!r} "
+                    f"(height / width lies in [{s_lo / s_hi:.3g}, {s_hi / s_lo:.3g}])"
+                )
+        if not self.classes or not all(isinstance(c, str) for c in self.classes):
+            raise ValueError(f"classes must be a non-empty list of names, got {self.classes!r}")
+        unknown = [c for c in self.classes if c not in SHAPE_CLASSES]
+        if unknown or len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes must be distinct names out of {', '.join(SHAPE_CLASSES)}, got {self.classes!r}")
+        self.classes = list(self.classes)
+        for name, ok, interval in (
+            ("max_iou", 0.0 <= self.max_iou <= 1.0, "[0, 1]"),
+            ("min_visible", 0.0 < self.min_visible <= 1.0, "(0, 1]"),
+            ("cluster", 0.0 <= self.cluster <= 1.0, "[0, 1]"),
+            ("max_outside", 0.0 <= self.max_outside < 1.0, "[0, 1)"),
+            ("max_rotation", 0.0 <= self.max_rotation <= 180.0, "[0, 180] degrees"),
+            ("min_contrast", 0.0 <= self.min_contrast <= 400.0, "[0, 400]"),
+            ("noise_std", 0.0 <= self.noise_std <= 100.0, "[0, 100]"),
+        ):
+            if not ok:
+                raise ValueError(f"{name} must be in {interval}, got {getattr(self, name)!r}")
+
+
+def _range(name: str, value, integer: bool) -> list:
+    """A number or a (min, max) pair -> [min, max]; one-line ValueError otherwise."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        raw = [value, value]
+    else:
+        try:
+            raw = list(value)
+        except TypeError:
+            raw = []
+        if len(raw) != 2:
+            raise ValueError(f"{name} must be a number or a [min, max] pair, got {value!r}")
+    for v in raw:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+            raise ValueError(f"{name} must hold numbers, got {value!r}")
+        if integer and not float(v).is_integer():
+            raise ValueError(f"{name} must hold whole numbers, got {value!r}")
+    pair = [int(float(v)) if integer else float(v) for v in raw]
+    if pair[0] > pair[1]:
+        raise ValueError(f"{name} must be [min, max] with min <= max, got {value!r}")
+    return pair
+
+
+def _finite(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
 
 
 @dataclass
@@ -48,18 +170,19 @@ class DatasetConfig:
     the YAML file that sets them.
     """
 
-    format: Literal["voc", "coco", "shapes"] = "voc"
-    root: Optional[PathStr] = None
+    format: Literal["voc", "coco", "shapes"] = "voc"  # voc, coco or shapes (a generated VOC folder)
+    root: Optional[PathStr] = None  # dataset folder (VOC devkit / plain folders, COCO image root, shapes output)
+    # VOC: ImageSets/Main/<split>.txt; with holdout: train or test (val); null or all: every image
     split: Optional[str] = None
-    ann_dir: Optional[str] = _rel()
-    img_dir: Optional[str] = _rel()
-    split_file: Optional[str] = _rel()
-    ann_file: Optional[str] = _rel()
-    holdout: float = 0.0
-    seed: int = 0
-    classes: Optional[List[str]] = None
-    filter_empty: bool = False
-    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+    ann_dir: Optional[str] = _rel()  # VOC: folder of the XML files (found as annotations/ when unset)
+    img_dir: Optional[str] = _rel()  # VOC: folder of the images; COCO: the folder file_name is relative to
+    split_file: Optional[str] = _rel()  # a text file of image ids (file stems), one per line
+    ann_file: Optional[str] = _rel()  # COCO: the annotation json
+    holdout: float = 0.0  # without split files: hold out this fraction of the images (seeded) as test / val
+    seed: int = 0  # seed of the holdout draw
+    classes: Optional[List[str]] = None  # class names in label order; null: inferred (sorted, reported)
+    filter_empty: bool = False  # drop images without objects
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)  # format shapes: the generator's parameters
 
     def __post_init__(self):
         if self.format == "coco" and not self.ann_file:
@@ -74,26 +197,29 @@ class DatasetConfig:
 class InputConfig:
     """Resize / flip / normalise (see ``detkit.data.transforms``)."""
 
+    # shorter side in training (one drawn per image when several: multi-scale training)
     min_size_train: List[int] = field(default_factory=lambda: [800])
-    max_size: int = 1333
-    min_size_test: int = 800
-    flip_prob: float = 0.5
+    max_size: int = 1333  # longer side at most this (train and test)
+    min_size_test: int = 800  # shorter side at test time
+    flip_prob: float = 0.5  # probability of a horizontal flip in training
     color_jitter: Optional[List[float]] = None  # brightness, contrast, saturation, hue
+    # per-channel RGB mean subtracted (0..1 scale); ImageNet's by default
     pixel_mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    # per-channel RGB std divided by (0..1 scale)
     pixel_std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
 
 
 @dataclass
 class DataConfig:
-    train: Optional[DatasetConfig] = None
-    test: Optional[DatasetConfig] = None
+    train: Optional[DatasetConfig] = None  # the training split
+    test: Optional[DatasetConfig] = None  # the evaluation split (eval, periodic evaluation, demo --show-gt)
     # Class names in label order for both splits; None: from train (inferred when not set there).
     classes: Optional[List[str]] = None
-    input: InputConfig = field(default_factory=InputConfig)
-    batch_size: int = 2
-    test_batch_size: int = 1
-    num_workers: int = 0
-    aspect_ratio_grouping: bool = True
+    input: InputConfig = field(default_factory=InputConfig)  # resizing, flipping, normalisation
+    batch_size: int = 2  # training images per iteration
+    test_batch_size: int = 1  # images per batch at evaluation
+    num_workers: int = 0  # DataLoader worker processes (0: load in the main process)
+    aspect_ratio_grouping: bool = True  # batch portrait and landscape images separately (less padding)
 
     def __post_init__(self):
         if self.batch_size < 1 or self.test_batch_size < 1:
@@ -123,25 +249,27 @@ _SYNCBN = "syncbn needs distributed training (torchrun), not available yet"
 
 @dataclass
 class BackboneConfig:
-    """The names are ``detkit.modeling.build.BACKBONES``' (a test keeps them equal).
-
-    fpn: true: FPN P2..P6 over c2..c5 (FPN paper); false: the single stride-16 map c4
-    (ResNet conv4_x / VGG conv5_3). norm: bn | frozen_bn | gn (ResNet, tiny), none | bn
-    (VGG-16). frozen_stages: 0 trains everything; ResNet / tiny: k freezes the stem and the
-    first k - 1 stages (at most 4 for C4, 5 with FPN); VGG-16: conv blocks 1..k (0..5).
+    """norm: bn, frozen_bn or gn for the ResNets and tiny; none or bn for vgg16.
+    frozen_stages: 0 trains everything; ResNets and tiny: k freezes the stem and the first
+    k - 1 stages (at most 4 with the single C4 map, 5 with FPN); vgg16: conv blocks 1..k (0..5).
     """
 
+    # (the names are detkit.modeling.build.BACKBONES'; tests/test_configs.py keeps them equal)
+
+    # the backbone network (tiny: a small ResNet for tests and the quick start)
     name: Literal["tiny", "resnet18", "resnet34", "resnet50", "resnet101", "vgg16"] = "resnet50"
-    fpn: bool = True
+    fpn: bool = True  # an FPN over the backbone's stages (P2-P6); false: one stride-16 map (ResNet C4 / VGG conv5_3)
     out_channels: int = 256  # FPN channels
-    # syncbn is refused (one line) until detkit trains on several processes.
+    # normalisation in the backbone: bn (trains), frozen_bn, gn or none; syncbn is refused
+    # (one line) until detkit trains on several processes
     norm: Literal["bn", "frozen_bn", "gn", "syncbn", "none"] = "bn"
+    # normalisation in the FPN convs (null/none: none, as the FPN paper)
     fpn_norm: Optional[Literal["bn", "gn", "syncbn", "none"]] = None
-    frozen_stages: int = 0
+    frozen_stages: int = 0  # stages not trained: 0 none, 1 the stem, k the stem and the next k-1 stages
     # A local state-dict file or a torchvision weight name (e.g. ResNet50_Weights.IMAGENET1K_V1).
     pretrained: Optional[str] = None
-    tiny_widths: List[int] = field(default_factory=lambda: [16, 32, 64, 128])
-    tiny_blocks: int = 1
+    tiny_widths: List[int] = field(default_factory=lambda: [16, 32, 64, 128])  # name tiny: channels of its four stages
+    tiny_blocks: int = 1  # name tiny: residual blocks per stage
 
     def __post_init__(self):
         _check(self.norm != "syncbn", f"norm: {_SYNCBN}")
@@ -157,20 +285,20 @@ class BackboneConfig:
             f"tiny_widths: 4 positive channel counts (c2..c5), got {self.tiny_widths}",
         )
         _check(self.tiny_blocks >= 1, f"tiny_blocks: must be >= 1, got {self.tiny_blocks}")
-        _check(
-            not (self.name == "tiny" and self.pretrained),
-            "pretrained: the tiny backbone has no pretrained weights (set it to null)",
-        )
 
 
 @dataclass
 class AnchorConfig:
-    """sizes / aspect_ratios: one list per feature map the RPN looks at (or one list for all
-    of them); every level must have the same number of anchors (sizes x ratios)."""
+    """sizes / aspect_ratios: one list per feature map the RPN looks at (FPN: P2..P6, the
+    single map: one), or one list for all of them; every level must have the same number of
+    anchors (sizes x ratios), as one RPN head serves all levels."""
 
+    # anchor sizes sqrt(w h) in network-input px, one list per feature level (one list: every level)
     sizes: List[List[float]] = field(default_factory=lambda: [[32], [64], [128], [256], [512]])
+    # anchor aspect ratios h / w, one list per level (one list: every level)
     aspect_ratios: List[List[float]] = field(default_factory=lambda: [[0.5, 1.0, 2.0]])
-    offset: float = 0.0  # anchor centres at (x + offset) * stride; a fraction of the stride
+    offset: float = 0.0  # anchor centres at (x + offset) * stride: 0 the cell's corner, 0.5 its centre
+    # strides as torchvision computes them (input size // feature size), for converted weights
     strides_from_input: bool = False
 
     def __post_init__(self):
@@ -185,20 +313,22 @@ class AnchorConfig:
 
 @dataclass
 class RPNConfig:
-    conv_depth: int = 1
-    fg_iou_thresh: float = 0.7
-    bg_iou_thresh: float = 0.3
-    batch_size_per_image: int = 256
-    positive_fraction: float = 0.5
-    pre_nms_topk_train: int = 2000  # per level
-    pre_nms_topk_test: int = 1000
-    post_nms_topk_train: int = 2000  # per image
-    post_nms_topk_test: int = 1000
-    nms_thresh: float = 0.7
-    min_size: float = 1e-3
-    score_thresh: float = 0.0
-    smooth_l1_beta: float = 0.1111111111111111  # 0: L1
+    conv_depth: int = 1  # 3x3 convs in the RPN head before the objectness / box layers
+    fg_iou_thresh: float = 0.7  # an anchor with IoU >= this with a box is a positive
+    bg_iou_thresh: float = 0.3  # an anchor with IoU < this with every box is a negative (in between: ignored)
+    batch_size_per_image: int = 256  # anchors sampled per image for the RPN loss
+    positive_fraction: float = 0.5  # at most this fraction of them positive
+    pre_nms_topk_train: int = 2000  # best proposals kept per level before NMS, training
+    pre_nms_topk_test: int = 1000  # best proposals kept per level before NMS, testing
+    post_nms_topk_train: int = 2000  # proposals kept per image after NMS, training
+    post_nms_topk_test: int = 1000  # proposals kept per image after NMS, testing
+    nms_thresh: float = 0.7  # NMS IoU threshold among proposals
+    min_size: float = 1e-3  # proposals narrower or lower than this (px) are dropped
+    score_thresh: float = 0.0  # proposals with a lower objectness probability are dropped
+    smooth_l1_beta: float = 0.1111111111111111  # smooth-L1 beta of the RPN box loss (0: plain L1)
+    # weights (wx, wy, ww, wh) of the box encoding
     box_weights: List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])
+    # training ignores anchors reaching more than this many px outside the image; -1 keeps all
     allowed_border: float = -1.0
 
     def __post_init__(self):
@@ -224,9 +354,9 @@ class SelectiveSearchConfig:
     """On-the-fly Selective Search (slow; precomputed files are the usual way, see
     ``detkit proposals``). min_size is in original-image pixels (authors' code: 20)."""
 
-    mode: Literal["single", "fast", "quality"] = "fast"
-    max_proposals: int = 2000
-    min_size: float = 20.0
+    mode: Literal["single", "fast", "quality"] = "fast"  # single, fast or quality (the paper's strategies, sec. 5.2)
+    max_proposals: int = 2000  # proposals kept per image
+    min_size: float = 20.0  # smaller proposals (px, original image) are dropped
 
     def __post_init__(self):
         _check(self.min_size >= 0, f"min_size: must be >= 0, got {self.min_size}")
@@ -237,18 +367,19 @@ class PrecomputedConfig:
     """Proposal files (.npz / .json / classic .mat) in original-image pixels: one path or a
     list (e.g. the train and the test split's files; their images are pooled)."""
 
-    path: Optional[Union[PathStr, List[PathStr]]] = None
-    max_proposals: int = 2000
+    path: Optional[Union[PathStr, List[PathStr]]] = None  # the proposal file(s)
+    max_proposals: int = 2000  # proposals used per image (the file's first ones)
 
 
 @dataclass
 class ProposalConfig:
-    """method: ``detkit.modeling.build.PROPOSAL_GENERATORS``' names (a test keeps them equal)."""
+    # (the methods are detkit.modeling.build.PROPOSAL_GENERATORS'; a test keeps them equal)
 
+    # where proposals come from: rpn, selective_search (on the fly) or precomputed (files)
     method: Literal["rpn", "selective_search", "precomputed"] = "rpn"
-    rpn: RPNConfig = field(default_factory=RPNConfig)
-    selective_search: SelectiveSearchConfig = field(default_factory=SelectiveSearchConfig)
-    precomputed: PrecomputedConfig = field(default_factory=PrecomputedConfig)
+    rpn: RPNConfig = field(default_factory=RPNConfig)  # method rpn
+    selective_search: SelectiveSearchConfig = field(default_factory=SelectiveSearchConfig)  # method selective_search
+    precomputed: PrecomputedConfig = field(default_factory=PrecomputedConfig)  # method precomputed
 
     def __post_init__(self):
         if self.method == "precomputed" and not self.precomputed.path:
@@ -260,41 +391,46 @@ class ProposalConfig:
 
 @dataclass
 class RoIHeadConfig:
-    """name: ``detkit.modeling.build.ROI_HEADS``' names (a test keeps them equal):
-
-    fast_rcnn: pooler -> fc layers (fc_dims) -> classifier + box regressor (Fast R-CNN; on
-               FPN as in the FPN paper; on a single C4 map the "C4 + 2fc" head).
-    res5:      the ResNet paper's C4 head (appendix A): pooler (14 x 14 in Detectron) on C4
-               -> the backbone network's own res5 stage per region -> average pooling ->
-               classifier + box regressor. Needs a ResNet / tiny backbone with fpn: false;
-               fc_dims and dropout do not apply.
+    """Two heads (``name``). fast_rcnn: pooler, fully connected layers (fc_dims), classifier
+    and box regressor (Fast R-CNN; on FPN as in the FPN paper; on the single C4 map it is the
+    "C4 + 2fc" head). res5: the ResNet paper's C4 head (appendix A): pooler on C4 (14 x 14
+    in Detectron / detectron2), the backbone network's own res5 stage run per region (its
+    ImageNet weights when the backbone has them), average pooling, classifier and box
+    regressor; it needs a ResNet or tiny backbone with fpn: false, and fc_dims / dropout do
+    not apply to it.
     """
 
+    # (the names are detkit.modeling.build.ROI_HEADS'; a test keeps them equal)
+
+    # the region head: fast_rcnn (pooler + fc layers) or res5 (the ResNet paper's C4 head)
     name: Literal["fast_rcnn", "res5"] = "fast_rcnn"
+    # how a region becomes a fixed-size feature: roi_align or roi_pool
     pooler: Literal["roi_align", "roi_pool"] = "roi_align"
-    pooler_resolution: int = 7
-    # RoIAlign only: sampling points per bin (0 = adaptive) and the half-pixel offset
-    # (aligned: true = detectron2's ROIAlignV2). roi_pool samples every pixel of its quantised
-    # bins: sampling_ratio does not apply and aligned: true is refused.
+    pooler_resolution: int = 7  # pooled output size (7: 7x7)
+    # roi_align: sampling points per bin and axis (0: adaptive); roi_pool samples every
+    # pixel of its quantised bins, so it does not apply there
     sampling_ratio: int = 2
+    # roi_align: half-pixel offset (detectron2's ROIAlignV2: true; torchvision's false); refused with roi_pool
     aligned: bool = False
     # RoIAlign on the CPU as a sparse matrix product (faster; equal up to float rounding);
     # false: torchvision's kernel, bit for bit (converted torchvision weights).
     cpu_sparse_roi_align: bool = True
+    # widths of the fully connected layers of the box head
     fc_dims: List[int] = field(default_factory=lambda: [1024, 1024])
-    dropout: float = 0.0
-    batch_size_per_image: int = 512
-    positive_fraction: float = 0.25
-    fg_iou_thresh: float = 0.5
-    bg_iou_thresh_lo: float = 0.0  # background IoU in [bg_iou_thresh_lo, fg_iou_thresh)
+    dropout: float = 0.0  # dropout after each fully connected layer (0: none)
+    batch_size_per_image: int = 512  # regions sampled per image for the head's loss
+    positive_fraction: float = 0.25  # at most this fraction of them foreground
+    fg_iou_thresh: float = 0.5  # a region with IoU >= this with a box is foreground (of that box's class)
+    bg_iou_thresh_lo: float = 0.0  # background: IoU in [this, fg_iou_thresh); below this ignored (0: all background)
+    # weights (wx, wy, ww, wh) of the box encoding
     box_weights: List[float] = field(default_factory=lambda: [10.0, 10.0, 5.0, 5.0])
-    smooth_l1_beta: float = 1.0  # 0: L1
-    class_agnostic: bool = False
-    add_gt_as_proposals: bool = True
-    score_thresh: float = 0.05
-    nms_thresh: float = 0.5
-    detections_per_img: int = 100
-    min_box_size: float = 0.01
+    smooth_l1_beta: float = 1.0  # smooth-L1 beta of the head's box loss (0: plain L1)
+    class_agnostic: bool = False  # one box regression for all classes instead of one per class
+    add_gt_as_proposals: bool = True  # add the ground-truth boxes to the training regions
+    score_thresh: float = 0.05  # detections scoring lower are dropped (evaluation; the demo has its own)
+    nms_thresh: float = 0.5  # per-class NMS IoU threshold of the detections
+    detections_per_img: int = 100  # at most this many detections per image
+    min_box_size: float = 0.01  # detections narrower or lower than this (px) are dropped
 
     def __post_init__(self):
         _check(
@@ -324,16 +460,17 @@ class RoIHeadConfig:
 
 @dataclass
 class ModelConfig:
-    """Values that need the backbone to be judged (anchor levels vs feature maps, frozen
-    stages, a Res5 head on FPN) are checked by ``detkit.modeling.build.check_model_config``."""
+    """Values that can only be judged with the backbone in mind (anchor levels against its
+    feature maps, frozen stages against its stages, a res5 head on FPN) are checked when the
+    model is built, before any weights are loaded (``modeling.build.check_model_config``)."""
 
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    anchors: AnchorConfig = field(default_factory=AnchorConfig)
-    proposals: ProposalConfig = field(default_factory=ProposalConfig)
-    roi_head: RoIHeadConfig = field(default_factory=RoIHeadConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)  # the feature extractor
+    anchors: AnchorConfig = field(default_factory=AnchorConfig)  # RPN anchors
+    proposals: ProposalConfig = field(default_factory=ProposalConfig)  # the proposal generator
+    roi_head: RoIHeadConfig = field(default_factory=RoIHeadConfig)  # the region head (classifier and box regressor)
     # Multiplies each named loss term (loss_rpn_cls, loss_rpn_box, loss_cls, loss_box).
     loss_weights: Dict[str, float] = field(default_factory=dict)
-    train_difficult: bool = False
+    train_difficult: bool = False  # train on difficult / crowd boxes too (metrics ignore them either way)
     # Inference on channels-last images: ~25 % faster convolutions on the CPU (oneDNN); equal
     # results up to float rounding. false: torchvision's layout, bit for bit. (Not used in
     # training: torch 2.14's CPU backward of some strided 1x1 convolutions crashes with it.)
@@ -351,21 +488,22 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    max_iter: int = 1000
-    base_lr: float = 0.02
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_iters: int = 100
-    warmup_factor: float = 0.001
+    max_iter: int = 1000  # training iterations
+    base_lr: float = 0.02  # SGD learning rate after warmup
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 1e-4  # L2 weight decay (not on biases and normalisation parameters)
+    warmup_iters: int = 100  # linear warmup iterations
+    warmup_factor: float = 0.001  # the learning rate starts at base_lr times this
+    # step (times gamma at each of steps) or cosine (half cosine to 0 at max_iter)
     lr_schedule: Literal["step", "cosine"] = "step"
     steps: List[int] = field(default_factory=list)  # iterations where lr *= gamma (step)
-    gamma: float = 0.1
-    clip_grad_norm: Optional[float] = None
+    gamma: float = 0.1  # step schedule: the factor at each step
+    clip_grad_norm: Optional[float] = None  # clip the gradient norm to this (null: no clipping)
     checkpoint_period: int = 0  # 0: only at the end
     eval_period: int = 0  # 0: only at the end
-    log_period: int = 20
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_period: int = 20  # iterations between records in metrics.jsonl
+    seed: int = 0  # seed of every random number (runs are deterministic on a given machine)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto (CUDA when available), cpu or cuda
     amp: bool = True  # mixed precision, used on CUDA only
     num_threads: int = 0  # CPU threads for torch; 0 = torch's default
 
@@ -380,6 +518,7 @@ class TrainConfig:
 
 @dataclass
 class TestConfig:
+    # voc07 (11-point AP), voc (area AP, VOC2010+) or coco (AP@[.5:.95], pycocotools)
     metric: Literal["voc07", "voc", "coco"] = "voc"
     # Also computed and stored in eval.json (the main metric decides "mAP").
     extra_metrics: List[Literal["voc07", "voc", "coco"]] = field(default_factory=list)
@@ -387,10 +526,10 @@ class TestConfig:
 
 @dataclass
 class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    test: TestConfig = field(default_factory=TestConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # datasets and input pipeline
+    model: ModelConfig = field(default_factory=ModelConfig)  # the detector
+    train: TrainConfig = field(default_factory=TrainConfig)  # optimisation and schedule
+    test: TestConfig = field(default_factory=TestConfig)  # evaluation
 
 
 def load_run_config(path, overrides=()) -> Config:

@@ -1,10 +1,12 @@
 """The ``detkit`` command line (also ``python -m detkit``): one module per verb.
 
     detkit train CONFIG [--out DIR] [--resume] [key=value ...]
-    detkit eval CONFIG --checkpoint CKPT [--out DIR] [key=value ...]
+    detkit eval CONFIG --checkpoint CKPT [--out DIR] [--analyze] [key=value ...]
     detkit demo --config CONFIG --checkpoint CKPT INPUT... --out DIR
     detkit evaluate --dataset DATA.yaml --detections DETS.json --metric voc07|voc|coco
-    detkit data shapes|check ...
+    detkit data shapes|check|browse ...
+    detkit plot RUN_DIR [RUN_DIR ...] --out PNG
+    detkit report RUN_DIR --out report.html
     detkit convert --from torchvision SRC.pth --out CKPT
     detkit proposals DATA_OR_CONFIG.yaml --method selective_search|rpn --out FILE [--eval] ...
 
@@ -22,14 +24,14 @@ import logging
 import sys
 from typing import List, Optional
 
-from detkit.cli import common, convert, data, demo, evaluate, proposals, train
+from detkit.cli import common, convert, data, demo, evaluate, plot, proposals, report, train
 from detkit.cli import eval as eval_
 from detkit.errors import DetkitError
 
 logger = logging.getLogger("detkit")
 
 # The verbs, in the order `detkit --help` lists them.
-COMMANDS = (train, eval_, demo, evaluate, data, convert, proposals)
+COMMANDS = (train, eval_, demo, evaluate, data, plot, report, convert, proposals)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,10 @@
-"""``detkit eval CONFIG --checkpoint CKPT [--out DIR] [--plot] [key=value ...]``
+"""``detkit eval CONFIG --checkpoint CKPT [--out DIR] [--plot] [--analyze] [key=value ...]``
 
 Runs a checkpoint over the config's test split and scores it with the config's metric(s);
-writes eval.json and detections.json (and PR curves with ``--plot``).
+writes eval.json and detections.json (and PR curves with ``--plot``). ``--analyze`` adds
+the error analysis in DIR/analysis/ (``detkit.engine.analyze``): PR curves, a confusion
+matrix with background, the error breakdown (Hoiem et al. 2012 / TIDE) with the mAP gained
+by fixing each error type, and the worst false positives and misses as image crops.
 """
 
 from __future__ import annotations
@@ -11,10 +14,12 @@ from pathlib import Path
 
 from detkit.cli.common import load_run_config
 from detkit.data.build import build_dataset, dataset_transforms
+from detkit.engine.analyze import write_analysis
 from detkit.engine.evaluate import evaluate_detections, summary_lines, write_evaluation
 from detkit.engine.inference import device_from_config, run_inference
 from detkit.engine.predictor import model_from_checkpoint
 from detkit.errors import UsageError
+from detkit.evaluation.analysis import analyze_detections, format_errors
 
 NAME = "eval"
 logger = logging.getLogger("detkit")
@@ -26,6 +31,18 @@ def add_parser(sub) -> None:
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--out", help="output folder (default: <checkpoint folder>/eval)")
     e.add_argument("--plot", action="store_true", help="also write per-class PR curves")
+    e.add_argument(
+        "--analyze",
+        action="store_true",
+        help="also write the error analysis (PR curves, confusion matrix, error types, worst errors) to OUT/analysis",
+    )
+    e.add_argument(
+        "--analyze-score",
+        type=float,
+        default=0.5,
+        metavar="S",
+        help="score threshold of the confusion matrix (default 0.5, as the demo draws)",
+    )
     e.add_argument("--no-progress", action="store_true")
     e.add_argument("overrides", nargs="*", metavar="key=value")
     e.set_defaults(func=run)
@@ -52,5 +69,10 @@ def run(args) -> int:
     out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "eval"
     write_evaluation(result, dets, dataset, out, plot=args.plot)
     print(summary_lines(result))
+    if args.analyze:
+        analysis = analyze_detections(dataset, dets, cfg.test.metric, score_thresh=args.analyze_score)
+        write_analysis(analysis, dataset, out / "analysis")
+        print(format_errors(analysis))
+        logger.info("error analysis in %s", out / "analysis")
     logger.info("%.3f s/img; results in %s", sec, out)
     return 0

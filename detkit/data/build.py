@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 from detkit.data.dataset import DetectionDataset
 from detkit.data.transforms import build_transforms
-from detkit.errors import DatasetError
+from detkit.errors import ConfigError, DatasetError
 from detkit.schema import Config, DatasetConfig, InputConfig
 
 logger = logging.getLogger("detkit")
@@ -42,27 +42,22 @@ def _load_voc(cfg: DatasetConfig, classes, name):
 def _load_coco(cfg: DatasetConfig, classes, name):
     from detkit.data.coco import load_coco
 
+    if cfg.ann_file is None:  # DatasetConfig checks this; a hand-made one may not
+        raise DatasetError("format coco needs ann_file")
     img_dir = cfg.img_dir or (cfg.root if cfg.root else str(Path(cfg.ann_file).parent))
     return load_coco(cfg.ann_file, img_dir, classes=classes, filter_empty=cfg.filter_empty, name=name)
 
 
 def _load_shapes(cfg: DatasetConfig, classes, name):
-    from detkit.data.shapes import CLASS_NAMES, generate_shapes
+    from detkit.data.shapes import generate_shapes
 
-    s = cfg.shapes
+    if cfg.root is None:
+        raise DatasetError("format shapes needs root (the folder to generate the dataset in)")
     try:
-        generate_shapes(
-            cfg.root,
-            num_train=s.num_train,
-            num_test=s.num_test,
-            seed=s.seed,
-            image_size=tuple(s.image_size),
-            object_size=tuple(s.object_size),
-            objects_per_image=tuple(s.objects_per_image),
-        )
+        generate_shapes(cfg.root, cfg.shapes)
     except (FileExistsError, ValueError) as exc:
         raise DatasetError(str(exc)) from None
-    return _load_voc(cfg, classes or list(CLASS_NAMES), name)
+    return _load_voc(cfg, classes or list(cfg.shapes.classes), name)
 
 
 DATASET_FORMATS = {"voc": _load_voc, "coco": _load_coco, "shapes": _load_shapes}
@@ -79,6 +74,19 @@ def build_dataset(
     return dataset
 
 
+def _color_jitter(values: Optional[Sequence[float]]) -> Optional[Tuple[float, float, float, float]]:
+    """data.input.color_jitter as (brightness, contrast, saturation, hue); missing trailing
+    values are 0 (no jitter), as torchvision's ColorJitter defaults them."""
+    if not values:
+        return None
+    if len(values) > 4:
+        raise ConfigError(
+            f"data.input.color_jitter takes up to 4 numbers (brightness, contrast, saturation, hue), got {values}"
+        )
+    b, c, s, h = (list(values) + [0.0, 0.0, 0.0])[:4]
+    return float(b), float(c), float(s), float(h)
+
+
 def dataset_transforms(cfg: InputConfig, train: bool):
     return build_transforms(
         train,
@@ -86,7 +94,7 @@ def dataset_transforms(cfg: InputConfig, train: bool):
         max_size=cfg.max_size,
         min_size_test=cfg.min_size_test,
         flip_prob=cfg.flip_prob,
-        color_jitter=tuple(cfg.color_jitter) if cfg.color_jitter else None,
+        color_jitter=_color_jitter(cfg.color_jitter),
         mean=cfg.pixel_mean,
         std=cfg.pixel_std,
     )

@@ -1,8 +1,10 @@
 """``detkit data check``: validate a dataset and summarise it.
 
 Reports images, objects per class (and how many are difficult), box sizes, images without
-objects, every problem the loader fixed or skipped, and (when decoding) images that cannot
-be read or whose size differs from the annotation.
+objects, every problem the loader fixed or skipped (its image check already skipped files
+whose header is unreadable and flagged truncated ones), and, when decoding every image in
+full, images that cannot be decoded (errors), images that decode only in part and images
+whose size differs from the annotation (warnings: training uses them as they are).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Dict, List
 import numpy as np
 from tqdm import tqdm
 
-from detkit.data.io import read_image_array
+from detkit.data.io import ProblemLog, decode_image
 from detkit.errors import ImageReadError
 
 
@@ -40,18 +42,24 @@ def check_dataset(dataset, decode_images: bool = True, progress: bool = True) ->
     warnings: List[str] = problems.lines(max_files=5) if problems is not None else []
     if decode_images:
         unreadable, mismatched = [], []
+        # Partial decodes the loader's check did not flag already (it flags files whose
+        # end-of-data marker is missing; the full decode finds any other kind).
+        partial = ProblemLog(dataset.name)
         for r in tqdm(records, desc="decoding", disable=None if progress else True, leave=False):
             try:
-                image = read_image_array(r.file_name)
+                image, note = decode_image(r.file_name)
             except ImageReadError as exc:
                 unreadable.append(str(exc))
                 continue
+            kind = f"decoded partially ({note})"
+            if note is not None and not (problems is not None and problems.has(kind, r.file_name)):
+                partial.add(kind, r.file_name)
             if (image.shape[1], image.shape[0]) != (r.width, r.height):
                 mismatched.append(
                     f"{r.file_name}: annotation says {r.width}x{r.height}, image is {image.shape[1]}x{image.shape[0]}"
                 )
         errors += unreadable
-        warnings += mismatched
+        warnings += partial.lines(max_files=5) + mismatched
     return {
         "name": dataset.name,
         "images": len(records),

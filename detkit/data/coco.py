@@ -16,12 +16,12 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from detkit.data.dataset import DetectionDataset, sanitize_boxes
-from detkit.data.io import ProblemLog, is_within
+from detkit.data.io import ProblemLog, is_within, usable_image
 from detkit.errors import DatasetError
 from detkit.structures import ImageRecord
 
@@ -169,7 +169,7 @@ def load_coco(
         coco.createIndex()
 
     known_cat_ids = {c["id"] for c in cats}
-    by_image = {}
+    by_image: Dict[Any, List[dict]] = {}
     for ann in data["annotations"]:
         by_image.setdefault(ann["image_id"], []).append(ann)
     records: List[ImageRecord] = []
@@ -182,17 +182,17 @@ def load_coco(
         if not path.is_file():
             problems.add("skipped images that are missing", file_name)
             continue
+        # The one image check of the load (header + end-of-data marker, see
+        # detkit.data.io.probe_image): an unusable image is skipped here, not mid-training.
+        probe = usable_image(path, problems)
+        if probe is None:
+            continue
         width, height = int(im.get("width") or 0), int(im.get("height") or 0)
         if width <= 0 or height <= 0:
-            from detkit.data.io import image_size
-            from detkit.errors import ImageReadError
-
-            try:
-                width, height = image_size(path)
-            except ImageReadError:
-                problems.add("skipped unreadable images", file_name)
-                continue
-        boxes, labels, crowd = [], [], []
+            width, height = probe.size
+        box_list: List[List[float]] = []
+        labels: List[int] = []
+        crowd: List[bool] = []
         for ann in by_image.get(im["id"], []):
             label = cat_to_label.get(ann["category_id"])
             if label is None:
@@ -202,10 +202,10 @@ def load_coco(
                     problems.add("dropped annotations of classes not in the class list", file_name)
                 continue
             x, y, w, h = (float(v) for v in ann["bbox"])
-            boxes.append([x, y, x + w, y + h])
+            box_list.append([x, y, x + w, y + h])
             labels.append(label)
             crowd.append(bool(ann.get("iscrowd", 0)))
-        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        boxes = np.asarray(box_list, np.float32).reshape(-1, 4)
         keep = sanitize_boxes(boxes, width, height, file_name, problems)
         # Crowd regions are no training positives: an image with only those is empty too.
         if filter_empty and not (keep & ~np.asarray(crowd, bool).reshape(-1)).any():

@@ -35,7 +35,7 @@ import os
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -165,15 +165,17 @@ def save_proposals(path, proposals: Mapping, meta: Optional[dict] = None) -> Pat
     if suffix == ".npz":
         ids = list(table)
         rows = [table[i] for i in ids]
-        arrays = {
-            # unicode arrays (not object arrays), so np.load works with allow_pickle=False
-            "image_ids": np.array(ids, dtype=str) if ids else np.zeros((0,), "<U1"),
-            "boxes": np.concatenate([b for b, _ in rows]) if rows else np.zeros((0, 4), np.float32),
-            "scores": np.concatenate([s for _, s in rows]) if rows else np.zeros((0,), np.float32),
-            "counts": np.array([len(b) for b, _ in rows], dtype=np.int64),
-            "meta": np.array(meta_text),
-        }
-        _atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
+        # unicode arrays (not object arrays), so np.load works with allow_pickle=False
+        image_ids = np.array(ids, dtype=str) if ids else np.zeros((0,), "<U1")
+        boxes = np.concatenate([b for b, _ in rows]) if rows else np.zeros((0, 4), np.float32)
+        scores = np.concatenate([s for _, s in rows]) if rows else np.zeros((0,), np.float32)
+        counts = np.array([len(b) for b, _ in rows], dtype=np.int64)
+        _atomic_write(
+            path,
+            lambda f: np.savez_compressed(
+                f, image_ids=image_ids, boxes=boxes, scores=scores, counts=counts, meta=np.array(meta_text)
+            ),
+        )
     else:
         doc = {k: {"boxes": b.tolist(), "scores": s.tolist()} for k, (b, s) in table.items()}
         doc[META_KEY] = meta
@@ -324,8 +326,9 @@ def read_mat(mat_path, image_ids: Optional[Sequence] = None) -> ProposalTable:
     if "boxes" not in mat:
         names = sorted(k for k in mat if not k.startswith("__"))
         raise ProposalFileError(f"proposal file {path}: no 'boxes' variable (has {names})")
-    cells = np.asarray(mat["boxes"])
-    cells = cells.ravel() if cells.dtype == object else [cells]  # one image: a plain matrix
+    boxes_var = np.asarray(mat["boxes"])
+    # A cell array holds one matrix per image; one image may be saved as a plain matrix.
+    cells: List[np.ndarray] = list(boxes_var.ravel()) if boxes_var.dtype == object else [boxes_var]
     if image_ids is not None:
         ids = [str(i) for i in image_ids]
     elif "images" in mat:

@@ -20,13 +20,13 @@ from __future__ import annotations
 import logging
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
 from detkit.data.dataset import DetectionDataset, sanitize_boxes
-from detkit.data.io import ProblemLog, find_image, image_size, is_within
-from detkit.errors import DatasetError, ImageReadError
+from detkit.data.io import ProblemLog, find_image, is_within, usable_image
+from detkit.errors import DatasetError
 from detkit.structures import ImageRecord
 
 logger = logging.getLogger("detkit")
@@ -101,7 +101,7 @@ def _select_ids(
         raise DatasetError(f"no .xml annotation files in {ann}")
     if split in (None, "all"):
         return all_ids
-    if devkit and holdout <= 0:
+    if devkit and root is not None and holdout <= 0:  # a devkit layout always has a root
         path = root / "ImageSets" / "Main" / f"{split}.txt"
         if not path.is_file():
             raise _missing_split_file(path, "set holdout: 0.2 to split by a seeded fraction", devkit=True)
@@ -121,7 +121,20 @@ def _select_ids(
     raise DatasetError(f"unknown split '{split}' for a hold-out split (use train, val, test or all)")
 
 
-def parse_voc_xml(path: Path):
+# One <object>: (name, [xmin, ymin, xmax, ymax] as written, difficult).
+VocObject = Tuple[str, List[float], bool]
+# A parsed file: (filename hint, (width, height) or None, objects).
+VocAnnotation = Tuple[str, Optional[Tuple[int, int]], List[VocObject]]
+
+
+def _number(text: Optional[str]) -> float:
+    """float() of an element's text; ValueError when the element is missing."""
+    if text is None:
+        raise ValueError("missing element")
+    return float(text)
+
+
+def parse_voc_xml(path: Path) -> Tuple[Optional[VocAnnotation], List[str]]:
     """((filename hint, (width, height) or None, [(name, [xmin, ymin, xmax, ymax], difficult)])
     or None for a file that is not VOC XML, [problem kinds found in the file])."""
     issues: List[str] = []
@@ -133,18 +146,18 @@ def parse_voc_xml(path: Path):
         return None, ["skipped malformed annotation files"]
     size = None
     try:
-        w = int(float(root.findtext("size/width")))
-        h = int(float(root.findtext("size/height")))
+        w = int(_number(root.findtext("size/width")))
+        h = int(_number(root.findtext("size/height")))
         if w > 0 and h > 0:
             size = (w, h)
-    except (TypeError, ValueError):
+    except (OverflowError, ValueError):  # missing, not a number, or inf
         pass
-    objects = []
+    objects: List[VocObject] = []
     for obj in root.iter("object"):
         name = (obj.findtext("name") or "").strip()
         try:
-            box = [float(obj.findtext(f"bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax")]
-        except (TypeError, ValueError):
+            box = [_number(obj.findtext(f"bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax")]
+        except ValueError:
             issues.append("dropped objects without a numeric bndbox")
             continue
         if not name:
@@ -152,7 +165,7 @@ def parse_voc_xml(path: Path):
             continue
         try:
             difficult = int(float(obj.findtext("difficult") or 0)) != 0
-        except ValueError:
+        except (OverflowError, ValueError):
             difficult = False
         objects.append((name, box, difficult))
     return ((root.findtext("filename") or "").strip(), size, objects), issues
@@ -184,14 +197,15 @@ def load_voc(
     label_name = name or f"{(root or ann.parent).name}:{split or 'all'}"
     problems = ProblemLog(label_name)
 
-    parsed = {}
+    parsed: Dict[str, Tuple[Optional[VocAnnotation], List[str]]] = {}
     if classes is None:
         # Infer over all files (parsed once, reused below for the split's files).
-        names = set()
+        names: Set[str] = set()
         for path in sorted(ann.glob("*.xml")):
             parsed[path.stem] = parse_voc_xml(path)
-            if parsed[path.stem][0] is not None:
-                names.update(o[0] for o in parsed[path.stem][0][2])
+            annotation = parsed[path.stem][0]
+            if annotation is not None:
+                names.update(o[0] for o in annotation[2])
         if not names:
             raise DatasetError(f"{ann}: no objects found, cannot infer classes (set classes)")
         classes = sorted(names)
@@ -233,24 +247,25 @@ def load_voc(
         if not is_within(image_path, img):
             problems.add("skipped annotations whose image path escapes the dataset root", str(xml_path))
             continue
-        if size is None:
-            try:
-                size = image_size(image_path)
-            except ImageReadError:
-                problems.add("skipped unreadable images", str(image_path))
-                continue
-        width, height = size
-        boxes, labels, difficult = [], [], []
+        # The one image check of the load (header + end-of-data marker, see
+        # detkit.data.io.probe_image): an unusable image is skipped here, not mid-training.
+        probe = usable_image(image_path, problems)
+        if probe is None:
+            continue
+        width, height = size if size is not None else probe.size
+        box_list: List[List[float]] = []
+        labels: List[int] = []
+        difficult: List[bool] = []
         for obj_name, box, diff in objects:
             label = class_to_label.get(obj_name)
             if label is None:
                 problems.add("dropped objects of classes not in the class list", str(xml_path))
                 unknown.add(obj_name)
                 continue
-            boxes.append(box)
+            box_list.append(box)
             labels.append(label)
             difficult.append(diff)
-        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        boxes = np.asarray(box_list, dtype=np.float32).reshape(-1, 4)
         # 1-based inclusive -> 0-based continuous (see detkit.structures).
         boxes[:, :2] -= VOC_NATIVE_OFFSET
         keep = sanitize_boxes(boxes, width, height, str(xml_path), problems, VOC_NATIVE_OFFSET)

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -222,6 +222,7 @@ def _run_selective_search(records, job: "ProposalJob", partial: PartialRun) -> f
     """-> seconds of Selective Search per image (summed over workers)."""
     tasks = [(str(r.image_id), r.file_name, job.mode, job.max_proposals, job.min_size, job.seed) for r in records]
     pool = None
+    results: Iterator[Tuple[str, np.ndarray, np.ndarray, float]]
     if job.workers > 1 and len(tasks) > 1:
         # spawn, not fork: a process forked while another thread of the parent (torch's
         # OpenMP pool, a progress bar, a logging handler) holds a lock can deadlock on it.

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import io
 from collections import Counter
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 from pycocotools.coco import COCO
@@ -44,7 +44,8 @@ def _nan_if_absent(value: float) -> float:
 
 def _build_coco(dataset) -> COCO:
     """An in-memory COCO ground truth of a non-COCO dataset (see the module docstring)."""
-    images, annotations = [], []
+    images: List[Dict[str, Any]] = []
+    annotations: List[Dict[str, Any]] = []
     for index, rec in enumerate(dataset.records):
         images.append(
             {"id": index + 1, "width": int(rec.width), "height": int(rec.height), "file_name": str(rec.file_name)}
@@ -133,7 +134,7 @@ def coco_evaluate(dataset, dets: Dets, verbose: bool = False) -> dict:
         ev.accumulate()
         ev.summarize()
 
-    result = {"metric": "coco"}
+    result: Dict[str, Any] = {"metric": "coco"}
     result.update({name: _nan_if_absent(v) for name, v in zip(COCO_STAT_NAMES, ev.stats)})
     precision = ev.eval["precision"]  # (T, R, K, A, M), K in params.catIds order
     recall_points = np.asarray(ev.params.recThrs, dtype=np.float64)

@@ -176,55 +176,55 @@ def load_detections(path, dataset) -> Dets:
     per_image: Dict[int, list] = {}
     unknown_ids: Dict[str, int] = {}
 
-    for n, e in enumerate(entries):
+    for n, entry in enumerate(entries):
         where = f"{path}: entry {n}"
-        if not isinstance(e, dict):
-            raise DetectionFileError(f"{where}: expected an object, got {type(e).__name__}")
-        missing = [k for k in ("image_id", "bbox", "score") if k not in e]
-        if "category_id" not in e and "category" not in e:
+        if not isinstance(entry, dict):
+            raise DetectionFileError(f"{where}: expected an object, got {type(entry).__name__}")
+        missing = [k for k in ("image_id", "bbox", "score") if k not in entry]
+        if "category_id" not in entry and "category" not in entry:
             missing.append("category_id (or category)")
         if missing:
             raise DetectionFileError(f"{where}: missing key(s) {', '.join(missing)}")
 
-        bbox = e["bbox"]
+        bbox = entry["bbox"]
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(_is_number, bbox))):
             raise DetectionFileError(f"{where}: bbox must be four finite numbers [x, y, w, h], got {bbox!r}")
         x, y, w, h = (float(v) for v in bbox)
         if w + off < 0 or h + off < 0:
             raise DetectionFileError(f"{where}: bbox {bbox!r} has a negative width or height")
-        if not _is_number(e["score"]):
-            raise DetectionFileError(f"{where}: score must be a finite number, got {e['score']!r}")
+        if not _is_number(entry["score"]):
+            raise DetectionFileError(f"{where}: score must be a finite number, got {entry['score']!r}")
 
         label = None
-        if "category_id" in e:
-            cat = e["category_id"]
+        if "category_id" in entry:
+            cat = entry["category_id"]
             if isinstance(cat, float) and cat.is_integer():  # 3.0 written by some tools
                 cat = int(cat)
             ok = isinstance(cat, int) and not isinstance(cat, bool)
             label = dataset.cat_id_to_label.get(cat) if ok else None
             if label is None:
                 raise DetectionFileError(
-                    f"{where}: unknown category_id {e['category_id']!r} (known: {sorted(dataset.cat_id_to_label)})"
+                    f"{where}: unknown category_id {entry['category_id']!r} (known: {sorted(dataset.cat_id_to_label)})"
                 )
-        if "category" in e:
-            cname = e["category"]
+        if "category" in entry:
+            cname = entry["category"]
             by_name = label_of_name.get(cname) if isinstance(cname, str) else None
             if by_name is None:
                 raise DetectionFileError(
-                    f"{where}: unknown category {e['category']!r} (known: {', '.join(dataset.class_names)})"
+                    f"{where}: unknown category {entry['category']!r} (known: {', '.join(dataset.class_names)})"
                 )
             if label is not None and by_name != label:
                 raise DetectionFileError(
-                    f"{where}: category {e['category']!r} disagrees with category_id {e['category_id']!r}"
+                    f"{where}: category {entry['category']!r} disagrees with category_id {entry['category_id']!r}"
                 )
             label = by_name
 
-        index = index_of.get(str(e["image_id"]))
+        index = index_of.get(str(entry["image_id"]))
         if index is None:
-            key = str(e["image_id"])
+            key = str(entry["image_id"])
             unknown_ids[key] = unknown_ids.get(key, 0) + 1
             continue
-        row = (x - off, y - off, x + w, y + h, float(e["score"]), label)
+        row = (x - off, y - off, x + w, y + h, float(entry["score"]), label)
         per_image.setdefault(index, []).append(row)
 
     skipped = sum(unknown_ids.values())

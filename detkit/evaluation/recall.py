@@ -45,30 +45,30 @@ def _thresholds(iou_thresholds) -> np.ndarray:
     return np.round(np.atleast_1d(np.asarray(iou_thresholds, dtype=np.float64)), 6)
 
 
-def best_iou_at_counts(gt_boxes: Sequence, proposals: Sequence, counts: Sequence[int]) -> np.ndarray:
+def best_iou_at_counts(gt_boxes: Sequence, proposals: Sequence, counts: Union[Sequence[int], np.ndarray]) -> np.ndarray:
     """(total G, C): each ground-truth box's best IoU among its image's top ``counts[c]``
     proposals (all of them when an image has fewer; 0 when it has none)."""
     if len(gt_boxes) != len(proposals):
         raise ValueError(f"{len(gt_boxes)} images of ground truth but {len(proposals)} of proposals")
     from torchvision.ops import box_iou  # lazily: `detkit evaluate` should start fast
 
-    counts = np.asarray(counts, dtype=np.int64).reshape(-1)
-    if (counts < 1).any():
-        raise ValueError(f"proposal counts must be >= 1, got {counts.tolist()}")
+    ks = np.asarray(counts, dtype=np.int64).reshape(-1)
+    if (ks < 1).any():
+        raise ValueError(f"proposal counts must be >= 1, got {ks.tolist()}")
     rows = []
     for gt, props in zip(gt_boxes, proposals):
-        gt, props = _boxes(gt), _boxes(props)[: counts.max()]
+        gt, props = _boxes(gt), _boxes(props)[: ks.max()]
         if len(gt) == 0:
             continue
         if len(props) == 0:
-            rows.append(np.zeros((len(gt), len(counts))))
+            rows.append(np.zeros((len(gt), len(ks))))
             continue
         iou = box_iou(torch.from_numpy(gt), torch.from_numpy(props)).numpy()
         iou = np.nan_to_num(iou, nan=0.0)  # 0 / 0 for two empty boxes
         # best_so_far[:, r] = best IoU among the top r + 1 proposals
         best_so_far = np.maximum.accumulate(iou, axis=1)
-        rows.append(best_so_far[:, np.minimum(counts, len(props)) - 1])
-    return np.concatenate(rows) if rows else np.zeros((0, len(counts)))
+        rows.append(best_so_far[:, np.minimum(ks, len(props)) - 1])
+    return np.concatenate(rows) if rows else np.zeros((0, len(ks)))
 
 
 def proposal_recall(

@@ -123,6 +123,10 @@ def check_backbone_config(cfg: BackboneConfig) -> None:
         top, what = 5, "conv blocks 1..k"
     else:  # the stem + layer1..3 (C4) or layer1..4 (FPN)
         top, what = 1 + (len(FPN_INPUTS) if cfg.fpn else 3), "the stem and layer1..layer(k-1)"
+    # Checked here, not in the schema: a checkpoint's stored config may name weights that
+    # loading the checkpoint never fetches (it builds with pretrained: null).
+    if cfg.name == "tiny" and cfg.pretrained:
+        raise ConfigError("model.backbone.pretrained: the tiny backbone has no pretrained weights (set it to null)")
     if not 0 <= cfg.frozen_stages <= top:
         layout = "FPN" if cfg.fpn else "C4"
         raise ConfigError(

@@ -2,6 +2,8 @@
 
     RoIPooler(kind="roi_pool")   Fast R-CNN sec. 2.1: max-pool each RoI into S x S bins
     RoIPooler(kind="roi_align")  Mask R-CNN sec. 3: bilinear sampling, no quantisation
+    SPPPooler(levels)            SPP-net sec. 2.3: max-pool each window into a pyramid of bins
+    WarpPooler(size, context)    R-CNN appendix A: crop + warp each region of the image itself
 
 Both take features of L levels and per-image boxes in input pixels and return (R, C, S, S)
 with R = total boxes of the batch, in the order of the input lists. With several levels
@@ -32,6 +34,7 @@ import warnings
 from typing import List, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align, roi_pool
 
@@ -241,3 +244,122 @@ class RoIPooler(nn.Module):
     def extra_repr(self) -> str:
         sampling = f", sampling_ratio={self.sampling_ratio}, aligned={self.aligned}" if self.kind == "roi_align" else ""
         return f"kind={self.kind}, output_size={self.output_size}, scales={self.scales}{sampling}"
+
+
+# -- the classic poolers: SPP-net's spatial pyramid and R-CNN's warped crops -------------------
+def spp_project(boxes: Tensor, stride: int, height: int, width: int) -> Tensor:
+    """SPP-net's window -> feature-map projection (He et al., ECCV 2014, appendix A): the
+    left/top edge goes to x' = floor(x / S) + 1, the right/bottom edge to x' = ceil(x / S) - 1,
+    in the paper's 1-based pixels. With detkit's continuous boxes (a VOC pixel x is
+    [x - 1, x)) that is, 0-based and inclusive: left = floor((x1 + 1) / S),
+    right = ceil(x2 / S) - 2. A window too small to span a cell keeps one cell (right >=
+    left); everything is clipped to the map. (R, 4) -> (R, 4) integral cell indices."""
+    x1 = torch.floor((boxes[:, 0] + 1) / stride)
+    y1 = torch.floor((boxes[:, 1] + 1) / stride)
+    x2 = torch.ceil(boxes[:, 2] / stride) - 2
+    y2 = torch.ceil(boxes[:, 3] / stride) - 2
+    x1 = x1.clamp(0, width - 1)
+    y1 = y1.clamp(0, height - 1)
+    x2 = torch.maximum(x2, x1).clamp(max=width - 1)
+    y2 = torch.maximum(y2, y1).clamp(max=height - 1)
+    return torch.stack([x1, y1, x2, y2], dim=1)
+
+
+class SPPPooler(nn.Module):
+    """Spatial pyramid pooling of detection windows (SPP-net, He et al., ECCV 2014, sec. 2.3,
+    4.1): each window, projected onto the feature map (``spp_project``), is max-pooled into
+    n x n bins for every n in ``levels``; bin i of a window w cells wide spans cells
+    [floor(i w / n), ceil((i + 1) w / n)) (the paper's floor on the left/top and ceiling on the
+    right/bottom edge), which is exactly the bin rule of ``torchvision.ops.roi_pool`` on the
+    projected integer window. Levels {6, 3, 2, 1} give 36 + 9 + 4 + 1 = 50 bins.
+
+    features: one map (N, C, H, W) at ``stride``; boxes: N tensors (R_i, 4) in input pixels
+    -> (R, C * sum(n^2)), each level flattened channel-major, levels in the given order."""
+
+    def __init__(self, levels: Sequence[int] = (6, 3, 2, 1), stride: int = 16):
+        super().__init__()
+        if not levels or any(int(n) < 1 for n in levels):
+            raise ValueError(f"SPP levels must be positive bin counts, got {list(levels)}")
+        self.levels = [int(n) for n in levels]
+        self.stride = int(stride)
+
+    @property
+    def num_bins(self) -> int:
+        return sum(n * n for n in self.levels)
+
+    def forward(self, features: List[Tensor], boxes: List[Tensor]) -> Tensor:
+        if len(features) != 1:
+            raise ValueError(f"SPPPooler pools one feature map, got {len(features)}")
+        feature = features[0]
+        h, w = feature.shape[-2:]
+        projected = [spp_project(b.float(), self.stride, h, w) for b in boxes]
+        rois = boxes_to_rois(projected).to(feature.device, feature.dtype)
+        if rois.shape[0] == 0:
+            return feature.new_zeros((0, feature.shape[1] * self.num_bins))
+        # spatial_scale 1: the windows are already in cells, so roi_pool's rounding is exact
+        pooled = [roi_pool(feature, rois, (n, n), 1.0).flatten(1) for n in self.levels]
+        return torch.cat(pooled, dim=1)
+
+    def extra_repr(self) -> str:
+        return f"levels={self.levels}, stride={self.stride}"
+
+
+def context_windows(boxes: Tensor, size: int, context: int) -> Tensor:
+    """R-CNN's dilated windows (appendix A): grow each box about its centre so that, warped to
+    size x size, the original box fills the central (size - 2 context) pixels, i.e. by the
+    factor size / (size - 2 context) per axis (227 / 195 for the paper's p = 16)."""
+    factor = size / float(size - 2 * context)
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    hw, hh = (boxes[:, 2] - boxes[:, 0]) * factor / 2, (boxes[:, 3] - boxes[:, 1]) * factor / 2
+    return torch.stack([cx - hw, cy - hh, cx + hw, cy + hh], dim=1)
+
+
+class WarpPooler(nn.Module):
+    """R-CNN's region warping (Girshick et al., CVPR 2014, sec. 2.1 and appendix A): each
+    region is dilated by ``context`` pixels at the warped scale (``context_windows``), then
+    warped anisotropically with bilinear sampling to ``size`` x ``size``. Pixels of the window
+    outside the image are filled with the image mean, which is 0 on normalised inputs (the
+    pipeline subtracts the mean), so they are sampled as zeros.
+
+    features: one map, the normalised image batch (N, 3, H, W) (stride 1); boxes: N tensors
+    (R_i, 4) in input pixels -> (R, 3, size, size). Cost grows with R: a head should pool
+    a few hundred regions at a time."""
+
+    def __init__(self, size: int = 227, context: int = 16):
+        super().__init__()
+        if size < 1 or not 0 <= 2 * context < size:
+            raise ValueError(f"warp size {size} with context {context}: need 0 <= 2 * context < size")
+        self.size = int(size)
+        self.context = int(context)
+
+    def grid(self, windows: Tensor, height: int, width: int) -> Tensor:
+        """(R, 4) windows -> (1, R * S, S, 2) grid_sample coordinates (align_corners=False):
+        output pixel u samples x = x1 + (u + 0.5) * (x2 - x1) / S, normalised as 2x / W - 1."""
+        s = self.size
+        t = (torch.arange(s, device=windows.device, dtype=windows.dtype) + 0.5) / s  # (S,)
+        xs = windows[:, 0:1] + t[None] * (windows[:, 2:3] - windows[:, 0:1])  # (R, S)
+        ys = windows[:, 1:2] + t[None] * (windows[:, 3:4] - windows[:, 1:2])
+        gx = (2 * xs / width - 1)[:, None, :].expand(-1, s, s)
+        gy = (2 * ys / height - 1)[:, :, None].expand(-1, s, s)
+        return torch.stack([gx, gy], dim=-1).reshape(1, -1, s, 2)
+
+    def forward(self, features: List[Tensor], boxes: List[Tensor]) -> Tensor:
+        if len(features) != 1:
+            raise ValueError(f"WarpPooler crops from one map (the image), got {len(features)}")
+        images = features[0]
+        height, width = images.shape[-2:]
+        s = self.size
+        out = []
+        for i, b in enumerate(boxes):
+            if b.shape[0] == 0:
+                continue
+            windows = context_windows(b.float(), s, self.context)
+            grid = self.grid(windows, height, width).to(images.dtype)
+            crops = F.grid_sample(images[i : i + 1], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            out.append(crops.view(images.shape[1], b.shape[0], s, s).permute(1, 0, 2, 3))
+        if not out:
+            return images.new_zeros((0, images.shape[1], s, s))
+        return torch.cat(out, 0)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, context={self.context}"

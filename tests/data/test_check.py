@@ -100,8 +100,23 @@ def test_format_report(small_voc):
     ]
 
 
+def write_undecodable_jpeg(path: Path) -> None:
+    """A JPEG whose header parses and whose end marker is in place, with a Huffman table
+    that cannot be (its 16 code counts add up to more than 256): only decoding finds it."""
+    ok, buf = cv2.imencode(".jpg", np.full((48, 64, 3), 200, np.uint8))
+    data = bytearray(buf.tobytes())
+    dht = data.index(b"\xff\xc4")  # marker, 2-byte length, table class/id, 16 counts
+    data[dht + 5 : dht + 21] = b"\xff" * 16
+    path.write_bytes(bytes(data))
+
+
+def write_truncated_jpeg(path: Path, cut: int = 20) -> None:
+    noise = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    path.write_bytes(cv2.imencode(".jpg", noise)[1].tobytes()[:-cut])
+
+
 def test_corrupt_image_and_size_mismatch_are_reported(small_voc):
-    (small_voc / "images" / "b.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    write_undecodable_jpeg(small_voc / "images" / "b.jpg")
     write_image(small_voc / "images" / "c.jpg", 40, 30)
     dataset = load_voc(small_voc)
     report = check_dataset(dataset, progress=False)
@@ -110,6 +125,21 @@ def test_corrupt_image_and_size_mismatch_are_reported(small_voc):
     # Without decoding, only what the loader saw.
     report = check_dataset(dataset, decode_images=False, progress=False)
     assert report["errors"] == [] and len(report["warnings"]) == 1
+
+
+def test_partial_decodes_are_warnings_reported_once(small_voc):
+    write_truncated_jpeg(small_voc / "images" / "b.jpg")
+    dataset = load_voc(small_voc)
+    line = "ds:all: decoded partially (truncated image data): 1 in 1 file (b.jpg)"
+    assert dataset.problems.lines() == ["ds:all: dropped zero-area boxes: 1 in 1 file (a.xml)", line]
+    report = check_dataset(dataset, progress=False)
+    # The full decode agrees with the loader's check and does not repeat its line.
+    assert report["errors"] == [] and report["warnings"][1:] == [line]
+    # A partial decode that the loader's check did not see (here: a dataset built in
+    # memory, without a problem log) is found by the full decode, as a warning.
+    dataset.problems = None
+    report = check_dataset(dataset, progress=False)
+    assert report["errors"] == [] and report["warnings"] == [line]
 
 
 def test_clean_dataset_says_no_problems(tmp_path):
@@ -121,7 +151,7 @@ def test_clean_dataset_says_no_problems(tmp_path):
 
 def test_cli_returns_1_and_names_the_corrupt_image(small_voc, capsys):
     bad = small_voc / "images" / "b.jpg"
-    bad.write_bytes(b"garbage")
+    write_undecodable_jpeg(bad)
     with cli_logging_restored():
         rc = main(["data", "check", str(small_voc.parent / "data.yaml")])
     assert rc == 1
@@ -129,11 +159,28 @@ def test_cli_returns_1_and_names_the_corrupt_image(small_voc, capsys):
     assert out[-2:] == ["errors (1):", f"  - cannot decode image: {bad} (not an image or corrupt)"]
 
 
-def test_cli_no_decode_skips_the_images(small_voc, capsys):
+def test_cli_reports_skipped_and_partial_images_as_problems_not_errors(small_voc, capsys):
+    (small_voc / "images" / "b.jpg").write_bytes(b"garbage")
+    write_truncated_jpeg(small_voc / "images" / "c.jpg")
+    with cli_logging_restored():
+        rc = main(["data", "check", str(small_voc.parent / "data.yaml")])
+    assert rc == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "dataset ds:all: 2 images, 2 objects, 1 images without objects"
+    assert out[-4:] == [
+        "problems fixed or skipped (3):",
+        "  - ds:all: dropped zero-area boxes: 1 in 1 file (a.xml)",
+        "  - ds:all: skipped unreadable images: 1 in 1 file (b.jpg)",
+        "  - ds:all: decoded partially (truncated image data): 1 in 1 file (c.jpg)",
+    ]
+
+
+def test_cli_no_decode_still_skips_unreadable_images(small_voc, capsys):
     (small_voc / "images" / "b.jpg").write_bytes(b"garbage")
     with cli_logging_restored():
         assert main(["data", "check", "--no-decode", str(small_voc.parent / "data.yaml")]) == 0
-    assert "errors" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "errors" not in out and "ds:all: skipped unreadable images: 1 in 1 file (b.jpg)" in out
 
 
 # -- the real BCCD folder, decoded once for the whole module ---------------------------------

@@ -160,6 +160,23 @@ def test_missing_and_unreadable_images_are_skipped(tmp_path, detkit_log):
     ]
 
 
+def test_undecodable_images_are_skipped_at_load_even_with_sizes_in_the_json(tmp_path, detkit_log):
+    images = [{"id": i, "file_name": f"{i}.jpg", "width": 64, "height": 48} for i in (1, 2, 3, 4)]
+    path = make_coco(tmp_path, images=images, annotations=[])
+    (tmp_path / "images" / "2.jpg").write_bytes(bytes(range(256)) * 4)  # garbage
+    (tmp_path / "images" / "3.jpg").write_bytes(b"")
+    # A real JPEG without its last 20 bytes: kept (it decodes in part) and flagged.
+    noise = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    (tmp_path / "images" / "4.jpg").write_bytes(cv2.imencode(".jpg", noise)[1].tobytes()[:-20])
+    dataset = load_coco(path, tmp_path / "images")
+    assert [r.image_id for r in dataset.records] == [1, 4]
+    assert warnings_of(detkit_log) == [
+        "ann: skipped unreadable images: 2 in 2 files (2.jpg, 3.jpg)",
+        "ann: decoded partially (truncated image data): 1 in 1 file (4.jpg)",
+    ]
+    assert dataset[1][0].shape == (3, 48, 64)
+
+
 @pytest.mark.parametrize("name", ["../secret.jpg", "sub/../../secret.jpg", "ABSOLUTE"])
 def test_image_path_escaping_img_dir_is_skipped(tmp_path, detkit_log, name):
     secret = write_image(tmp_path / "secret.jpg")

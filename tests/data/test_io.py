@@ -1,20 +1,26 @@
 """Tests of image reading, path containment and problem summaries (detkit.data.io)."""
 
 import os
+import struct
 
 import cv2
 import numpy as np
 import pytest
 import torch
 
+from detkit.data import io as io_mod
 from detkit.data.io import (
+    ImageProbe,
     ImageReadError,
     ProblemLog,
+    decode_image,
     find_image,
     image_size,
     is_within,
+    probe_image,
     read_image,
     read_image_array,
+    usable_image,
 )
 
 
@@ -59,30 +65,177 @@ def test_missing_image_raises_naming_the_file(tmp_path):
     assert str(err.value) == f"image not found: {path}"
 
 
-@pytest.mark.parametrize("content", [b"", b"this is not an image at all", "truncated"])
-def test_corrupt_image_raises_one_line_naming_the_file(tmp_path, content):
+def _smooth_image(height=120, width=160) -> np.ndarray:
+    """(H, W, 3) uint8 with photo-like smooth content (compresses to a few KB as JPEG)."""
+    noise = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return cv2.GaussianBlur(noise, (7, 7), 3)
+
+
+def _encode(image_rgb: np.ndarray, ext: str) -> bytes:
+    ok, buf = cv2.imencode(ext, cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
+    assert ok
+    return buf.tobytes()
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (b"", "empty file"),
+        (b"this is not an image at all", "not an image or corrupt"),
+        ("header only", "not an image or corrupt"),
+    ],
+)
+def test_undecodable_image_raises_one_line_naming_the_file(tmp_path, content, reason):
     path = tmp_path / "bad.jpg"
-    if content == "truncated":  # the first half of a real JPEG (an interrupted download)
-        rng = np.random.default_rng(0)
-        ok, buf = cv2.imencode(".jpg", rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
-        content = buf.tobytes()[: len(buf) // 2]
+    if content == "header only":  # a real JPEG cut before its image data: nothing to decode
+        data = _encode(_smooth_image(), ".jpg")
+        content = data[: data.index(b"\xff\xda")]  # up to the start-of-scan marker
     path.write_bytes(content)
     with pytest.raises(ImageReadError) as err:
         read_image(path)
     message = str(err.value)
-    assert message == f"cannot decode image: {path} (not an image or corrupt)"
+    assert message == f"cannot decode image: {path} ({reason})"
     assert "\n" not in message
 
 
-def test_image_size_reads_the_header(tmp_path):
-    _write_rgb(tmp_path / "a.jpg", np.zeros((30, 50, 3), np.uint8))
-    assert image_size(tmp_path / "a.jpg") == (50, 30)  # (width, height)
-    with pytest.raises(ImageReadError, match="image not found: .*b.jpg"):
-        image_size(tmp_path / "b.jpg")
-    (tmp_path / "c.jpg").write_bytes(b"garbage")
-    with pytest.raises(ImageReadError) as err:
-        image_size(tmp_path / "c.jpg")
-    assert str(err.value).startswith(f"cannot read image header: {tmp_path / 'c.jpg'} (")
+# -- partly decodable images ------------------------------------------------------------------
+def test_truncated_jpeg_decodes_like_imread_with_a_counted_warning(tmp_path):
+    intact_rgb = _smooth_image()
+    data = _encode(intact_rgb, ".jpg")
+    (tmp_path / "whole.jpg").write_bytes(data)
+    (tmp_path / "cut.jpg").write_bytes(data[:-20])  # an interrupted download
+    intact = read_image_array(tmp_path / "whole.jpg")
+    log = ProblemLog("ds")
+    out = read_image_array(tmp_path / "cut.jpg", problems=log)
+    assert out.shape == intact.shape == (120, 160, 3)
+    # The reference: cv2.imread, which reads files through libjpeg's own stdio source.
+    assert np.array_equal(out, cv2.cvtColor(cv2.imread(str(tmp_path / "cut.jpg")), cv2.COLOR_BGR2RGB))
+    # 20 bytes are less than one row of 16x16 MCUs (4:2:0): the rows above the last two MCU
+    # rows (chroma upsampling reaches one row up) are intact, and the last ones are not.
+    assert np.array_equal(out[:96], intact[:96])
+    assert not np.array_equal(out, intact)
+    assert log.lines() == ["ds: decoded partially (truncated image data): 1 in 1 file (cut.jpg)"]
+    assert decode_image(tmp_path / "whole.jpg")[1] is None
+    assert decode_image(tmp_path / "cut.jpg")[1] == "truncated image data"
+
+
+def test_half_a_jpeg_decodes_its_first_rows_and_grey_below(tmp_path):
+    intact = _smooth_image()
+    data = _encode(intact, ".jpg")
+    (tmp_path / "half.jpg").write_bytes(data[: len(data) // 2])
+    out, note = decode_image(tmp_path / "half.jpg")
+    assert note == "truncated image data" and out.shape == (120, 160, 3)
+    same = (out == read_image_array_from_bytes(data)).all(axis=(1, 2))
+    first_bad = int(np.flatnonzero(~same)[0])
+    assert 16 <= first_bad <= 104 and same[:first_bad].all()
+    # Missing DCT blocks decode to level 128 in every channel.
+    assert (out[-8:] == 128).all()
+
+
+def read_image_array_from_bytes(data: bytes) -> np.ndarray:
+    return cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+def test_truncated_png_decodes_its_first_rows_with_a_counted_warning(tmp_path):
+    intact = _smooth_image()
+    data = _encode(intact, ".png")
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    assert cv2.imread(str(tmp_path / "cut.png")) is None  # libpng gives up on it
+    log = ProblemLog("ds")
+    out = read_image_array(tmp_path / "cut.png", problems=log)
+    assert out.shape == (120, 160, 3)
+    same = (out == intact).all(axis=(1, 2))
+    first_bad = int(np.flatnonzero(~same)[0])
+    # PNG compresses row by row: about half of the rows are in the first half of the file.
+    assert 40 <= first_bad <= 80 and same[:first_bad].all()
+    assert (out[-1] == 0).all()  # PIL leaves the rows it has no data for black
+    assert log.lines() == ["ds: decoded partially (truncated image data): 1 in 1 file (cut.png)"]
+
+
+def test_partial_decode_without_a_log_warns_once_per_file(tmp_path, detkit_log):
+    data = _encode(_smooth_image(), ".jpg")
+    path = tmp_path / "once.jpg"
+    path.write_bytes(data[:-20])
+    for _ in range(3):  # three epochs
+        read_image(path)
+    warnings = [r.getMessage() for r in detkit_log.records if r.levelname == "WARNING"]
+    assert warnings == [f"decoded partially (truncated image data): {path} (the missing part is filled in)"]
+
+
+# -- the cheap check at load time ------------------------------------------------------------
+def _with_trailer_and_comment(jpeg: bytes, comment: bytes, trailer: bytes) -> bytes:
+    """The JPEG with a COM segment after SOI and ``trailer`` bytes after its EOI marker."""
+    segment = b"\xff\xfe" + struct.pack(">H", len(comment) + 2) + comment
+    return jpeg[:2] + segment + jpeg[2:] + trailer
+
+
+def test_probe_reads_headers_and_decodes_only_suspicious_files(tmp_path, monkeypatch):
+    data = _encode(_smooth_image(), ".jpg")
+    (tmp_path / "ok.jpg").write_bytes(data)
+    # Bytes after the end-of-image marker (some cameras append a trailer): still complete.
+    (tmp_path / "trailer.jpg").write_bytes(_with_trailer_and_comment(data, b"hello", b"SEFT" + b"\x00" * 100))
+    _write_rgb(tmp_path / "ok.png", _smooth_image(30, 50))
+    calls = []
+    real_decode = io_mod.decode_image
+
+    def counting_decode(path):
+        calls.append(os.path.basename(path))
+        return real_decode(path)
+
+    monkeypatch.setattr(io_mod, "decode_image", counting_decode)
+    assert probe_image(tmp_path / "ok.jpg") == ImageProbe(160, 120, "JPEG", None)
+    assert probe_image(tmp_path / "trailer.jpg") == ImageProbe(160, 120, "JPEG", None)
+    assert probe_image(tmp_path / "ok.png") == ImageProbe(50, 30, "PNG", None)
+    assert calls == []  # header and end marker only
+    # An end-of-image marker inside a header segment (as in an EXIF thumbnail) does not
+    # hide a cut: only a marker after the start of the scan counts.
+    (tmp_path / "cut.jpg").write_bytes(_with_trailer_and_comment(data, b"thumb\xff\xd9", b"")[:-20])
+    assert probe_image(tmp_path / "cut.jpg") == ImageProbe(160, 120, "JPEG", "truncated image data")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "ok.png").read_bytes()[:-30])
+    assert probe_image(tmp_path / "cut.png").partial == "truncated image data"
+    assert calls == ["cut.jpg", "cut.png"]
+
+
+def test_probe_rejects_files_that_are_no_images(tmp_path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("a text file named .jpg\n")
+    data = _encode(_smooth_image(), ".jpg")
+    (tmp_path / "header.jpg").write_bytes(data[: data.index(b"\xff\xda")])
+    for name, why in (("empty.jpg", "empty file"), ("text.jpg", "UnidentifiedImageError")):
+        with pytest.raises(ImageReadError) as err:
+            probe_image(tmp_path / name)
+        assert str(err.value) == f"cannot read image header: {tmp_path / name} ({why})"
+    with pytest.raises(ImageReadError, match="cannot decode image: .*header.jpg"):
+        probe_image(tmp_path / "header.jpg")  # header fine, no image data: decoded, fails
+    log = ProblemLog("ds")
+    assert usable_image(tmp_path / "empty.jpg", log) is None
+    assert usable_image(tmp_path / "text.jpg", log) is None
+    assert log.lines() == ["ds: skipped unreadable images: 2 in 2 files (empty.jpg, text.jpg)"]
+
+
+def test_probe_is_not_stopped_by_pils_pixel_limit(tmp_path, monkeypatch):
+    from PIL import Image
+
+    _write_rgb(tmp_path / "big.png", _smooth_image(48, 64))
+    # As if the image had more than twice PIL's limit (89 M pixels by default), which makes
+    # Image.open raise DecompressionBombError.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    assert probe_image(tmp_path / "big.png") == ImageProbe(64, 48, "PNG", None)
+    assert Image.MAX_IMAGE_PIXELS == 1000  # put back
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_header_size_follows_the_exif_orientation_as_decoding_does(tmp_path, fmt):
+    from PIL import Image
+
+    image = Image.fromarray(np.zeros((30, 50, 3), np.uint8))  # 50 wide, 30 high
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    path = tmp_path / f"rotated.{fmt.lower()}"
+    image.save(path, fmt, exif=exif.tobytes())
+    decoded = read_image_array(path)
+    assert decoded.shape == (50, 30, 3)  # OpenCV applies the orientation
+    assert image_size(path) == (30, 50) == (decoded.shape[1], decoded.shape[0])
 
 
 # -- paths ------------------------------------------------------------------------------------

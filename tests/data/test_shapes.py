@@ -1,6 +1,11 @@
 """Tests of the generated shapes dataset (detkit.data.shapes)."""
 
+import contextlib
+import dataclasses
+import hashlib
+import itertools
 import json
+import logging
 import math
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -9,8 +14,25 @@ import cv2
 import numpy as np
 import pytest
 
+from detkit.cli import main
+from detkit.config import load_config
 from detkit.data import shapes as shapes_mod
+from detkit.data.build import build_dataset
 from detkit.data.shapes import CLASS_NAMES, generate_shapes, read_manifest, render_shapes_image
+from detkit.data.shapes_render import box_iou
+from detkit.errors import ConfigError
+from detkit.schema import Config, DatasetConfig, ShapesConfig
+
+
+@contextlib.contextmanager
+def _cli_logging_restored():
+    """``detkit.cli.main`` installs its own stderr handler; put the logger back afterwards."""
+    logger = logging.getLogger("detkit")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    try:
+        yield
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved
 
 
 def _files(root: Path):
@@ -233,7 +255,7 @@ def test_matching_folder_is_reused_without_rewriting(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("rendered again although the folder matches")
 
-    monkeypatch.setattr(shapes_mod, "_render", fail)
+    monkeypatch.setattr(shapes_mod, "render_image", fail)
     assert generate_shapes(tmp_path / "s", num_train=3, num_test=1) == out
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps
     monkeypatch.undo()
@@ -271,3 +293,229 @@ def test_jpg_format_writes_jpgs_named_in_the_xml(tmp_path):
     assert file_name == "train_00001.jpg"
     assert (out / "JPEGImages" / file_name).read_bytes()[:2] == b"\xff\xd8"  # JPEG magic
     assert _read_rgb(out / "JPEGImages" / file_name).shape == (h, w, 3)
+
+
+# -- one set of options for Python, configs and the command line ----------------------------
+def test_generate_shapes_uses_the_schema_defaults(tmp_path):
+    out = generate_shapes(tmp_path / "s", num_train=2, num_test=1)
+    assert read_manifest(out)["params"] == {
+        **dataclasses.asdict(ShapesConfig()),
+        "num_train": 2,
+        "num_test": 1,
+    }
+    # Passing the dataclass and passing the same values as keywords give the same files.
+    options = ShapesConfig(num_train=2, num_test=1)
+    assert _files(generate_shapes(tmp_path / "t", options)) == _files(out)
+
+
+def test_options_are_checked_with_one_line_errors():
+    cases = [
+        (dict(classes=["circle", "hexagon"]), "classes"),
+        (dict(classes=[]), "classes"),
+        (dict(classes=["circle", "circle"]), "classes"),
+        (dict(max_outside=1.0), "max_outside"),
+        (dict(cluster=1.5), "cluster"),
+        (dict(aspect_ratio=[3.0, 4.0], image_size=[96, 128]), "aspect_ratio"),
+        (dict(object_size=[16, 200], max_outside=0.5), "object_size"),
+        (dict(num_train=True), "num_train"),
+    ]
+    for kwargs, key in cases:
+        with pytest.raises(ValueError, match=key) as info:
+            ShapesConfig(**kwargs)
+        assert "\n" not in str(info.value)
+    with pytest.raises(TypeError, match="unknown option 'colour'"):
+        render_shapes_image("train", 0, colour="red")
+
+
+def test_config_errors_name_the_key(tmp_path):
+    yaml = tmp_path / "data.yaml"
+    yaml.write_text(f"data:\n  train:\n    format: shapes\n    root: {tmp_path / 's'}\n    shapes: {{max_iou: 2}}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(yaml, Config)
+    assert str(info.value).startswith("data.train.shapes: max_iou must be in [0, 1], got 2.0")
+
+
+def test_command_line_flags_are_the_schema_fields(tmp_path, capsys):
+    out = tmp_path / "s"
+    args = ["data", "shapes", "--out", str(out), "--num-train", "3", "--num-test", "1", "--classes", "square"]
+    args += ["--image-size", "64", "96", "--object-size", "20", "50", "--max-outside", "0.25", "--coco-json"]
+    with _cli_logging_restored():
+        assert main(args) == 0
+    assert capsys.readouterr().out.strip() == f"shapes dataset ready: {out} (3 train, 1 test images)"
+    expected = ShapesConfig(
+        num_train=3, num_test=1, classes=["square"], image_size=[64, 96], object_size=[20, 50], max_outside=0.25
+    )
+    assert read_manifest(out)["params"] == dataclasses.asdict(expected)
+    assert read_manifest(out)["class_names"] == ["square"]
+    # Every field has its flag (so a new option cannot be forgotten on the command line).
+    with _cli_logging_restored(), pytest.raises(SystemExit):
+        main(["data", "shapes", "--help"])
+    help_text = capsys.readouterr().out
+    for f in dataclasses.fields(ShapesConfig):
+        assert "--" + f.name.replace("_", "-") in help_text
+    with _cli_logging_restored():
+        assert main(["data", "shapes", "--out", str(tmp_path / "bad"), "--max-iou", "3"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "detkit: error: --max-iou: max_iou must be in [0, 1], got 3.0"
+    )
+
+
+def test_folder_of_a_manifest_without_the_newer_options_is_reused(tmp_path, monkeypatch):
+    # Manifests written before aspect_ratio, classes, cluster and max_outside existed.
+    out = generate_shapes(tmp_path / "s", num_train=2, num_test=1)
+    manifest = json.loads((out / "shapes.json").read_text())
+    for key in ("aspect_ratio", "classes", "cluster", "max_outside"):
+        del manifest["params"][key]
+    (out / "shapes.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(shapes_mod, "render_image", lambda *a, **k: pytest.fail("rendered again"))
+    assert generate_shapes(out, num_train=2, num_test=1) == out
+    with pytest.raises(FileExistsError, match=r"other parameters \(classes\)"):
+        generate_shapes(out, num_train=2, num_test=1, classes=["circle"])
+
+
+# sha256 (first 16 hex digits) of what the code before the renderer / writer split (commit
+# afc8a76) wrote with the default options, seed 0: the decoded pixels (RGB, row-major; PNG
+# bytes would also pin the zlib version) and the XML file's bytes.
+PRE_SPLIT_SHA256 = {
+    "JPEGImages/train_00000.png": "753a7e8d8f23a50c",  # 183 x 169 px
+    "JPEGImages/test_00000.png": "07ac9a41bb46f515",  # 161 x 185 px
+    "Annotations/train_00001.xml": "310b6988557eb854",
+}
+
+
+def test_default_images_are_the_same_as_before_the_split(tmp_path):
+    """The split and the new options leave the default images (the quick start's) unchanged."""
+    out = generate_shapes(tmp_path / "s", num_train=2, num_test=1, seed=0)
+    for rel, digest in PRE_SPLIT_SHA256.items():
+        data = (out / rel).read_bytes()
+        if rel.endswith(".png"):
+            data = cv2.cvtColor(_read_rgb(out / rel), cv2.COLOR_RGB2BGR).tobytes()
+        assert hashlib.sha256(data).hexdigest()[:16] == digest, rel
+
+
+# -- regimes: each config under configs/_base_/datasets/shapes_*.yaml does what it says -----
+REGIME_DIR = Path(__file__).resolve().parents[2] / "configs" / "_base_" / "datasets"
+
+
+def _regime(name: str) -> ShapesConfig:
+    cfg = load_config(REGIME_DIR / f"shapes_{name}.yaml", Config)
+    assert cfg.data.train.shapes == cfg.data.test.shapes
+    assert Path(cfg.data.train.root).name == f"shapes_{name}"  # a folder of its own
+    return cfg.data.train.shapes
+
+
+def _rendered(options: ShapesConfig, n: int):
+    return [render_shapes_image("train", i, options) for i in range(n)]
+
+
+def _touches_border(obj, img) -> bool:
+    c0, r0, c1, r1 = obj.box
+    return c0 == 0 or r0 == 0 or c1 == img.width - 1 or r1 == img.height - 1
+
+
+def _pair_ious(img, attr="box"):
+    return [box_iou(getattr(a, attr), getattr(b, attr)) for a, b in itertools.combinations(img.objects, 2)]
+
+
+def test_regime_large_objects_cross_the_border_and_are_truncated(tmp_path):
+    options = _regime("large")
+    assert options.num_train + options.num_test >= 200
+    images = _rendered(options, 30)
+    objects = [(obj, img) for img in images for obj in img.objects]
+    assert len(objects) >= 45
+    lo, hi = options.object_size
+    for obj, img in objects:
+        assert lo <= obj.size <= hi and obj.size <= 0.8 * min(img.width, img.height)
+        # The box is the visible part, inside the image (clipped).
+        mine = img.label_map == img.objects.index(obj)
+        rows, cols = np.nonzero(mine)
+        assert obj.box == (cols.min(), rows.min(), cols.max(), rows.max())
+        assert obj.truncated == (obj.outside_area > 0)
+        if obj.truncated:
+            assert _touches_border(obj, img)
+            assert obj.outside_area <= options.max_outside * (obj.full_area + obj.outside_area)
+        # Inside + outside pixels make the whole shape: its area, up to the outline pixels
+        # that cv2 adds without anti-aliasing (as in the single-shape test above).
+        area = {"circle": math.pi / 4, "square": 1.0, "triangle": math.sqrt(3) / 4}[obj.name] * obj.size**2
+        perimeter = {"circle": math.pi, "square": 4.0, "triangle": 3.0}[obj.name] * obj.size
+        assert area - perimeter <= obj.full_area + obj.outside_area <= area + perimeter + math.pi
+    touching = np.mean([_touches_border(obj, img) for obj, img in objects])
+    truncated = np.mean([obj.truncated for obj, _ in objects])
+    assert touching >= 0.4 and truncated >= 0.4, (touching, truncated)
+    assert max(obj.size / min(img.width, img.height) for obj, img in objects) >= 0.6  # large indeed
+    # VOC truncated=1 in the files for exactly these objects.
+    out = generate_shapes(tmp_path / "large", dataclasses.replace(options, num_train=4, num_test=0))
+    for i in range(4):
+        _, _, xml_objects = _parse_xml(out / "Annotations" / f"train_{i:05d}.xml")
+        assert [t for *_, t in xml_objects] == [str(int(o.truncated)) for o in images[i].objects]
+
+
+def test_default_shapes_never_cross_the_border():
+    for img in _rendered(ShapesConfig(), 20):
+        assert all(not obj.truncated for obj in img.objects)
+
+
+def test_regime_one_class(tmp_path):
+    options = _regime("one_class")
+    assert options.classes == ["circle"]
+    objects = [obj for img in _rendered(options, 20) for obj in img.objects]
+    assert len(objects) >= 30 and {(o.name, o.label) for o in objects} == {("circle", 1)}
+    small = dataclasses.replace(options, num_train=3, num_test=2)
+    cfg = DatasetConfig(format="shapes", root=str(tmp_path / "one"), split="test", shapes=small)
+    dataset = build_dataset(cfg)
+    assert dataset.class_names == ["circle"]
+    assert {int(k) for r in dataset.records for k in r.labels} == {1}
+    out = generate_shapes(tmp_path / "coco", small, coco_json=True)
+    coco = json.loads((out / "annotations" / "instances_train.json").read_text())
+    assert [c["name"] for c in coco["categories"]] == ["circle"]
+
+
+def test_regime_few_images_of_varied_sizes_and_aspect_ratios():
+    options = _regime("few_varied")
+    assert options.num_train + options.num_test <= 200
+    images = _rendered(options, 60)
+    widths = np.array([img.width for img in images])
+    heights = np.array([img.height for img in images])
+    ratios = heights / widths
+    assert widths.min() >= 96 and heights.min() >= 96 and widths.max() <= 320 and heights.max() <= 320
+    assert 0.5 <= ratios.min() and ratios.max() <= 2.0
+    # Spread over the range: small and large sides, portrait and landscape.
+    assert min(widths.min(), heights.min()) < 130 and max(widths.max(), heights.max()) > 280
+    assert (ratios < 0.75).sum() >= 5 and (ratios > 1.33).sum() >= 5
+    assert len(set(zip(widths, heights))) >= 55
+    lo, hi = options.object_size
+    assert all(lo <= obj.size <= hi for img in images for obj in img.objects)
+
+
+def test_regime_many_small_objects():
+    options = _regime("small_many")
+    images = _rendered(options, 20)
+    counts = np.array([len(img.objects) for img in images])
+    assert counts.min() >= 15 and counts.max() <= 40 and counts.mean() >= 22
+    lo, hi = options.object_size
+    assert (lo, hi) == (8.0, 24.0)
+    for img in images:
+        assert all(lo <= obj.size <= hi for obj in img.objects)
+        assert max(_pair_ious(img, "full_box")) <= options.max_iou
+
+
+def test_regime_overlapping_objects():
+    options = _regime("overlap")
+    images = _rendered(options, 40)
+    ious = [iou for img in images for iou in _pair_ious(img, "full_box")]
+    over_default = [img for img in images if max(_pair_ious(img), default=0.0) > ShapesConfig().max_iou]
+    assert len(over_default) >= 8  # overlaps the default options forbid occur often
+    assert max(ious) <= options.max_iou
+    visible = [obj.visible_area / obj.full_area for img in images for obj in img.objects]
+    assert min(visible) >= options.min_visible and sum(v < 0.75 for v in visible) >= 5
+    # With the default options no two placed shapes overlap by more than max_iou 0.3.
+    for img in _rendered(ShapesConfig(), 40):
+        assert max(_pair_ious(img, "full_box"), default=0.0) <= 0.3
+
+
+@pytest.mark.parametrize("name", ["large", "one_class", "few_varied", "small_many", "overlap"])
+def test_regime_files_are_deterministic(tmp_path, name):
+    options = dataclasses.replace(_regime(name), num_train=3, num_test=1)
+    a = _files(generate_shapes(tmp_path / "a", options))
+    b = _files(generate_shapes(tmp_path / "b", options))
+    assert a == b and len(a) == 2 * 4 + 3 + 1

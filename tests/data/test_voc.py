@@ -305,13 +305,48 @@ def test_missing_image_is_skipped_and_counted(tmp_path, detkit_log):
     assert warnings_of(detkit_log) == ["ds:all: skipped annotations whose image is missing: 1 in 1 file (b.xml)"]
 
 
-def test_corrupt_image_loads_lazily_and_raises_naming_the_file(tmp_path):
-    root = make_plain(tmp_path / "ds", ["a", "b"])
+def write_truncated_jpeg(path: Path, width: int = 64, height: int = 48, cut: int = 20) -> Path:
+    """A real JPEG of noise without its last ``cut`` bytes (an interrupted download)."""
+    noise = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    ok, buf = cv2.imencode(".jpg", noise)
+    assert ok
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.tobytes()[:-cut])
+    return path
+
+
+def test_undecodable_images_are_skipped_at_load_and_counted(tmp_path, detkit_log):
+    # Sizes are in the XML, so nothing needs the images for the annotations: the loader's
+    # image check still finds the broken ones before anything trains on them.
+    root = make_plain(tmp_path / "ds", ["a", "b", "c", "d"])
     (root / "images" / "b.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    dataset = load_voc(root)  # sizes come from the XML: nothing decoded yet
+    (root / "images" / "c.jpg").write_bytes(b"")
+    (root / "images" / "d.jpg").write_text("a text file named .jpg\n")
+    dataset = load_voc(root)
+    assert ids_of(dataset) == ["a"]
+    assert warnings_of(detkit_log) == ["ds:all: skipped unreadable images: 3 in 3 files (b.jpg, c.jpg, d.jpg)"]
+    assert dataset.problems.as_dict()["skipped unreadable images"]["files"] == [
+        str(root / "images" / f"{stem}.jpg") for stem in "bcd"
+    ]
+
+
+def test_truncated_image_is_kept_and_flagged_at_load(tmp_path, detkit_log):
+    root = make_plain(tmp_path / "ds", ["a", "b"])
+    write_truncated_jpeg(root / "images" / "b.jpg")
+    dataset = load_voc(root)
     assert ids_of(dataset) == ["a", "b"]
-    image, _ = dataset[0]
-    assert image.shape == (3, 48, 64)
+    assert warnings_of(detkit_log) == ["ds:all: decoded partially (truncated image data): 1 in 1 file (b.jpg)"]
+    image, target = dataset[1]
+    assert image.shape == (3, 48, 64) and target.boxes.tolist() == [[10.0, 10.0, 30.0, 30.0]]
+    dataset[1]
+    assert len(warnings_of(detkit_log)) == 1  # reading it (every epoch) warns no more
+
+
+def test_image_spoiled_after_loading_raises_naming_the_file(tmp_path):
+    root = make_plain(tmp_path / "ds", ["a", "b"])
+    dataset = load_voc(root)
+    (root / "images" / "b.jpg").write_bytes(b"garbage")  # replaced while training runs
+    assert dataset[0][0].shape == (3, 48, 64)
     with pytest.raises(ImageReadError) as err:
         dataset[1]
     assert str(err.value) == f"cannot decode image: {root / 'images' / 'b.jpg'} (not an image or corrupt)"
@@ -391,12 +426,13 @@ def test_xml_filename_escaping_the_root_is_skipped_and_never_read(tmp_path, detk
     write_xml(root / "annotations" / "evil.xml", [("cat", (1, 1, 5, 5), 0)], filename=hint, size=None)
     write_image(root / "images" / "evil.jpg")  # even a harmless fallback is not taken
     touched = []
-    real_find, real_size = voc_mod.find_image, voc_mod.image_size
+    real_find, real_check = voc_mod.find_image, voc_mod.usable_image
     monkeypatch.setattr(voc_mod, "find_image", lambda d, stem, h=None: touched.append(stem) or real_find(d, stem, h))
-    monkeypatch.setattr(voc_mod, "image_size", lambda p: touched.append(str(p)) or real_size(p))
+    monkeypatch.setattr(voc_mod, "usable_image", lambda p, log: touched.append(str(p)) or real_check(p, log))
     dataset = load_voc(root)
     assert ids_of(dataset) == ["a"]
-    assert touched == ["a"]  # nothing was looked up, let alone opened, for evil.xml
+    # Nothing was looked up, let alone opened, for evil.xml.
+    assert touched == ["a", str(root / "images" / "a.jpg")]
     assert warnings_of(detkit_log) == [
         "ds:all: skipped annotations whose image path escapes the dataset root: 1 in 1 file (evil.xml)"
     ]

@@ -143,8 +143,9 @@ def test_anchor_levels_must_match_feature_levels():
 
 
 def test_tiny_backbone_has_no_pretrained_weights():
-    with pytest.raises(ConfigError, match="pretrained: the tiny backbone has no pretrained weights"):
-        from_dict(ModelConfig, {"backbone": {"name": "tiny", "pretrained": "x.pth"}})
+    cfg = from_dict(ModelConfig, {"backbone": {"name": "tiny", "pretrained": "x.pth"}})
+    with pytest.raises(ConfigError, match="^model.backbone.pretrained: the tiny backbone has no pretrained weights"):
+        build_model(cfg, num_classes=3)
 
 
 def test_channels_last_inference_gives_the_same_detections_and_not_in_training():
