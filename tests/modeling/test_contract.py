@@ -106,7 +106,7 @@ def build(head, generator, tmp_path, shapes):
 
 @pytest.mark.parametrize("generator", list(GENERATORS))
 @pytest.mark.parametrize("head", list(HEADS))
-def test_generator_and_head_through_the_detector(head, generator, tmp_path, shapes):
+def test_generator_and_head_through_the_detector(head, generator, tmp_path, shapes, one_thread):
     model = build(head, generator, tmp_path, shapes)
     assert isinstance(model.backbone, Backbone)
     assert isinstance(model.proposal_generator, ProposalGenerator)

@@ -148,7 +148,7 @@ def _shapes_batch(n):
     return ImageList.from_tensors(images, 16), targets
 
 
-def test_res5_head_trains_on_generated_shapes():
+def test_res5_head_trains_on_generated_shapes(one_thread):
     # The same base (labelling, sampling, losses) with the res5 predictor learns: over 40 SGD
     # iterations on 4 generated images the head's loss falls by more than half.
     torch.manual_seed(0)
