@@ -9,7 +9,7 @@ setup(
     description="Run, study and compare the two-stage object-detection lineage",
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     packages=find_packages(include=["detkit", "detkit.*"]),
     install_requires=[
         "torch>=2.1",
@@ -19,6 +19,8 @@ setup(
         "opencv-python-headless",
         "scikit-learn",
         "scikit-image",
+        # compiles the sequential merge loop of Felzenszwalb's segmentation (Selective Search)
+        "numba",
         "scipy",
         "pyyaml",
         "tqdm",

@@ -18,6 +18,7 @@ from detkit.modeling.proposals.selective_search import (
     selective_search,
     strategies_for_mode,
 )
+from detkit.modeling.proposals.selective_search import search as search_module
 from detkit.modeling.proposals.selective_search.features import (
     colour_histograms,
     fill_similarity,
@@ -31,9 +32,12 @@ from detkit.modeling.proposals.selective_search.segmentation import (
     check_label_map,
     convert_colour,
     initial_regions,
+    pixel_graph,
     region_adjacency,
     region_boxes,
     relabel,
+    segment_graph,
+    smooth_for_segmentation,
 )
 
 QUADRANT_COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 40)]
@@ -100,6 +104,100 @@ def test_initial_regions_min_size_defaults_to_k():
     assert labels.max() + 1 == 5
     blob = labels == labels[6, 6]
     assert blob.sum() == 9 and blob[5:8, 5:8].all()
+
+
+def test_segment_graph_hand_computed_merges():
+    # One row of three grey pixels 0, 10, 200 without smoothing: edge weights (in 0..1 units)
+    # a = 10/255 between pixels 0-1 and b = 190/255 between 1-2; k enters as k/255.
+    # MInt of a single pixel is k/255; after 0+1 join, MInt({0,1}) = a + k/255/2.
+    graph = pixel_graph(smooth_for_segmentation(np.array([[0, 10, 200]], np.uint8), sigma=0.0))
+    assert graph.weights.tolist() == pytest.approx([10 / 255, 190 / 255])
+    # k=20: a < 20/255 joins 0+1; b = 190/255 >= min(10/255 + 10/255, 20/255): pixel 2 alone
+    assert segment_graph(graph, 20, min_size=1).tolist() == [[0, 0, 1]]
+    # k=200: b vs min(10/255 + 100/255, 200/255) = 110/255: still apart
+    assert segment_graph(graph, 200, min_size=1).tolist() == [[0, 0, 1]]
+    # k=400: b < min(10/255 + 200/255, 400/255) = 210/255: one region
+    assert segment_graph(graph, 400, min_size=1).tolist() == [[0, 0, 0]]
+    # k=20 with min_size=2: the 1-pixel region joins its neighbour in post-processing
+    assert segment_graph(graph, 20, min_size=2).tolist() == [[0, 0, 0]]
+    # labels are numbered in raster order of each region's first pixel
+    flipped = pixel_graph(smooth_for_segmentation(np.array([[200, 10, 0]], np.uint8), sigma=0.0))
+    assert segment_graph(flipped, 20, min_size=1).tolist() == [[0, 1, 1]]
+
+
+def test_pixel_graph_has_every_8_neighbour_edge_once_sorted():
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (3, 4, 3)).astype(np.uint8)
+    smoothed = smooth_for_segmentation(image, sigma=0.0)
+    graph = pixel_graph(smoothed)
+    # 4HW - 3H - 3W + 2 = 48 - 9 - 12 + 2 = 29 edges: 9 right, 8 down, 6 + 6 diagonal
+    assert len(graph.weights) == len(graph.first) == len(graph.second) == 29
+    assert np.all(np.diff(graph.weights) >= 0)
+    expected = set()
+    for y in range(3):
+        for x in range(4):
+            for dy, dx in ((0, 1), (1, 0), (1, 1), (-1, 1)):
+                if 0 <= y + dy < 3 and 0 <= x + dx < 4:
+                    expected.add(frozenset((y * 4 + x, (y + dy) * 4 + x + dx)))
+    edges = [frozenset(pair) for pair in zip(graph.first.tolist(), graph.second.tolist())]
+    assert len(set(edges)) == 29 and set(edges) == expected
+    # each weight is the Euclidean distance of the two pixels' smoothed colours
+    flat = smoothed.reshape(-1, 3)
+    np.testing.assert_allclose(graph.weights, np.linalg.norm(flat[graph.first] - flat[graph.second], axis=1))
+
+
+def textured_test_image(seed, size=(61, 83)):
+    """Quadrants plus noise plus a few flat blocks: many equal edge weights (ties) as well
+    as distinct ones, which is where a different edge order would show."""
+    rng = np.random.default_rng(seed)
+    image = cv2.resize(quadrant_image(48), size[::-1], interpolation=cv2.INTER_NEAREST)
+    image = np.clip(image + rng.normal(0, 12, image.shape), 0, 255).astype(np.uint8)
+    image[5:25, 10:30] = (90, 90, 90)
+    image[30:50, 40:75] = rng.integers(0, 4, (20, 35, 1)) * 60
+    return image
+
+
+@pytest.mark.parametrize("space", ["HSV", "Lab", "H", "I"])
+def test_one_pixel_graph_per_image_equals_skimage_per_k(space):
+    # The shared graph must give, at every k, scikit-image's felzenszwalb on the same
+    # smoothed image (label maps identical, numbering included), with and without smoothing.
+    for seed, sigma in ((0, 0.8), (1, 0.0)):
+        smoothed = smooth_for_segmentation(convert_colour(textured_test_image(seed), space), sigma)
+        graph = pixel_graph(smoothed)
+        for k, min_size in ((50, 50), (100, 100), (150, 20), (300, 300), (37.5, 1)):
+            expected = felzenszwalb(smoothed, scale=k, sigma=0, min_size=min_size, channel_axis=-1)
+            assert np.array_equal(segment_graph(graph, k, min_size=min_size), expected), (seed, k)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (6, 1), (2, 2)])
+def test_segment_graph_degenerate_shapes_equal_skimage(shape):
+    image = np.random.default_rng(2).integers(0, 256, shape + (3,)).astype(np.uint8)
+    smoothed = smooth_for_segmentation(image, sigma=0.0)
+    expected = felzenszwalb(smoothed, scale=100, sigma=0, min_size=2, channel_axis=-1)
+    assert np.array_equal(segment_graph(pixel_graph(smoothed), 100, min_size=2), expected)
+
+
+def test_pixel_graph_rejects_bad_shapes():
+    with pytest.raises(SelectiveSearchError, match=r"needs an \(H, W\[, C\]\) image, got shape \(0, 4, 3\)"):
+        pixel_graph(np.zeros((0, 4, 3)))
+    with pytest.raises(SelectiveSearchError, match="got shape"):
+        pixel_graph(np.zeros(5))
+
+
+def test_selective_search_boxes_equal_with_skimage_segmentation(monkeypatch):
+    # End to end: the fast mode with the shared graphs gives the same ranked boxes and scores
+    # as with scikit-image's felzenszwalb run per (colour space, k) on the same smoothed image.
+    image, _ = draw_shapes(6, size=96)
+    boxes, scores = selective_search(image, mode="fast", min_size=0)
+    monkeypatch.setattr(search_module, "pixel_graph", lambda smoothed: smoothed)
+    monkeypatch.setattr(
+        search_module,
+        "segment_graph",
+        lambda smoothed, k, min_size: felzenszwalb(smoothed, scale=k, sigma=0, min_size=min_size, channel_axis=-1),
+    )
+    ref_boxes, ref_scores = selective_search(image, mode="fast", min_size=0)
+    assert len(boxes) > 50
+    assert np.array_equal(boxes, ref_boxes) and np.array_equal(scores, ref_scores)
 
 
 def test_convert_colour_hand_values():
@@ -505,3 +603,14 @@ def test_selective_search_rejects_bad_mode_and_scale():
         selective_search(image, max_boxes=-5)
     with pytest.raises(SelectiveSearchError, match="list of Strategy"):
         selective_search(image, mode=["fast"])
+
+
+def test_segment_graph_without_numba_is_a_one_line_error(monkeypatch):
+    import sys
+
+    graph = pixel_graph(np.zeros((2, 2, 1)))
+    # A None entry in sys.modules makes the import fail as if numba were not installed.
+    monkeypatch.setitem(sys.modules, "numba", None)
+    monkeypatch.delitem(sys.modules, "detkit.modeling.proposals.selective_search.fh_kernel", raising=False)
+    with pytest.raises(SelectiveSearchError, match="needs numba: pip install numba"):
+        segment_graph(graph, 50)

@@ -20,8 +20,12 @@ space and reused by every threshold k and similarity that shares that colour spa
 
 from __future__ import annotations
 
+from typing import Optional
+
 import cv2
 import numpy as np
+
+from detkit.errors import SelectiveSearchError
 
 COLOUR_BINS = 25
 TEXTURE_BINS = 10
@@ -104,16 +108,24 @@ def region_histograms(label_map: np.ndarray, num_regions: int, bin_index: np.nda
     return hist / np.where(totals > 0, totals, 1.0)
 
 
-def colour_histograms(label_map: np.ndarray, num_regions: int, image: np.ndarray, bin_index=None) -> np.ndarray:
+def colour_histograms(
+    label_map: np.ndarray, num_regions: int, image: Optional[np.ndarray], bin_index: Optional[np.ndarray] = None
+) -> np.ndarray:
     """(N, C * 25) L1-normalised colour histograms of the regions of ``image``."""
     if bin_index is None:
+        if image is None:
+            raise SelectiveSearchError("colour_histograms needs the image or its bin_index")
         bin_index = colour_bin_index(image)
     return region_histograms(label_map, num_regions, bin_index, COLOUR_BINS)
 
 
-def texture_histograms(label_map: np.ndarray, num_regions: int, image: np.ndarray, bin_index=None) -> np.ndarray:
+def texture_histograms(
+    label_map: np.ndarray, num_regions: int, image: Optional[np.ndarray], bin_index: Optional[np.ndarray] = None
+) -> np.ndarray:
     """(N, C * 8 * 10) L1-normalised texture histograms of the regions of ``image``."""
     if bin_index is None:
+        if image is None:
+            raise SelectiveSearchError("texture_histograms needs the image or its bin_index")
         bin_index = texture_bin_index(image)
     return region_histograms(label_map, num_regions, bin_index, TEXTURE_BINS)
 

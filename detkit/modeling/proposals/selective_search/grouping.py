@@ -117,26 +117,19 @@ def region_features(
     """
     sizes = check_label_map(label_map)
     n = len(sizes)
+    if (colour or texture) and image is None:
+        raise SelectiveSearchError("region_features needs the image for colour/texture histograms")
     if image is not None and np.shape(image)[:2] != np.shape(label_map):
         raise SelectiveSearchError(
             f"image shape {np.shape(image)[:2]} does not match label map shape {np.shape(label_map)}"
         )
-    colour_hist: Optional[np.ndarray] = None
-    texture_hist: Optional[np.ndarray] = None
-    if colour or texture:
-        if image is None:
-            raise SelectiveSearchError("region_features needs the image for colour/texture histograms")
-        if colour:
-            colour_hist = colour_histograms(label_map, n, image, colour_index)
-        if texture:
-            texture_hist = texture_histograms(label_map, n, image, texture_index)
     return Regions(
         sizes=sizes,
         boxes=region_boxes(label_map, n),
         pairs=region_adjacency(label_map, connectivity),
         image_size=int(np.size(label_map)),
-        colour=colour_hist,
-        texture=texture_hist,
+        colour=colour_histograms(label_map, n, image, colour_index) if colour else None,
+        texture=texture_histograms(label_map, n, image, texture_index) if texture else None,
     )
 
 

@@ -23,9 +23,10 @@ simFunctionHandles, of which ``fastMode`` keeps the first two of each):
 Shapes: H x W image, N initial regions of one segmentation, R proposal boxes.
 Boxes are float32 xyxy in input-image pixels with exclusive ends (``detkit.structures``).
 
-The per-colour-space work (conversion, texture derivatives, pixel bin indices) and the
-per-segmentation work (label map, adjacency, histograms) are computed once and shared by
-every strategy that needs them; only the greedy merge loop runs per strategy.
+The per-colour-space work (conversion, the segmentation's sorted pixel graph, texture
+derivatives, pixel bin indices) and the per-segmentation work (label map, adjacency,
+histograms) are computed once and shared by every strategy that needs them; only the greedy
+merge loop runs per strategy.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ from detkit.modeling.proposals.selective_search.grouping import (
 from detkit.modeling.proposals.selective_search.segmentation import (
     canonical_colour_space,
     convert_colour,
-    segment_smoothed,
+    pixel_graph,
+    segment_graph,
     smooth_for_segmentation,
 )
 
@@ -178,7 +180,8 @@ def selective_search(
         work = cv2.resize(image, size, interpolation=interpolation)
 
     # Group strategies by segmentation so each (colour space, k) is segmented and described
-    # once; colour-space images and pixel bins are cached across k.
+    # once, and segmentations by colour space so each space is converted, smoothed, turned
+    # into a sorted pixel graph and binned once for all its thresholds k.
     by_segmentation: Dict[Tuple[str, int], List[Tuple[str, ...]]] = {}
     for strategy in strategies:
         if not isinstance(strategy, Strategy):
@@ -186,44 +189,42 @@ def selective_search(
         sims = by_segmentation.setdefault((strategy.colour_space, strategy.k), [])
         if strategy.similarity not in sims:
             sims.append(strategy.similarity)
+    spaces = list(dict.fromkeys(space for space, _ in by_segmentation))
 
-    converted: Dict[str, np.ndarray] = {}
-    smoothed: Dict[str, np.ndarray] = {}
-    colour_idx: Dict[str, np.ndarray] = {}
-    texture_idx: Dict[str, np.ndarray] = {}
-    all_boxes, all_priorities = [], []
-    for (space, k), sims in by_segmentation.items():
-        if space not in converted:
-            converted[space] = convert_colour(work, space)
-            smoothed[space] = smooth_for_segmentation(converted[space], sigma)
-        cs_image = converted[space]
-        need_colour = any("colour" in s for s in sims)
-        need_texture = any("texture" in s for s in sims)
-        if need_colour and space not in colour_idx:
-            colour_idx[space] = colour_bin_index(cs_image)
-        if need_texture and space not in texture_idx:
-            texture_idx[space] = texture_bin_index(cs_image)
-        labels = segment_smoothed(smoothed[space], k=k, min_size=k)
-        regions = region_features(
-            labels,
-            cs_image,
-            colour=need_colour,
-            texture=need_texture,
-            connectivity=connectivity,
-            colour_index=colour_idx.get(space),
-            texture_index=texture_idx.get(space),
-        )
-        n = len(regions)
-        # As in the authors' code, the initial regions enter once per segmentation, ranked
-        # just behind the first merge (position N); merged regions of each similarity get
-        # positions M..1, the last merge (the whole image) being 1.
-        all_boxes.append(regions.boxes)
-        all_priorities.append(np.full(n, float(n)))
-        for sim in sims:
-            merged = group_regions(regions, sim).merged_boxes
-            all_boxes.append(merged)
-            all_priorities.append(np.arange(len(merged), 0, -1, dtype=np.float64))
+    # One colour space at a time, so only one pixel graph (16 bytes per edge) is held.
+    found: Dict[Tuple[str, int], List[Tuple[np.ndarray, np.ndarray]]] = {}
+    for space in spaces:
+        cs_image = convert_colour(work, space)
+        graph = pixel_graph(smooth_for_segmentation(cs_image, sigma))
+        segmentations = [(k, sims) for (s, k), sims in by_segmentation.items() if s == space]
+        need_colour = any("colour" in sim for _, sims in segmentations for sim in sims)
+        need_texture = any("texture" in sim for _, sims in segmentations for sim in sims)
+        colour_index = colour_bin_index(cs_image) if need_colour else None
+        texture_index = texture_bin_index(cs_image) if need_texture else None
+        for k, sims in segmentations:
+            labels = segment_graph(graph, k=k, min_size=k)
+            regions = region_features(
+                labels,
+                cs_image,
+                colour=any("colour" in sim for sim in sims),
+                texture=any("texture" in sim for sim in sims),
+                connectivity=connectivity,
+                colour_index=colour_index,
+                texture_index=texture_index,
+            )
+            n = len(regions)
+            # As in the authors' code, the initial regions enter once per segmentation, ranked
+            # just behind the first merge (position N); merged regions of each similarity get
+            # positions M..1, the last merge (the whole image) being 1.
+            found[space, k] = [(regions.boxes, np.full(n, float(n)))]
+            for sim in sims:
+                merged = group_regions(regions, sim).merged_boxes
+                found[space, k].append((merged, np.arange(len(merged), 0, -1, dtype=np.float64)))
 
+    # Pool in strategy order: the ranking draws one random number per box in pool order.
+    pooled = [part for key in by_segmentation for part in found[key]]
+    all_boxes = [part_boxes for part_boxes, _ in pooled]
+    all_priorities = [priorities for _, priorities in pooled]
     boxes = np.concatenate(all_boxes).astype(np.float64)
     if work is not image:  # back to input pixels before the min-size filter
         sx, sy = width / work.shape[1], height / work.shape[0]

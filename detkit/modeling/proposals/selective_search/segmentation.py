@@ -5,6 +5,13 @@ the image is converted to one of several colour spaces (a diversification strate
 over-segmented with Felzenszwalb & Huttenlocher's graph method (IJCV 2004); the regions of
 that over-segmentation are the leaves of the grouping hierarchy.
 
+The segmentation is split where Felzenszwalb's method allows sharing: smoothing and the
+sorted pixel graph depend only on the image and sigma (``pixel_graph``, most of the work:
+one sort of about 4 HW edges), the threshold k only enters the merge loop (``segment_graph``,
+compiled with numba in ``fh_kernel``). Selective Search segments each colour space at up to
+four k, so it builds one graph per colour space. The label maps are identical to
+``skimage.segmentation.felzenszwalb``'s on the same smoothed image (tested).
+
 Shapes: H x W image, C channels of the colour space, N initial regions, E adjacent pairs.
 A *label map* is (H, W) int64 with every value in 0..N-1 used. Region boxes are int64 xyxy
 with exclusive ends (x1 <= x < x2), the convention of ``detkit.structures``.
@@ -12,11 +19,11 @@ with exclusive ends (x1 <= x < x2), the convention of ``detkit.structures``.
 
 from __future__ import annotations
 
-from typing import List
+from dataclasses import dataclass
+from typing import Optional
 
 import cv2
 import numpy as np
-from skimage.segmentation import felzenszwalb
 
 from detkit.errors import SelectiveSearchError
 
@@ -61,7 +68,7 @@ def convert_colour(image: np.ndarray, space: str) -> np.ndarray:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def initial_regions(image: np.ndarray, k: float, sigma: float = 0.8, min_size=None) -> np.ndarray:
+def initial_regions(image: np.ndarray, k: float, sigma: float = 0.8, min_size: Optional[int] = None) -> np.ndarray:
     """Felzenszwalb-Huttenlocher over-segmentation -> (H, W) int64 label map, labels 0..N-1.
 
     ``image`` is (H, W) or (H, W, C) uint8 in any colour space (pixel differences are
@@ -84,19 +91,105 @@ def smooth_for_segmentation(image: np.ndarray, sigma: float = 0.8) -> np.ndarray
         raise SelectiveSearchError(f"segmentation needs an (H, W[, C]) image, got shape {image.shape}")
     scaled: np.ndarray = image.astype(np.float64) * (1.0 / 255.0)
     if sigma > 0:
-        scaled = np.asarray(cv2.GaussianBlur(scaled, (0, 0), sigmaX=float(sigma), borderType=cv2.BORDER_REFLECT))
+        scaled = cv2.GaussianBlur(scaled, (0, 0), sigmaX=float(sigma), borderType=cv2.BORDER_REFLECT)
     return scaled.reshape(image.shape)  # GaussianBlur drops a trailing channel axis of 1
 
 
-def segment_smoothed(smoothed: np.ndarray, k: float, min_size=None) -> np.ndarray:
+def segment_smoothed(smoothed: np.ndarray, k: float, min_size: Optional[int] = None) -> np.ndarray:
     """Felzenszwalb-Huttenlocher on an image from ``smooth_for_segmentation``
-    -> (H, W) int64 labels 0..N-1. ``min_size`` defaults to k."""
-    if min_size is None:
-        min_size = k
-    # skimage takes [0, 1] floats and divides k by 255, i.e. k is in 0..255 units as in the
-    # reference implementation; sigma=0 because the image is already smoothed.
-    labels = felzenszwalb(smoothed, scale=float(k), sigma=0.0, min_size=int(min_size), channel_axis=-1)
-    return labels.astype(np.int64, copy=False)
+    -> (H, W) int64 labels 0..N-1. ``min_size`` defaults to k.
+
+    To segment one image at several k, build its ``pixel_graph`` once and call
+    ``segment_graph`` per k: the graph is most of the work.
+    """
+    return segment_graph(pixel_graph(smoothed), k, min_size=min_size)
+
+
+@dataclass
+class PixelGraph:
+    """The 8-connected pixel grid of one smoothed image as Felzenszwalb's method sees it
+    (IJCV 2004, Sec. 5: grid graph, weight = Euclidean colour distance of the two pixels),
+    edges sorted by ascending weight.
+
+    first, second (E,) raster indices (y * W + x) of each edge's pixels; weights (E,) float64.
+    E = 4HW - 3H - 3W + 2: right, down, down-right and up-right neighbours.
+
+    It depends only on the image (and sigma), not on k, so every threshold of a colour space
+    shares one graph; only the merge loop (``segment_graph``) runs per k.
+    """
+
+    height: int
+    width: int
+    first: np.ndarray
+    second: np.ndarray
+    weights: np.ndarray
+
+
+def pixel_graph(smoothed: np.ndarray) -> PixelGraph:
+    """(H, W, C) float64 image (``smooth_for_segmentation``) -> its sorted ``PixelGraph``.
+
+    The weights are computed with the same numpy expressions, in the same edge order, and
+    sorted with the same ``np.argsort`` as scikit-image's ``felzenszwalb``, so equal weights
+    (frequent: flat areas, 8-bit input) come out in the same order and the segmentation is
+    identical to scikit-image's.
+    """
+    image = np.asarray(smoothed, np.float64)
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or image.shape[0] == 0 or image.shape[1] == 0:
+        raise SelectiveSearchError(f"segmentation needs an (H, W[, C]) image, got shape {image.shape}")
+    h, w = image.shape[:2]
+    index = np.arange(h * w, dtype=np.int32 if h * w < 2**31 else np.int64).reshape(h, w)
+    # (pixel, neighbour) pairs of the four edge directions, as slices of the grid
+    directions = [
+        ((slice(None), slice(1, None)), (slice(None), slice(None, -1))),  # right
+        ((slice(1, None), slice(None)), (slice(None, -1), slice(None))),  # down
+        ((slice(1, None), slice(1, None)), (slice(None, -1), slice(None, -1))),  # down-right
+        ((slice(1, None), slice(None, -1)), (slice(None, -1), slice(1, None))),  # up-right
+    ]
+    weights, first, second = [], [], []
+    for near, far in directions:
+        diff = image[near] - image[far]
+        weights.append(np.sqrt(np.sum(diff * diff, axis=-1)).ravel())
+        first.append(index[near].ravel())
+        second.append(index[far].ravel())
+    all_weights = np.concatenate(weights)
+    order = np.argsort(all_weights)  # the default kind, as scikit-image: same order of ties
+    return PixelGraph(
+        height=h,
+        width=w,
+        first=np.concatenate(first)[order],
+        second=np.concatenate(second)[order],
+        weights=all_weights[order],
+    )
+
+
+def segment_graph(graph: PixelGraph, k: float, min_size: Optional[int] = None) -> np.ndarray:
+    """Felzenszwalb-Huttenlocher at threshold ``k`` (0..255 units, as the reference code)
+    on a ``pixel_graph`` -> (H, W) int64 labels 0..N-1 in raster order of first pixel.
+
+    ``min_size`` (pixels) defaults to k, as in the Selective Search authors' code. The same
+    label map as ``skimage.segmentation.felzenszwalb(smoothed, scale=k, sigma=0,
+    min_size=min_size)``.
+    """
+    # numba is imported here, not at the top: only a segmentation needs it (see fh_kernel).
+    try:
+        from detkit.modeling.proposals.selective_search.fh_kernel import felzenszwalb_labels
+    except ModuleNotFoundError as exc:
+        if exc.name != "numba":
+            raise
+        raise SelectiveSearchError("Selective Search's segmentation needs numba: pip install numba") from exc
+
+    # weights are in [0, 1] units (the image was scaled by 1/255), so k scales the same way
+    labels = felzenszwalb_labels(
+        graph.first,
+        graph.second,
+        graph.weights,
+        graph.height * graph.width,
+        float(k) / 255.0,
+        int(k if min_size is None else min_size),
+    )
+    return labels.reshape(graph.height, graph.width)
 
 
 def relabel(label_map: np.ndarray) -> np.ndarray:
@@ -136,13 +229,13 @@ def region_adjacency(label_map: np.ndarray, connectivity: int = 4) -> np.ndarray
     shifts = [(lab[:, :-1], lab[:, 1:]), (lab[:-1, :], lab[1:, :])]
     if connectivity == 8:
         shifts += [(lab[:-1, :-1], lab[1:, 1:]), (lab[:-1, 1:], lab[1:, :-1])]
-    pair_keys: List[np.ndarray] = []
+    parts = []
     for a, b in shifts:
         differ = a != b
         a, b = a[differ], b[differ]
         # One int64 key per unordered pair makes np.unique do the de-duplication.
-        pair_keys.append(np.minimum(a, b).astype(np.int64) * n + np.maximum(a, b))
-    keys = np.unique(np.concatenate(pair_keys)) if pair_keys else np.zeros(0, np.int64)
+        parts.append(np.minimum(a, b).astype(np.int64) * n + np.maximum(a, b))
+    keys = np.unique(np.concatenate(parts))
     return np.stack([keys // n, keys % n], axis=1)
 
 
