@@ -28,6 +28,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest"],
+        # train.tensorboard: true (metrics and detection images in <run>/tensorboard).
+        "tensorboard": ["tensorboard"],
         # OpenCV-contrib's selective search is only the peer we benchmark against; it
         # replaces the cv2 module of opencv-python-headless, so install it in a separate env.
         "bench": ["opencv-contrib-python-headless"],

@@ -1,13 +1,20 @@
 """detkit vs torchvision Faster R-CNN, side by side in one run (same weights, inputs, threads).
 
-    python tools/benchmark.py [--cases r50_fpn bccd] [--threads 2] [--images 4] [--steps 4]
-                              [--json OUT]
+    python tools/benchmark.py [--cases r50_fpn bccd denormal] [--threads 2] [--images 4] [--steps 4]
+                              [--denormal-iters 40] [--json OUT]
 
 Cases:
     r50_fpn  torchvision's fasterrcnn_resnet50_fpn settings (800 px shorter side, frozen BN,
              3 trainable stages) vs detkit's converted twin (configs/faster_rcnn/
              r50_fpn_torchvision_coco.yaml), random weights copied from torchvision.
     bccd     the BCCD recipe (configs/faster_rcnn/bccd_r18_fpn.yaml): both models built from it.
+    denormal detkit alone: the BCCD recipe trained on a one-class version of BCCD (WBC only;
+             generated shapes when BCCD is absent) by two identical models side by side, one
+             step each in turn, one with subnormal floats flushed to zero (train.flush_denormal,
+             the default) and one without. Subnormals appear only after some training (a run
+             slowed from 2.5 to 5.7 s/iter after ~20 iterations), so it runs --denormal-iters
+             iterations and compares the step times past the first 20 (ratio off / on: > 1
+             means flushing pays), next to the first 10; not part of the default cases.
 
 Inputs are BCCD test images (640x480) with their boxes (synthetic images if ../shared is
 absent). Each measurement alternates torchvision and detkit (A B A B ...) so that load from
@@ -169,13 +176,147 @@ def run_case(name: str, images, n_images: int, steps: int, warmup: int):
     return res
 
 
+def _subnormal_count(model, optimizer) -> int:
+    """Subnormal float32 values (0 < |x| < 2^-126) in the weights, gradients and momentum."""
+    import torch
+
+    tensors = [p for p in model.parameters()] + [p.grad for p in model.parameters() if p.grad is not None]
+    tensors += [s["momentum_buffer"] for s in optimizer.state.values() if s.get("momentum_buffer") is not None]
+    tiny = torch.finfo(torch.float32).tiny
+    return int(sum(((t.detach().abs() < tiny) & (t.detach() != 0)).sum() for t in tensors))
+
+
+def _denormal_setup():
+    """The BCCD recipe on one-class BCCD (or generated shapes) -> (cfg, train set, classes, source)."""
+    from detkit.config import load_config
+    from detkit.data.build import build_datasets
+    from detkit.schema import Config, DatasetConfig, ShapesConfig
+
+    cfg = load_config(ROOT / "configs/faster_rcnn/bccd_r18_fpn.yaml", Config)
+    bccd = Path(os.environ.get("DETKIT_SHARED", ROOT.parent / "shared")) / "data" / "BCCD"
+    if bccd.is_dir():
+        # One class, as in the run where the slowdown was seen (a one-class VOC folder).
+        cfg.data.train = DatasetConfig(format="voc", root=str(bccd), split="trainval")
+        cfg.data.classes = ["WBC"]
+        source = "BCCD trainval, class WBC only"
+    else:
+        import tempfile
+
+        root = Path(tempfile.mkdtemp()) / "shapes"
+        cfg.data.train = DatasetConfig(
+            format="shapes", root=str(root), split="train", shapes=ShapesConfig(num_train=40)
+        )
+        cfg.data.classes = None
+        source = "generated shapes"
+    cfg.data.test = None
+    train_set, _, classes = build_datasets(cfg, need_train=True, need_test=False)
+    return cfg, train_set, classes, source
+
+
+def _denormal_worker(conn, flush: bool, threads: int) -> None:
+    """One side of the denormal case, in a fresh process: the flush mode is a per-thread CPU
+    flag that torch's pool threads inherit when they start, so it is set before any tensor
+    work. Trains one step per "step" message and answers (seconds, subnormal count or None)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(flush)
+    from detkit.data.loader import build_train_loader
+    from detkit.engine.trainer import LRSchedule, build_optimizer
+    from detkit.modeling.build import build_model
+
+    cfg, train_set, classes, source = _denormal_setup()
+    t = cfg.train
+    torch.manual_seed(t.seed)
+    model = build_model(cfg.model, len(classes), cfg.data.input).train()
+    optimizer = build_optimizer(model, t)
+    schedule = LRSchedule(t.max_iter, t.warmup_iters, t.warmup_factor, t.lr_schedule, t.steps, t.gamma)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    data = iter(build_train_loader(train_set, cfg.data.batch_size, t.seed, size_divisibility=model.size_divisibility))
+    conn.send(f"{source}; shorter side {cfg.data.input.min_size_train}, batch {cfg.data.batch_size}")
+    while True:
+        message = conn.recv()
+        if message == "stop":
+            return
+        images, targets = next(data)
+        start = time.perf_counter()
+        _, losses = model(images, targets)
+        optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        optimizer.step()
+        scheduler.step()
+        seconds = time.perf_counter() - start
+        conn.send((seconds, _subnormal_count(model, optimizer) if message == "step+count" else None))
+
+
+def run_denormal_case(iters: int, threads: int, skip: int = 20):
+    """Two identical detkit models trained side by side in two processes, one step each in
+    turn (load from elsewhere on the machine hits both alike), flush on / off."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    sides = []
+    for flush in (True, False):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_denormal_worker, args=(child, flush, threads), daemon=True)
+        proc.start()
+        sides.append({"flush": flush, "conn": parent, "proc": proc, "s": [], "subnormals": []})
+    try:
+        inputs = [side["conn"].recv() for side in sides]
+        for it in range(iters):
+            count = (it + 1) % 10 == 0 or it + 1 == iters
+            for side in sides:
+                side["conn"].send("step+count" if count else "step")
+                seconds, subnormals = side["conn"].recv()
+                side["s"].append(seconds)
+                if subnormals is not None:
+                    side["subnormals"].append((it + 1, subnormals))
+            if count:
+                print(
+                    f"  denormal: iteration {it + 1}/{iters}: "
+                    + ", ".join(
+                        f"flush {'on' if side['flush'] else 'off'} {statistics.median(side['s'][-10:]):.2f} s/iter, "
+                        f"{side['subnormals'][-1][1]} subnormal values"
+                        for side in sides
+                    ),
+                    flush=True,
+                )
+    finally:
+        for side in sides:
+            try:
+                side["conn"].send("stop")
+            except OSError:
+                pass
+            side["proc"].join(timeout=30)
+    on, off = sides
+    med = statistics.median
+    late = slice(skip, None) if iters > skip else slice(None)
+    return {
+        "case": "denormal",
+        "input": inputs[0],
+        "threads": threads,
+        "iterations": iters,
+        "flush_on_s_per_iter_first10": med(on["s"][:10]),
+        "flush_off_s_per_iter_first10": med(off["s"][:10]),
+        f"flush_on_s_per_iter_after{skip}": med(on["s"][late]),
+        f"flush_off_s_per_iter_after{skip}": med(off["s"][late]),
+        "ratio_off_on_first10": med(off["s"][:10]) / med(on["s"][:10]),
+        f"ratio_off_on_after{skip}": med(off["s"][late]) / med(on["s"][late]),
+        "subnormals_flush_off": off["subnormals"],
+        "subnormals_flush_on": on["subnormals"],
+        "s_per_iter_flush_on": on["s"],
+        "s_per_iter_flush_off": off["s"],
+    }
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--cases", nargs="+", default=["bccd", "r50_fpn"], choices=["bccd", "r50_fpn"])
+    p.add_argument("--cases", nargs="+", default=["bccd", "r50_fpn"], choices=["bccd", "r50_fpn", "denormal"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--images", type=int, default=4, help="inference images per case")
     p.add_argument("--steps", type=int, default=4, help="training steps per case")
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--denormal-iters", type=int, default=40, help="training iterations of the denormal case")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
     import torch
@@ -184,6 +325,19 @@ def main():
     images, source = _load_images(max(args.images, 2))
     results = []
     for case in args.cases:
+        if case == "denormal":
+            r = run_denormal_case(args.denormal_iters, args.threads)
+            results.append(r)
+            print(
+                f"denormal {r['input']}: flush on / off {r['flush_on_s_per_iter_first10']:.2f} / "
+                f"{r['flush_off_s_per_iter_first10']:.2f} s/iter in the first 10 iterations "
+                f"(ratio {r['ratio_off_on_first10']:.2f}), {r['flush_on_s_per_iter_after20']:.2f} / "
+                f"{r['flush_off_s_per_iter_after20']:.2f} s/iter after 20 (ratio {r['ratio_off_on_after20']:.2f}); "
+                f"subnormal weights/gradients/momentum at the end: {r['subnormals_flush_off'][-1][1]} without "
+                f"flushing, {r['subnormals_flush_on'][-1][1]} with",
+                flush=True,
+            )
+            continue
         r = run_case(case, images, args.images, args.steps, args.warmup)
         results.append(r)
         print(

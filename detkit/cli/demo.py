@@ -37,6 +37,7 @@ import numpy as np
 
 from detkit.cli.common import expand_inputs, load_run_config
 from detkit.data.io import read_image_array
+from detkit.engine.inference import denormals_flushed
 from detkit.engine.predictor import Predictor
 from detkit.errors import DetkitError, ImageReadError, UsageError
 from detkit.structures import ImageRecord
@@ -283,6 +284,13 @@ def run(args) -> int:
     if args.fps <= 0:
         raise UsageError(f"--fps must be > 0, got {args.fps}")
     cfg = load_run_config(args.config, args.overrides) if args.config else None
+    # Before any tensor work, so that torch's thread pool inherits the mode (see
+    # denormals_flushed); on unless --config turns train.flush_denormal off.
+    with denormals_flushed(cfg.train.flush_denormal if cfg is not None else True):
+        return _run(args, cfg)
+
+
+def _run(args, cfg) -> int:
     paths = expand_inputs(args.inputs)
     if not paths:
         raise UsageError("no input images")

@@ -16,7 +16,7 @@ from detkit.cli.common import load_run_config
 from detkit.data.build import build_dataset, dataset_transforms
 from detkit.engine.analyze import write_analysis
 from detkit.engine.evaluate import evaluate_detections, summary_lines, write_evaluation
-from detkit.engine.inference import device_from_config, run_inference
+from detkit.engine.inference import denormals_flushed, device_from_config, run_inference
 from detkit.engine.predictor import model_from_checkpoint
 from detkit.errors import UsageError
 from detkit.evaluation.analysis import analyze_detections, format_errors
@@ -50,6 +50,12 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     cfg = load_run_config(args.config, args.overrides)
+    # Before any tensor work, so that torch's thread pool inherits the mode (see denormals_flushed).
+    with denormals_flushed(cfg.train.flush_denormal):
+        return _run(args, cfg)
+
+
+def _run(args, cfg) -> int:
     device = device_from_config(cfg.train.device)
     model, cfg, classes = model_from_checkpoint(args.checkpoint, cfg, device)
     if cfg.data.test is None:

@@ -1,9 +1,9 @@
 """``detkit train CONFIG [--out DIR] [--resume] [--no-progress] [key=value ...]``
 
-Trains the detector a config describes, runs its stages in order (SGD training, then the
-offline stages some pipelines have, then evaluation) and writes the run folder
-(``detkit.engine.trainer``). A folder that already holds a run is only continued with
-``--resume``.
+Trains the detector a config describes: runs the config's stages in order (SGD training,
+the offline stages some pipelines have, evaluation; ``detkit.engine.pipelines``) in the run
+folder and prints the evaluation. A folder that already holds a run is only continued with
+``--resume``, which skips the finished stages and resumes the one the run was in.
 """
 
 from __future__ import annotations
@@ -17,8 +17,11 @@ import torch
 from detkit.cli.common import default_out, load_run_config
 from detkit.config import dump_config
 from detkit.data.build import build_datasets
-from detkit.engine.evaluate import evaluator_for, summary_lines, write_evaluation
-from detkit.engine.trainer import RUN_FILES, Trainer, check_output_dir
+from detkit.engine.evaluate import summary_lines
+from detkit.engine.inference import denormals_flushed, device_from_config
+from detkit.engine.pipelines import stages_for
+from detkit.engine.stages import RunContext, run_stages
+from detkit.engine.trainer import RUN_FILES, check_output_dir
 from detkit.modeling.build import build_model, model_summary
 
 NAME = "train"
@@ -52,38 +55,46 @@ def save_run_config(cfg, out: Path, resume: bool) -> None:
 
 def run(args) -> int:
     cfg = load_run_config(args.config, args.overrides)
+    # Before any tensor work, so that torch's thread pool inherits the mode (see denormals_flushed).
+    with denormals_flushed(cfg.train.flush_denormal):
+        return _run(args, cfg)
+
+
+def _run(args, cfg) -> int:
     out = Path(args.out) if args.out else default_out(args.config, RUN_FILES, args.resume)
     check_output_dir(out, args.resume)
+    device = device_from_config(cfg.train.device)
     train_set, test_set, classes = build_datasets(cfg, need_train=True, need_test=cfg.data.test is not None)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     torch.manual_seed(cfg.train.seed)  # model initialisation is part of the seeded run
     model = build_model(cfg.model, len(classes), cfg.data.input)
-    out.mkdir(parents=True, exist_ok=True)
     cfg.data.classes = list(classes)
-    save_run_config(cfg, out, args.resume)
-    logger.info(
-        "train: %d images, %s; test: %s images; classes: %s",
-        len(train_set),
-        cfg.data.train.format,
-        len(test_set) if test_set else 0,
-        ", ".join(classes),
-    )
-    logger.info("model: %s; output: %s", model_summary(model), out)
-    trainer = Trainer(
+    # The run context checks train.tensorboard before anything is written.
+    context = RunContext(
         cfg,
         model,
         train_set,
         test_set,
         out,
         classes,
-        evaluator_for(cfg.test),
+        device=device,
         resume=args.resume,
         progress=not args.no_progress,
     )
-    result = trainer.train()
-    if result is not None:
-        write_evaluation(result, result.get("dets"), test_set, out)
-        print(summary_lines(result))
+    out.mkdir(parents=True, exist_ok=True)
+    save_run_config(cfg, out, args.resume)
+    logger.info(
+        "train: %d images, %s; test: %s images; classes: %s",
+        len(train_set),
+        cfg.data.train.format if cfg.data.train else "?",
+        len(test_set) if test_set else 0,
+        ", ".join(classes),
+    )
+    logger.info("model: %s; output: %s", model_summary(model), out)
+    stages = stages_for(cfg)
+    results = run_stages(stages, context)
+    if "evaluation" in results:
+        print(summary_lines(results["evaluation"]))
     logger.info("done: %s", out)
     return 0

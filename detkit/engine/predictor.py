@@ -15,7 +15,7 @@ import torch
 from detkit.config import from_dict
 from detkit.data.build import dataset_transforms
 from detkit.engine.checkpoint import load_checkpoint, load_model_state
-from detkit.engine.inference import device_from_config
+from detkit.engine.inference import denormals_flushed, device_from_config
 from detkit.errors import CheckpointError
 from detkit.modeling.build import build_model
 from detkit.schema import Config
@@ -71,7 +71,8 @@ class Predictor:
             tensors.append(t)
             geometries.append(target.geometry)
         batch = ImageList.from_tensors(tensors, self.model.size_divisibility, geometries=geometries)
-        detections, _ = self.model(batch.to(self.device))
+        with denormals_flushed(self.cfg.train.flush_denormal):
+            detections, _ = self.model(batch.to(self.device))
         return [d.to("cpu") for d in detections]
 
     def __call__(self, image: np.ndarray) -> Detections:

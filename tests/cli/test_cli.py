@@ -2,6 +2,7 @@
 the detection-file evaluator, and the user-error paths (one line, exit code 2)."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,8 @@ def test_eval_and_evaluate_agree(run, tmp_path):
         == 0
     )
     again = json.loads((tmp_path / "ev.json").read_text())
+    # Not two empty evaluations agreeing: the model detects something (mAP 0.10 here).
+    assert ours["mAP"] > 0 and len(json.loads((tmp_path / "e" / "detections.json").read_text())) > 0
     assert again["mAP"] == pytest.approx(ours["mAP"], abs=1e-12)
     assert again["per_class"] == pytest.approx(ours["per_class"], nan_ok=True)
 
@@ -148,8 +151,22 @@ def test_resume_from_a_finished_run_trains_further(run, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     assert main(["train", str(cfg), "--out", str(copy), "--resume", "--no-progress", "train.max_iter=6"]) == 0
-    iters = [json.loads(line)["iter"] for line in open(copy / "metrics.jsonl") if "loss" in json.loads(line)]
-    assert iters == [2, 4, 6]
+    records = [json.loads(line) for line in open(copy / "metrics.jsonl")]
+    assert [r["iter"] for r in records if "loss" in r] == [2, 4, 6]
+    # The evaluation stage ran again, on the further-trained model.
+    assert [r["iter"] for r in records if "eval_mAP" in r] == [4, 6]
+    # Exactly what an uninterrupted 6-iteration run gives: same losses, same weights.
+    import torch
+
+    from detkit.engine.checkpoint import load_checkpoint
+
+    straight = tmp_path / "straight"
+    assert main(["train", str(cfg), "--out", str(straight), "--no-progress", "train.max_iter=6", "data.test=null"]) == 0
+    losses = [json.loads(line)["loss"] for line in open(straight / "metrics.jsonl") if '"loss"' in line]
+    assert [r["loss"] for r in records if "loss" in r] == losses
+    a = load_checkpoint(copy / "model_final.pt")["model"]
+    b = load_checkpoint(straight / "model_final.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize(
@@ -314,3 +331,178 @@ def test_demo_boxes_are_the_evaluated_detections(run, tmp_path):
         x, y, w, h = e["bbox"]  # VOC file coordinates: xmin = x1 + 1, w = x2 - x1 - 1
         assert d["box"] == pytest.approx([x - 1, y - 1, x + w, y + h], abs=0.01)
         assert d["class"] == e["category"]
+
+
+# -- failure matrix: one exact line on stderr, exit status 2, nothing of the run lost ----------
+def error_of(capsys) -> str:
+    """The one error line of a failed command (log lines may precede it; no traceback)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("detkit: error:")]
+    assert len(errors) == 1 and err.rstrip("\n").endswith(errors[0]), err
+    return errors[0]
+
+
+def corrupt_checkpoint(path: Path) -> Path:
+    import numpy as np
+
+    path.write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 2048, dtype=np.uint8)))
+    return path
+
+
+def not_a_checkpoint(path) -> str:
+    return f"detkit: error: {path} is not a readable detkit checkpoint (corrupt, truncated, or not a torch file)"
+
+
+def test_corrupt_checkpoint_in_eval_and_demo(run, tmp_path, capsys):
+    cfg, out = run
+    bad = corrupt_checkpoint(tmp_path / "random_bytes.pt")
+    assert main(["eval", str(cfg), "--checkpoint", str(bad), "--out", str(tmp_path / "e")]) == 2
+    assert error_of(capsys) == not_a_checkpoint(bad)
+    image = sorted((out.parent / "shapes" / "JPEGImages").glob("test_*.png"))[0]
+    assert main(["demo", "--checkpoint", str(bad), "--out", str(tmp_path / "d"), str(image)]) == 2
+    line = error_of(capsys)
+    assert line == not_a_checkpoint(bad) and "weights_only" not in line
+
+
+def test_corrupt_checkpoint_on_resume(run, tmp_path, capsys):
+    import shutil
+
+    cfg, out = run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    corrupt_checkpoint(copy / "model_final.pt")
+    assert main(["train", str(cfg), "--out", str(copy), "--resume", "--no-progress", "train.max_iter=6"]) == 2
+    assert error_of(capsys) == not_a_checkpoint(copy / "model_final.pt")
+    assert (copy / "model_0000002.pt").read_bytes() == (out / "model_0000002.pt").read_bytes()
+
+
+def test_nan_loss_through_train(run, tmp_path, capsys):
+    import re
+
+    cfg, _ = run
+    out = tmp_path / "nan"
+    assert main(["train", str(cfg), "--out", str(out), "--no-progress", "model.loss_weights={loss_cls: .nan}"]) == 2
+    number = r"[-+0-9.e]+"
+    assert re.fullmatch(
+        rf"detkit: error: loss became nan at iteration 1 \(loss_rpn_cls={number}, loss_rpn_box={number}, "
+        rf"loss_cls=nan, loss_box={number}\); stopped before the update\. Last good checkpoint: none\. "
+        r"Try a lower train\.base_lr or train\.clip_grad_norm",
+        error_of(capsys),
+    )
+    assert not (out / "model_final.pt").exists()
+
+
+def test_config_value_rejected_by_the_schema(run, tmp_path, capsys):
+    cfg, _ = run
+    assert main(["train", str(cfg), "--out", str(tmp_path / "o"), "data.batch_size=0"]) == 2
+    assert error_of(capsys) == f"detkit: error: data: batch sizes must be >= 1, got 0 / 1 (in {cfg})"
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_checkpoint_write_that_fails_halfway(run, tmp_path, capsys, monkeypatch):
+    """The disk fills up while model_0000003.pt is written: one line, exit 2; the checkpoints
+    before it are intact and a resume continues from iteration 2."""
+    import torch
+
+    from detkit.engine.checkpoint import load_checkpoint
+
+    cfg, _ = run
+    out = tmp_path / "full"
+    real_save = torch.save
+    calls = []
+
+    def fill_the_disk(obj, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) == 3:
+            with open(f, "wb") as fh:
+                fh.write(b"PK\x03\x04 half a zip file")
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", fill_the_disk)
+    args = ["train", str(cfg), "--out", str(out), "--no-progress", "train.checkpoint_period=1", "data.test=null"]
+    assert main(args) == 2
+    assert error_of(capsys) == (
+        f"detkit: error: cannot write checkpoint {out / 'model_0000003.pt'}: No space left on device "
+        "(nothing was written)"
+    )
+    assert sorted(p.name for p in out.glob("*.pt")) == ["model_0000001.pt", "model_0000002.pt"]
+    assert load_checkpoint(out / "model_0000002.pt")["iteration"] == 2
+    assert (out / "last_checkpoint").read_text() == "model_0000002.pt\n"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left
+    monkeypatch.setattr(torch, "save", real_save)
+    assert main(args + ["--resume"]) == 0
+    err = capsys.readouterr().err
+    assert f"resumed from {out / 'model_0000002.pt'} at iteration 2" in err
+    assert load_checkpoint(out / "model_final.pt")["iteration"] == 4
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_image_that_breaks_during_training_is_skipped(run, tmp_path, capsys, monkeypatch, workers):
+    """An image that became unreadable after the dataset was loaded (and validated) is replaced
+    in its batch with a warning naming the file; the run finishes."""
+    import shutil
+
+    import detkit.cli.train as train_cli
+
+    cfg, out = run
+    data = tmp_path / "shapes"
+    shutil.copytree(out.parent / "shapes", data)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(cfg.read_text().replace(str(out.parent / "shapes"), str(data)))
+    broken = data / "JPEGImages" / "train_00002.png"
+    real_build = train_cli.build_datasets
+
+    def build_then_break(*args, **kwargs):
+        datasets = real_build(*args, **kwargs)
+        broken.write_bytes(b"\x89PNG\r\n\x1a\n and then nothing but garbage")
+        return datasets
+
+    monkeypatch.setattr(train_cli, "build_datasets", build_then_break)
+    run_dir = tmp_path / "run"
+    argv = ["train", str(config), "--out", str(run_dir), "--no-progress", "train.max_iter=6", "train.log_period=6"]
+    assert main(argv + [f"data.num_workers={workers}"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    warnings = [line for line in err if line.startswith("warning: train:")]
+    assert warnings[0] == (
+        f"warning: train: skipped an unreadable image: cannot decode image: {broken} (not an image or corrupt); "
+        "another image of the same orientation takes its place"
+    )
+    assert len(warnings) == 2 and re.fullmatch(
+        r"warning: train: 1 unreadable image skipped (\d+) times \(train_00002\.png\)", warnings[1]
+    )
+    assert (run_dir / "model_final.pt").is_file() and (run_dir / "eval.json").is_file()
+    # Every batch kept its size: the broken image was replaced, not dropped.
+    assert [json.loads(line)["iter"] for line in open(run_dir / "metrics.jsonl") if '"loss"' in line] == [6]
+
+
+def test_eval_skips_an_unreadable_test_image_and_says_so(run, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import detkit.cli.eval as eval_cli
+
+    cfg, out = run
+    data = tmp_path / "shapes"
+    shutil.copytree(out.parent / "shapes", data)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(cfg.read_text().replace(str(out.parent / "shapes"), str(data)))
+    broken = data / "JPEGImages" / "test_00001.png"
+    real_build = eval_cli.build_dataset
+
+    def build_then_break(*args, **kwargs):
+        dataset = real_build(*args, **kwargs)
+        broken.write_bytes(b"not an image")
+        return dataset
+
+    monkeypatch.setattr(eval_cli, "build_dataset", build_then_break)
+    argv = ["eval", str(config), "--checkpoint", str(out / "model_final.pt"), "--out", str(tmp_path / "e")]
+    assert main(argv) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: eval:")]
+    assert warnings == [
+        f"warning: eval: skipped an unreadable image: cannot decode image: {broken} (not an image or corrupt); "
+        "it gets no detections: its ground truth counts as missed",
+        "warning: eval: 1 of 3 images could not be read and were skipped; their ground truth counts as missed",
+    ]
+    detections = json.loads((tmp_path / "e" / "detections.json").read_text())
+    assert detections and not [d for d in detections if d["image_id"] == "test_00001"]

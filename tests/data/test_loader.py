@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from detkit.data.dataset import DetectionDataset
-from detkit.data.loader import Collate, GroupedBatchSampler, build_test_loader, build_train_loader
+from detkit.data.loader import (
+    Collate,
+    GroupedBatchSampler,
+    LoadedSample,
+    build_test_loader,
+    build_train_loader,
+    sample_seed,
+)
 from detkit.structures import Geometry, ImageRecord, Target
 
 L, P = (30, 20), (20, 30)  # (width, height): landscape, portrait
@@ -154,3 +161,101 @@ def test_collate_tells_which_images_were_flipped():
     images, _ = Collate(1)(batch)
     assert [g.flipped for g in images.geometries] == [True, False]
     assert [g.flipped for g in images.to("cpu").geometries] == [True, False]
+
+
+# -- per-sample augmentation seeds -------------------------------------------------------------
+class _Draws(DetectionDataset):
+    """Each item is a random draw (as a flip or scale choice would be) tagged with its index."""
+
+    def __init__(self, n=6):
+        super().__init__([ImageRecord(i, f"{i}.png", 4, 4) for i in range(n)], ["a"])
+
+    def __getitem__(self, i):
+        draw = torch.rand(())
+        return torch.full((3, 4, 4), float(draw)), Target(
+            torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), image_id=i, geometry=Geometry.identity(4, 4)
+        )
+
+
+def _stream(loader, n):
+    return [(b[0].image_ids, b[0].tensor[:, 0, 0, 0].tolist()) for b in islice(iter(loader), n)]
+
+
+def test_augmentation_draws_depend_only_on_the_place_in_the_stream():
+    dataset = _Draws()
+    plain = _stream(build_train_loader(dataset, 2, seed=4, size_divisibility=1), 6)
+    workers = _stream(build_train_loader(dataset, 2, seed=4, num_workers=2, size_divisibility=1), 6)
+    resumed = _stream(build_train_loader(dataset, 2, seed=4, size_divisibility=1, start_batch=3), 3)
+    assert workers == plain  # with workers the same draws as without
+    assert resumed == plain[3:]  # a resumed stream repeats the draws of the uninterrupted one
+    # An image that comes up again (next epoch) gets a new draw: the seed is per position.
+    draws = [d for _, ds in plain for d in ds]
+    assert len(set(draws)) == len(draws)
+    assert _stream(build_train_loader(dataset, 2, seed=5, size_divisibility=1), 6) != plain
+
+
+def test_reading_samples_does_not_move_the_main_random_stream():
+    # With num_workers 0 the samples are read in the main process, whose RNG the model's
+    # sampling uses: it must come out of the loader untouched.
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    list(islice(iter(build_train_loader(_Draws(), 2, seed=1, size_divisibility=1)), 4))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_sample_seeds_are_distinct_for_neighbouring_keys():
+    seeds = {sample_seed(s, b, p) for s in range(3) for b in range(50) for p in range(4)}
+    assert len(seeds) == 3 * 50 * 4
+    assert sample_seed(0, 1, 2) == sample_seed(0, 1, 2)
+
+
+# -- unreadable images -------------------------------------------------------------------------
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_unreadable_training_image_is_replaced_by_one_of_the_same_orientation(tmp_path, workers):
+    dataset = make_dataset(tmp_path, [L, P, L, P, L, P])
+    broken = tmp_path / "im2.png"  # a landscape image
+    broken.write_bytes(b"garbage")
+    loader = build_train_loader(dataset, 2, seed=0, num_workers=workers, size_divisibility=16)
+    batches = list(islice(iter(loader), 9))  # 3 epochs: im2 comes up 3 times
+    skipped = [f for b in batches for f in b.skipped]
+    assert skipped == [(str(broken), f"cannot decode image: {broken} (not an image or corrupt)")] * 3
+    for images, targets in batches:
+        assert len(targets) == 2 and "im2" not in images.image_ids  # batch size kept
+        assert len({int(i[2:]) % 2 for i in images.image_ids}) == 1  # still one orientation
+    # The substitute is a function of the sample's seed: the same with and without workers.
+    reference = list(islice(iter(build_train_loader(dataset, 2, seed=0, size_divisibility=16)), 9))
+    assert [b[0].image_ids for b in batches] == [b[0].image_ids for b in reference]
+
+
+def test_a_batch_whose_images_all_fail_comes_back_empty(tmp_path):
+    dataset = make_dataset(tmp_path, [L, L])
+    for i in range(2):
+        (tmp_path / f"im{i}.png").unlink()
+    batch = next(iter(build_train_loader(dataset, 2, seed=0)))
+    images, targets = batch
+    assert images is None and targets == []
+    assert sorted(f for f, _ in batch.skipped) == sorted([str(tmp_path / "im0.png"), str(tmp_path / "im1.png")] * 2)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_test_loader_raises_or_skips_unreadable_images(tmp_path, workers):
+    from detkit.errors import ImageReadError
+
+    dataset = make_dataset(tmp_path, [L, L, L])
+    (tmp_path / "im1.png").write_bytes(b"garbage")
+    # The one-line message names the file, also when a worker met it.
+    with pytest.raises(ImageReadError) as err:
+        list(build_test_loader(dataset, batch_size=2, num_workers=workers))
+    assert str(err.value) == f"cannot decode image: {tmp_path / 'im1.png'} (not an image or corrupt)"
+    batches = list(build_test_loader(dataset, batch_size=1, num_workers=workers, skip_unreadable=True))
+    assert [b[0].image_ids if b[0] is not None else None for b in batches] == [["im0"], None, ["im2"]]
+    assert [f for b in batches for f, _ in b.skipped] == [str(tmp_path / "im1.png")]
+
+
+def test_batches_pickle_with_what_was_skipped():
+    import pickle
+
+    batch = Collate(1)([item(4, 4, "a"), LoadedSample(None, None, [("x.png", "cannot decode image: x.png")])])
+    again = pickle.loads(pickle.dumps(batch))
+    images, targets = again
+    assert images.image_ids == ["a"] and again.skipped == [("x.png", "cannot decode image: x.png")]
