@@ -24,6 +24,9 @@ quickstart: $(STAMP)
 	@echo "quick start done: $(RUN) (eval.json, metrics.jsonl, demo/*.png)"
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q tests
 
 clean-venv:

@@ -17,17 +17,19 @@ setup(
         "numpy",
         "pycocotools",
         "opencv-python-headless",
-        "scikit-learn",
-        "scikit-image",
+        "scikit-learn",  # R-CNN's SVMs and ridge box regression
         # compiles the sequential merge loop of Felzenszwalb's segmentation (Selective Search)
         "numba",
-        "scipy",
+        "scipy",  # classic Selective Search .mat proposal files
         "pyyaml",
         "tqdm",
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest"],
+        # make test: the suite, its reference implementations (scikit-image's Felzenszwalb
+        # segmentation for Selective Search), the TensorBoard writer, and the lint / type
+        # checkers it runs first (pinned: their verdicts change between releases).
+        "test": ["pytest", "scikit-image", "tensorboard", "ruff==0.17.6", "mypy==2.4.1"],
         # train.tensorboard: true (metrics and detection images in <run>/tensorboard).
         "tensorboard": ["tensorboard"],
         # OpenCV-contrib's selective search is only the peer we benchmark against; it

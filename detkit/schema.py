@@ -228,13 +228,40 @@ class DataConfig:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
 
 
+def _check(ok: bool, message: str) -> None:
+    """A ``__post_init__`` check: ValueError, which the config loader reports as a ConfigError
+    prefixed with the section's key (e.g. ``model.proposals.rpn: fg_iou_thresh ...``)."""
+    if not ok:
+        raise ValueError(message)
+
+
+def _check_box_weights(weights: List[float]) -> None:
+    _check(
+        len(weights) == 4 and all(w > 0 for w in weights),
+        f"box_weights: 4 positive values (wx, wy, ww, wh), got {weights}",
+    )
+
+
+# Backbones whose bodies are residual networks (they need a normalisation layer).
+_RESIDUAL_BACKBONES = ("tiny", "resnet18", "resnet34", "resnet50", "resnet101")
+_SYNCBN = "syncbn needs distributed training (torchrun), not available yet"
+
+
 @dataclass
 class BackboneConfig:
+    """norm: bn, frozen_bn or gn for the ResNets and tiny; none or bn for vgg16.
+    frozen_stages: 0 trains everything; ResNets and tiny: k freezes the stem and the first
+    k - 1 stages (at most 4 with the single C4 map, 5 with FPN); vgg16: conv blocks 1..k (0..5).
+    """
+
+    # (the names are detkit.modeling.build.BACKBONES'; tests/test_configs.py keeps them equal)
+
     # the backbone network (tiny: a small ResNet for tests and the quick start)
     name: Literal["tiny", "resnet18", "resnet34", "resnet50", "resnet101", "vgg16"] = "resnet50"
     fpn: bool = True  # an FPN over the backbone's stages (P2-P6); false: one stride-16 map (ResNet C4 / VGG conv5_3)
     out_channels: int = 256  # FPN channels
-    # normalisation in the backbone: bn (trains), frozen_bn, gn, syncbn or none
+    # normalisation in the backbone: bn (trains), frozen_bn, gn or none; syncbn is refused
+    # (one line) until detkit trains on several processes
     norm: Literal["bn", "frozen_bn", "gn", "syncbn", "none"] = "bn"
     # normalisation in the FPN convs (null/none: none, as the FPN paper)
     fpn_norm: Optional[Literal["bn", "gn", "syncbn", "none"]] = None
@@ -244,9 +271,28 @@ class BackboneConfig:
     tiny_widths: List[int] = field(default_factory=lambda: [16, 32, 64, 128])  # name tiny: channels of its four stages
     tiny_blocks: int = 1  # name tiny: residual blocks per stage
 
+    def __post_init__(self):
+        _check(self.norm != "syncbn", f"norm: {_SYNCBN}")
+        _check(self.fpn_norm != "syncbn", f"fpn_norm: {_SYNCBN}")
+        if self.name in _RESIDUAL_BACKBONES:
+            _check(self.norm != "none", f"norm: none: {self.name} needs a normalisation layer (bn, frozen_bn or gn)")
+        else:
+            _check(self.norm in ("none", "bn"), f"norm: {self.norm} is not available for {self.name} (none or bn)")
+        _check(self.out_channels >= 1, f"out_channels: must be >= 1, got {self.out_channels}")
+        _check(self.frozen_stages >= 0, f"frozen_stages: must be >= 0, got {self.frozen_stages}")
+        _check(
+            len(self.tiny_widths) == 4 and all(w >= 1 for w in self.tiny_widths),
+            f"tiny_widths: 4 positive channel counts (c2..c5), got {self.tiny_widths}",
+        )
+        _check(self.tiny_blocks >= 1, f"tiny_blocks: must be >= 1, got {self.tiny_blocks}")
+
 
 @dataclass
 class AnchorConfig:
+    """sizes / aspect_ratios: one list per feature map the RPN looks at (FPN: P2..P6, the
+    single map: one), or one list for all of them; every level must have the same number of
+    anchors (sizes x ratios), as one RPN head serves all levels."""
+
     # anchor sizes sqrt(w h) in network-input px, one list per feature level (one list: every level)
     sizes: List[List[float]] = field(default_factory=lambda: [[32], [64], [128], [256], [512]])
     # anchor aspect ratios h / w, one list per level (one list: every level)
@@ -254,6 +300,15 @@ class AnchorConfig:
     offset: float = 0.0  # anchor centres at (x + offset) * stride: 0 the cell's corner, 0.5 its centre
     # strides as torchvision computes them (input size // feature size), for converted weights
     strides_from_input: bool = False
+
+    def __post_init__(self):
+        _check(0.0 <= self.offset < 1.0, f"offset: must be in [0, 1) (a fraction of the stride), got {self.offset}")
+        for key in ("sizes", "aspect_ratios"):
+            levels = getattr(self, key)
+            _check(
+                len(levels) > 0 and all(len(level) > 0 and all(v > 0 for v in level) for level in levels),
+                f"{key}: non-empty lists of positive values, one per level, got {levels}",
+            )
 
 
 @dataclass
@@ -276,6 +331,23 @@ class RPNConfig:
     # training ignores anchors reaching more than this many px outside the image; -1 keeps all
     allowed_border: float = -1.0
 
+    def __post_init__(self):
+        _check(
+            0.0 <= self.bg_iou_thresh <= self.fg_iou_thresh <= 1.0,
+            f"fg_iou_thresh ({self.fg_iou_thresh}) must be >= bg_iou_thresh ({self.bg_iou_thresh}), both in [0, 1]",
+        )
+        _check(self.conv_depth >= 0, f"conv_depth: must be >= 0, got {self.conv_depth}")
+        _check(self.batch_size_per_image >= 1, f"batch_size_per_image: must be >= 1, got {self.batch_size_per_image}")
+        _check(
+            0.0 <= self.positive_fraction <= 1.0, f"positive_fraction: must be in [0, 1], got {self.positive_fraction}"
+        )
+        for key in ("pre_nms_topk_train", "pre_nms_topk_test", "post_nms_topk_train", "post_nms_topk_test"):
+            _check(getattr(self, key) >= 1, f"{key}: must be >= 1, got {getattr(self, key)}")
+        _check(0.0 <= self.nms_thresh <= 1.0, f"nms_thresh: must be in [0, 1], got {self.nms_thresh}")
+        _check(self.min_size >= 0, f"min_size: must be >= 0, got {self.min_size}")
+        _check(self.smooth_l1_beta >= 0, f"smooth_l1_beta: must be >= 0 (0 = L1), got {self.smooth_l1_beta}")
+        _check_box_weights(self.box_weights)
+
 
 @dataclass
 class SelectiveSearchConfig:
@@ -285,6 +357,9 @@ class SelectiveSearchConfig:
     mode: Literal["single", "fast", "quality"] = "fast"  # single, fast or quality (the paper's strategies, sec. 5.2)
     max_proposals: int = 2000  # proposals kept per image
     min_size: float = 20.0  # smaller proposals (px, original image) are dropped
+
+    def __post_init__(self):
+        _check(self.min_size >= 0, f"min_size: must be >= 0, got {self.min_size}")
 
 
 @dataclass
@@ -298,6 +373,8 @@ class PrecomputedConfig:
 
 @dataclass
 class ProposalConfig:
+    # (the methods are detkit.modeling.build.PROPOSAL_GENERATORS'; a test keeps them equal)
+
     # where proposals come from: rpn, selective_search (on the fly) or precomputed (files)
     method: Literal["rpn", "selective_search", "precomputed"] = "rpn"
     rpn: RPNConfig = field(default_factory=RPNConfig)  # method rpn
@@ -314,11 +391,27 @@ class ProposalConfig:
 
 @dataclass
 class RoIHeadConfig:
+    """Two heads (``name``). fast_rcnn: pooler, fully connected layers (fc_dims), classifier
+    and box regressor (Fast R-CNN; on FPN as in the FPN paper; on the single C4 map it is the
+    "C4 + 2fc" head). res5: the ResNet paper's C4 head (appendix A): pooler on C4 (14 x 14
+    in Detectron / detectron2), the backbone network's own res5 stage run per region (its
+    ImageNet weights when the backbone has them), average pooling, classifier and box
+    regressor; it needs a ResNet or tiny backbone with fpn: false, and fc_dims / dropout do
+    not apply to it.
+    """
+
+    # (the names are detkit.modeling.build.ROI_HEADS'; a test keeps them equal)
+
+    # the region head: fast_rcnn (pooler + fc layers) or res5 (the ResNet paper's C4 head)
+    name: Literal["fast_rcnn", "res5"] = "fast_rcnn"
     # how a region becomes a fixed-size feature: roi_align or roi_pool
     pooler: Literal["roi_align", "roi_pool"] = "roi_align"
     pooler_resolution: int = 7  # pooled output size (7: 7x7)
-    sampling_ratio: int = 2  # roi_align: sampling points per bin and axis (0: adaptive)
-    aligned: bool = False  # roi_align: half-pixel offset (detectron2's true; torchvision's false)
+    # roi_align: sampling points per bin and axis (0: adaptive); roi_pool samples every
+    # pixel of its quantised bins, so it does not apply there
+    sampling_ratio: int = 2
+    # roi_align: half-pixel offset (detectron2's ROIAlignV2: true; torchvision's false); refused with roi_pool
+    aligned: bool = False
     # RoIAlign on the CPU as a sparse matrix product (faster; equal up to float rounding);
     # false: torchvision's kernel, bit for bit (converted torchvision weights).
     cpu_sparse_roi_align: bool = True
@@ -339,9 +432,38 @@ class RoIHeadConfig:
     detections_per_img: int = 100  # at most this many detections per image
     min_box_size: float = 0.01  # detections narrower or lower than this (px) are dropped
 
+    def __post_init__(self):
+        _check(
+            not (self.pooler == "roi_pool" and self.aligned),
+            "aligned: true is RoIAlign's half-pixel offset and does not apply to pooler roi_pool "
+            "(it quantises boxes): set aligned: false or pooler: roi_align",
+        )
+        _check(self.pooler_resolution >= 1, f"pooler_resolution: must be >= 1, got {self.pooler_resolution}")
+        _check(self.sampling_ratio >= 0, f"sampling_ratio: must be >= 0 (0 = adaptive), got {self.sampling_ratio}")
+        _check(all(d >= 1 for d in self.fc_dims), f"fc_dims: positive widths, got {self.fc_dims}")
+        _check(0.0 <= self.dropout < 1.0, f"dropout: must be in [0, 1), got {self.dropout}")
+        _check(self.batch_size_per_image >= 1, f"batch_size_per_image: must be >= 1, got {self.batch_size_per_image}")
+        _check(
+            0.0 <= self.positive_fraction <= 1.0, f"positive_fraction: must be in [0, 1], got {self.positive_fraction}"
+        )
+        _check(
+            0.0 <= self.bg_iou_thresh_lo < self.fg_iou_thresh <= 1.0,
+            f"bg_iou_thresh_lo ({self.bg_iou_thresh_lo}) must be below fg_iou_thresh ({self.fg_iou_thresh}), "
+            "both in [0, 1]",
+        )
+        _check_box_weights(self.box_weights)
+        _check(self.smooth_l1_beta >= 0, f"smooth_l1_beta: must be >= 0 (0 = L1), got {self.smooth_l1_beta}")
+        _check(0.0 <= self.nms_thresh <= 1.0, f"nms_thresh: must be in [0, 1], got {self.nms_thresh}")
+        _check(self.detections_per_img >= 1, f"detections_per_img: must be >= 1, got {self.detections_per_img}")
+        _check(self.min_box_size >= 0, f"min_box_size: must be >= 0, got {self.min_box_size}")
+
 
 @dataclass
 class ModelConfig:
+    """Values that can only be judged with the backbone in mind (anchor levels against its
+    feature maps, frozen stages against its stages, a res5 head on FPN) are checked when the
+    model is built, before any weights are loaded (``modeling.build.check_model_config``)."""
+
     backbone: BackboneConfig = field(default_factory=BackboneConfig)  # the feature extractor
     anchors: AnchorConfig = field(default_factory=AnchorConfig)  # RPN anchors
     proposals: ProposalConfig = field(default_factory=ProposalConfig)  # the proposal generator

@@ -1,21 +1,52 @@
 """Every shipped config validates against the schema and builds its model (pretrained
-weights switched off: tests never download)."""
+weights switched off: tests never download); the paper / detectron2 values the configs cite
+survive inheritance; the schema's name Literals are the builder tables' names."""
 
 from pathlib import Path
+from typing import get_args, get_type_hints
 
 import pytest
 import torch
 
 from detkit.config import load_config
-from detkit.modeling.build import build_model
-from detkit.schema import Config
+from detkit.data.build import DATASET_FORMATS
+from detkit.modeling.build import BACKBONES, PROPOSAL_GENERATORS, ROI_HEADS, build_model
+from detkit.modeling.heads.fast_rcnn import FastRCNNHead
+from detkit.modeling.heads.res5 import Res5Head
+from detkit.schema import BackboneConfig, Config, DatasetConfig, ProposalConfig, RoIHeadConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*/*.yaml"))
 
 
 def test_configs_are_found():
     names = {p.name for p in CONFIGS}
-    assert {"quickstart_shapes.yaml", "bccd_r18_fpn.yaml", "vgg16_voc07.yaml", "r50_fpn_1x_coco.yaml"} <= names
+    assert {
+        "quickstart_shapes.yaml",
+        "quickstart_res5.yaml",
+        "bccd_r18_fpn.yaml",
+        "vgg16_voc07.yaml",
+        "r50_fpn_1x_coco.yaml",
+        "r50_c4_voc07.yaml",
+    } <= names
+
+
+def _literal(cls, name):
+    return set(get_args(get_type_hints(cls)[name]))
+
+
+@pytest.mark.parametrize(
+    "cls, key, table",
+    [
+        (BackboneConfig, "name", BACKBONES),
+        (ProposalConfig, "method", PROPOSAL_GENERATORS),
+        (RoIHeadConfig, "name", ROI_HEADS),
+        (DatasetConfig, "format", DATASET_FORMATS),
+    ],
+    ids=["backbones", "proposal_generators", "roi_heads", "dataset_formats"],
+)
+def test_schema_names_are_the_builder_tables(cls, key, table):
+    # a name added to a table but not to the schema (or the other way) fails here
+    assert _literal(cls, key) == set(table)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -28,5 +59,20 @@ def test_config_validates_and_builds(path):
         assert cfg.model.proposals.rpn.post_nms_topk_test == 300  # Faster R-CNN sec. 4.1
         assert cfg.model.roi_head.pooler == "roi_pool" and cfg.model.roi_head.bg_iou_thresh_lo == 0.0
         assert cfg.train.steps == [60000] and cfg.train.base_lr == 0.001
+    if path.name == "r50_fpn_1x_coco.yaml":  # detectron2's R50-FPN 1x (Base-RCNN-FPN, defaults.py)
+        h, r = cfg.model.roi_head, cfg.model.proposals.rpn
+        assert (h.aligned, h.sampling_ratio, h.smooth_l1_beta) == (True, 0, 0.0)  # ROIAlignV2, L1
+        assert (r.post_nms_topk_train, r.pre_nms_topk_train, r.smooth_l1_beta) == (1000, 2000, 0.0)
+        assert cfg.data.input.min_size_train == [640, 672, 704, 736, 768, 800]
+        assert (cfg.train.max_iter, cfg.train.steps, cfg.data.batch_size) == (90000, [60000, 80000], 16)
+        assert cfg.model.backbone.frozen_stages == 2 and cfg.model.backbone.norm == "frozen_bn"
+    if path.name in ("r50_c4_voc07.yaml", "quickstart_res5.yaml"):  # the ResNet paper's C4 head
+        assert isinstance(model.roi_head, Res5Head) and not cfg.model.backbone.fpn
+        assert cfg.model.roi_head.pooler_resolution == 14
+    if path.name == "r50_c4_voc07.yaml":
+        assert cfg.model.backbone.norm == "frozen_bn"  # ResNet paper appendix A: BN fixed
+        assert (cfg.model.roi_head.aligned, cfg.model.roi_head.sampling_ratio) == (True, 0)
+    if path.name == "quickstart_shapes.yaml":
+        assert isinstance(model.roi_head, FastRCNNHead)
     if path.name == "bccd_r18_fpn.yaml":
         assert cfg.data.train.root.endswith("BCCD") and cfg.data.classes == ["Platelets", "RBC", "WBC"]

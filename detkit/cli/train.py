@@ -22,7 +22,7 @@ from detkit.engine.inference import denormals_flushed, device_from_config
 from detkit.engine.pipelines import stages_for
 from detkit.engine.stages import RunContext, run_stages
 from detkit.engine.trainer import RUN_FILES, check_output_dir
-from detkit.modeling.build import build_model, model_summary
+from detkit.modeling.build import build_model, check_model_config, model_summary
 
 NAME = "train"
 logger = logging.getLogger("detkit")
@@ -64,6 +64,7 @@ def _run(args, cfg) -> int:
     out = Path(args.out) if args.out else default_out(args.config, RUN_FILES, args.resume)
     check_output_dir(out, args.resume)
     device = device_from_config(cfg.train.device)
+    check_model_config(cfg.model)  # a bad model key fails before the datasets load
     train_set, test_set, classes = build_datasets(cfg, need_train=True, need_test=cfg.data.test is not None)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)

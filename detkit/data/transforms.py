@@ -16,7 +16,7 @@ the same pixels.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -71,12 +71,11 @@ class ResizeShortestEdge:
     several are given: multi-scale training, Fast R-CNN paper sec. 5.2) and the longer side is
     at most ``max_size``. Boxes are scaled by the same per-axis factors as the pixels."""
 
-    def __init__(self, min_sizes: Sequence[int], max_size: int):
-        if isinstance(min_sizes, (int, float)):
-            min_sizes = [min_sizes]
-        if not min_sizes:
+    def __init__(self, min_sizes: Union[int, Sequence[int]], max_size: int):
+        sizes = [min_sizes] if isinstance(min_sizes, (int, float)) else list(min_sizes)
+        if not sizes:
             raise ValueError("ResizeShortestEdge needs at least one size")
-        self.min_sizes = [int(s) for s in min_sizes]
+        self.min_sizes = [int(s) for s in sizes]
         self.max_size = int(max_size)
 
     def __call__(self, image, target):

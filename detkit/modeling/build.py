@@ -5,21 +5,36 @@ its names (the schema's Literal types are tested against them).
 Nothing here is filled by import side effects: to add a backbone, add a line to
 ``BACKBONES``. Every object built here can also be built by hand with keyword arguments
 (see the tests), the config is only a convenience.
+
+Parts of the ImageNet network that a region head continues are handed over here, visibly:
+a body builder returns the body and a ``HandOver`` (ResNet's / the tiny net's ``layer4`` for
+the Res5 head, VGG-16's fc6/fc7 weights for the Fast R-CNN head), and ``build_model`` passes
+it to the head builder. Values the schema accepts but a part cannot work with (anchor levels
+that do not match the backbone's maps, frozen stages beyond the body, a Res5 head on FPN) are
+``ConfigError``s naming the key, raised before anything is built.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Optional
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from detkit.errors import BackboneError
+from torch import Tensor, nn
+
+from detkit.errors import ConfigError
+from detkit.modeling.backbones.common import Body
 from detkit.modeling.backbones.fpn import FPN
-from detkit.modeling.backbones.resnet import ResNetBody, SingleMap
-from detkit.modeling.backbones.tiny import TinyResNetBody
-from detkit.modeling.backbones.vgg import VGGBody
+from detkit.modeling.backbones.resnet import ResNetBody, SingleMap, stage_out_channels, torchvision_resnet
+from detkit.modeling.backbones.tiny import TinyResNet, TinyResNetBody
+from detkit.modeling.backbones.vgg import VGGBody, torchvision_vgg16, vgg16_fc_state
 from detkit.modeling.box_ops import BalancedSampler, BoxCoder, Matcher
 from detkit.modeling.detector import Detector
+from detkit.modeling.heads.base import RoIHeadBase
 from detkit.modeling.heads.fast_rcnn import FastRCNNHead, FastRCNNPredictor, MLPBoxHead
+from detkit.modeling.heads.res5 import Res5Head
+from detkit.modeling.interfaces import Backbone, ProposalGenerator
 from detkit.modeling.poolers import RoIPooler
 from detkit.modeling.proposals.anchors import AnchorGenerator
 from detkit.modeling.proposals.precomputed import PrecomputedProposals
@@ -30,24 +45,46 @@ from detkit.schema import BackboneConfig, InputConfig, ModelConfig
 logger = logging.getLogger("detkit")
 
 
-# -- model ---------------------------------------------------------------------------------
-def _resnet_body(cfg: BackboneConfig, outs):
-    return ResNetBody(cfg.name, outs, norm=cfg.norm, frozen_stages=cfg.frozen_stages, pretrained=cfg.pretrained)
+# -- backbones -----------------------------------------------------------------------------
+@dataclass
+class HandOver:
+    """What a body builder hands to the region head, from the same ImageNet network.
+
+    res5: the ResNet stage after C4 (torchvision's / the tiny net's ``layer4``), for the
+        Res5 head; None when the body uses it itself (FPN) or nobody asked for it.
+    fc_state: VGG-16's ImageNet fc6/fc7 weights under ``MLPBoxHead``'s names; None without
+        pretrained weights.
+    """
+
+    res5: Optional[nn.Module] = None
+    fc_state: Optional[Dict[str, Tensor]] = None
 
 
-def _vgg_body(cfg: BackboneConfig, outs):
-    return VGGBody(
-        outs, norm="bn" if cfg.norm == "bn" else "none", frozen_stages=cfg.frozen_stages, pretrained=cfg.pretrained
-    )
+BodyBuilder = Callable[[BackboneConfig, Sequence[str], bool], Tuple[Body, HandOver]]
 
 
-def _tiny_body(cfg: BackboneConfig, outs):
-    if cfg.pretrained:
-        raise BackboneError("the tiny backbone has no pretrained weights")
-    return TinyResNetBody(cfg.tiny_widths, cfg.tiny_blocks, outs, norm=cfg.norm, frozen_stages=cfg.frozen_stages)
+def _resnet_body(cfg: BackboneConfig, outs: Sequence[str], res5: bool) -> Tuple[Body, HandOver]:
+    net = torchvision_resnet(cfg.name, cfg.norm, cfg.pretrained)
+    body = ResNetBody(net, outs, frozen_stages=cfg.frozen_stages)
+    return body, HandOver(res5=net.layer4 if res5 else None)
 
 
-BACKBONES = {
+def _vgg_body(cfg: BackboneConfig, outs: Sequence[str], res5: bool) -> Tuple[Body, HandOver]:
+    net = torchvision_vgg16("bn" if cfg.norm == "bn" else "none", cfg.pretrained)
+    body = VGGBody(net, outs, frozen_stages=cfg.frozen_stages)
+    return body, HandOver(fc_state=vgg16_fc_state(net) if cfg.pretrained else None)
+
+
+def _tiny_body(cfg: BackboneConfig, outs: Sequence[str], res5: bool) -> Tuple[Body, HandOver]:
+    # Only the stages someone uses are built (a C4 body without a Res5 head has no layer4),
+    # which also keeps the random initialisation of the other parts as it was.
+    stages = 4 if res5 or "c5" in outs else 3
+    net = TinyResNet(cfg.tiny_widths, cfg.tiny_blocks, norm=cfg.norm, num_stages=stages)
+    body = TinyResNetBody(net, outs, frozen_stages=cfg.frozen_stages)
+    return body, HandOver(res5=net.layer4 if res5 else None)
+
+
+BACKBONES: Dict[str, BodyBuilder] = {
     "resnet18": _resnet_body,
     "resnet34": _resnet_body,
     "resnet50": _resnet_body,
@@ -55,17 +92,51 @@ BACKBONES = {
     "vgg16": _vgg_body,
     "tiny": _tiny_body,
 }
+# Backbones whose stage after C4 is a residual stage a Res5 head can run per region.
+RES5_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "tiny")
+
+FPN_INPUTS = ("c2", "c3", "c4", "c5")
+SINGLE_MAP = ("c4",)
 
 
-def build_backbone(cfg: BackboneConfig):
-    """FPN over c2..c5, or the single stride-16 map c4 (ResNet C4 / VGG conv5_3)."""
+def build_backbone(cfg: BackboneConfig, res5: bool = False) -> Tuple[Backbone, HandOver]:
+    """FPN over c2..c5, or the single stride-16 map c4 (ResNet C4 / VGG conv5_3); with
+    ``res5`` the body builder also hands over the stage after C4 (for the Res5 head)."""
+    check_backbone_config(cfg)
     if cfg.fpn:
-        body = BACKBONES[cfg.name](cfg, ("c2", "c3", "c4", "c5"))
-        return FPN(body, cfg.out_channels, norm=cfg.fpn_norm)
-    return SingleMap(BACKBONES[cfg.name](cfg, ("c4",)), size_divisibility=16)
+        body, hand_over = BACKBONES[cfg.name](cfg, FPN_INPUTS, res5)
+        return FPN(body, cfg.out_channels, norm=cfg.fpn_norm), hand_over
+    body, hand_over = BACKBONES[cfg.name](cfg, SINGLE_MAP, res5)
+    return SingleMap(body, size_divisibility=16), hand_over
 
 
-def build_rpn(cfg: ModelConfig, backbone, input_cfg: InputConfig) -> RPN:
+def backbone_outputs(cfg: BackboneConfig) -> List[str]:
+    """The names of the maps the configured backbone gives, without building it."""
+    if cfg.fpn:
+        return [f"p{name[1:]}" for name in FPN_INPUTS] + ["p6"]  # FPN's P6 (top block)
+    return list(SINGLE_MAP)
+
+
+def check_backbone_config(cfg: BackboneConfig) -> None:
+    """The backbone values that need to know the body (the rest is checked by the schema)."""
+    if cfg.name == "vgg16":
+        top, what = 5, "conv blocks 1..k"
+    else:  # the stem + layer1..3 (C4) or layer1..4 (FPN)
+        top, what = 1 + (len(FPN_INPUTS) if cfg.fpn else 3), "the stem and layer1..layer(k-1)"
+    # Checked here, not in the schema: a checkpoint's stored config may name weights that
+    # loading the checkpoint never fetches (it builds with pretrained: null).
+    if cfg.name == "tiny" and cfg.pretrained:
+        raise ConfigError("model.backbone.pretrained: the tiny backbone has no pretrained weights (set it to null)")
+    if not 0 <= cfg.frozen_stages <= top:
+        layout = "FPN" if cfg.fpn else "C4"
+        raise ConfigError(
+            f"model.backbone.frozen_stages: {cfg.frozen_stages} is out of range for {cfg.name} {layout} "
+            f"(0..{top}; k freezes {what})"
+        )
+
+
+# -- proposal generators -------------------------------------------------------------------
+def build_rpn(cfg: ModelConfig, backbone: Backbone, input_cfg: InputConfig) -> RPN:
     p = cfg.proposals.rpn
     features = list(backbone.out_features)
     anchors = AnchorGenerator(
@@ -75,11 +146,9 @@ def build_rpn(cfg: ModelConfig, backbone, input_cfg: InputConfig) -> RPN:
         offset=cfg.anchors.offset,
         strides_from_input=cfg.anchors.strides_from_input,
     )
-    per_location = set(anchors.num_anchors_per_location())
-    if len(per_location) != 1:
-        raise BackboneError(f"the shared RPN head needs the same number of anchors on every level, got {per_location}")
+    (per_location,) = set(anchors.num_anchors_per_location())  # checked by check_anchor_config
     return RPN(
-        RPNHead(backbone.out_channels, per_location.pop(), p.conv_depth),
+        RPNHead(backbone.out_channels, per_location, p.conv_depth),
         anchors,
         BoxCoder(p.box_weights),
         Matcher([p.bg_iou_thresh, p.fg_iou_thresh], [0, -1, 1], allow_low_quality_matches=True),
@@ -95,41 +164,113 @@ def build_rpn(cfg: ModelConfig, backbone, input_cfg: InputConfig) -> RPN:
     )
 
 
-def build_roi_head(cfg: ModelConfig, backbone, num_classes: int):
-    h = cfg.roi_head
+def check_anchor_config(cfg: ModelConfig, maps: Sequence[str]) -> None:
+    """One list of anchor sizes / ratios per feature map (or one list for all), and the same
+    number of anchors per location on every level (one RPN head is shared by the levels).
+    maps: the names of the backbone's outputs the RPN looks at."""
+    described = f"{len(maps)} feature map{'s' if len(maps) > 1 else ''} ({', '.join(maps)})"
+    for key, levels in (("sizes", cfg.anchors.sizes), ("aspect_ratios", cfg.anchors.aspect_ratios)):
+        if len(levels) not in (1, len(maps)):
+            raise ConfigError(
+                f"model.anchors.{key}: {len(levels)} levels, but the backbone ({cfg.backbone.name}, fpn: "
+                f"{str(cfg.backbone.fpn).lower()}) gives {described}: one list per map, or one list for all"
+            )
+    sizes = cfg.anchors.sizes * (len(maps) if len(cfg.anchors.sizes) == 1 else 1)
+    ratios = cfg.anchors.aspect_ratios * (len(maps) if len(cfg.anchors.aspect_ratios) == 1 else 1)
+    counts = [len(s) * len(r) for s, r in zip(sizes, ratios)]
+    if len(set(counts)) != 1:
+        raise ConfigError(
+            f"model.anchors.sizes / aspect_ratios: the shared RPN head needs the same number of anchors on "
+            f"every level, got {counts} (sizes x ratios per level)"
+        )
+
+
+def build_selective_search(cfg: ModelConfig, backbone: Backbone, input_cfg: InputConfig) -> SelectiveSearchProposals:
+    s = cfg.proposals.selective_search
+    # SS looks at raw pixels: it undoes the pipeline's normalisation.
+    return SelectiveSearchProposals(s.mode, s.max_proposals, s.min_size, input_cfg.pixel_mean, input_cfg.pixel_std)
+
+
+def build_precomputed(cfg: ModelConfig, backbone: Backbone, input_cfg: InputConfig) -> PrecomputedProposals:
+    p = cfg.proposals.precomputed
+    if p.path is None:  # the schema requires it for method precomputed
+        raise ConfigError("model.proposals.precomputed.path: needed for method precomputed")
+    return PrecomputedProposals(p.path, p.max_proposals)
+
+
+PROPOSAL_GENERATORS: Dict[str, Callable[[ModelConfig, Backbone, InputConfig], ProposalGenerator]] = {
+    "rpn": build_rpn,
+    "selective_search": build_selective_search,
+    "precomputed": build_precomputed,
+}
+
+
+def build_proposal_generator(
+    cfg: ModelConfig, backbone: Backbone, input_cfg: Optional[InputConfig] = None
+) -> ProposalGenerator:
+    """The ProposalGenerator named by ``cfg.proposals.method``."""
+    if cfg.proposals.method == "rpn":
+        check_anchor_config(cfg, backbone.out_features)
+    return PROPOSAL_GENERATORS[cfg.proposals.method](cfg, backbone, input_cfg or InputConfig())
+
+
+# -- RoI heads -----------------------------------------------------------------------------
+def _pooled_features(cfg: ModelConfig, backbone: Backbone) -> List[str]:
     # FPN: pool from P2..P5 (P6 only serves the RPN), FPN paper sec. 4.2.
-    features = [f for f in backbone.out_features if f != "p6"] if cfg.backbone.fpn else list(backbone.out_features)
-    pooler = RoIPooler(
+    return [f for f in backbone.out_features if f != "p6"] if cfg.backbone.fpn else list(backbone.out_features)
+
+
+def _pooler(cfg: ModelConfig, backbone: Backbone, features: List[str]) -> RoIPooler:
+    h = cfg.roi_head
+    strides = [backbone.out_strides[f] for f in features]
+    levels = [math.log2(s) for s in strides]
+    if any(lv != int(lv) for lv in levels) or levels != list(range(int(levels[0]), int(levels[0]) + len(levels))):
+        raise ConfigError(
+            f"model.backbone: the RoI pooler needs feature strides that are consecutive powers of 2, "
+            f"{cfg.backbone.name} gives {dict(zip(features, strides))}"
+        )
+    return RoIPooler(
         h.pooler_resolution,
-        [1.0 / backbone.out_strides[f] for f in features],
+        [1.0 / s for s in strides],
         kind=h.pooler,
         sampling_ratio=h.sampling_ratio,
         aligned=h.aligned,
         cpu_sparse=h.cpu_sparse_roi_align,
     )
+
+
+def _roi_matcher(cfg: ModelConfig) -> Matcher:
+    h = cfg.roi_head
+    # Fast R-CNN sec. 2.3: fg IoU >= 0.5, bg in [lo, 0.5), below lo ignored.
+    labels = [-1, 0, 1] if h.bg_iou_thresh_lo > 0 else [0, 0, 1]
+    return Matcher([h.bg_iou_thresh_lo, h.fg_iou_thresh], labels, allow_low_quality_matches=False)
+
+
+def build_fast_rcnn_head(cfg: ModelConfig, backbone: Backbone, num_classes: int, hand_over: HandOver) -> FastRCNNHead:
+    """Pooler + MLP box head ("fc6", "fc7") + FastRCNNPredictor. On a single C4 map this is
+    the "C4 + 2fc" head (not the ResNet paper's, which is ``res5``)."""
+    h = cfg.roi_head
+    features = _pooled_features(cfg, backbone)
+    pooler = _pooler(cfg, backbone, features)
     box_head = MLPBoxHead(backbone.out_channels * h.pooler_resolution**2, h.fc_dims, h.dropout)
-    body = getattr(backbone, "body", None)
-    fc_state = body.pop_fc_state() if hasattr(body, "pop_fc_state") else None
-    if fc_state is not None:
+    if hand_over.fc_state is not None:
         # VGG-16's ImageNet fc6/fc7 initialise the Fast R-CNN head (Fast R-CNN sec. 2.2) when
         # the head has their shape (7x7x512 conv5 RoIs, two 4096-wide layers).
         shapes = {k: tuple(v.shape) for k, v in box_head.state_dict().items()}
-        if shapes == {k: tuple(v.shape) for k, v in fc_state.items()}:
-            box_head.load_state_dict(fc_state)
+        if shapes == {k: tuple(v.shape) for k, v in hand_over.fc_state.items()}:
+            box_head.load_state_dict(hand_over.fc_state)
         else:
             logger.info(
                 "VGG-16's fc6/fc7 weights not used: the box head has another shape (%s)",
                 ", ".join(f"{k} {v}" for k, v in shapes.items() if k.endswith("weight")),
             )
-    # Fast R-CNN sec. 2.3: fg IoU >= 0.5, bg in [lo, 0.5), below lo ignored.
-    labels = [-1, 0, 1] if h.bg_iou_thresh_lo > 0 else [0, 0, 1]
     return FastRCNNHead(
         pooler,
         box_head,
         FastRCNNPredictor(box_head.out_features, num_classes, h.class_agnostic),
         num_classes,
         BoxCoder(h.box_weights),
-        Matcher([h.bg_iou_thresh_lo, h.fg_iou_thresh], labels, allow_low_quality_matches=False),
+        _roi_matcher(cfg),
         BalancedSampler(h.batch_size_per_image, h.positive_fraction),
         in_features=features,
         add_gt_as_proposals=h.add_gt_as_proposals,
@@ -141,35 +282,72 @@ def build_roi_head(cfg: ModelConfig, backbone, num_classes: int):
     )
 
 
-def build_selective_search(cfg: ModelConfig, backbone, input_cfg: InputConfig) -> SelectiveSearchProposals:
-    s = cfg.proposals.selective_search
-    # SS looks at raw pixels: it undoes the pipeline's normalisation.
-    return SelectiveSearchProposals(s.mode, s.max_proposals, s.min_size, input_cfg.pixel_mean, input_cfg.pixel_std)
+def build_res5_head(cfg: ModelConfig, backbone: Backbone, num_classes: int, hand_over: HandOver) -> Res5Head:
+    """RoIAlign S x S on C4 -> res5 per region -> average pooling -> FastRCNNPredictor (the
+    ResNet paper's C4 head); res5 is the backbone network's own layer4."""
+    h = cfg.roi_head
+    if hand_over.res5 is None:
+        raise ConfigError(f"model.roi_head.name: res5 got no res5 stage from the {cfg.backbone.name} backbone")
+    features = _pooled_features(cfg, backbone)
+    res5 = hand_over.res5
+    return Res5Head(
+        _pooler(cfg, backbone, features),
+        res5,
+        FastRCNNPredictor(stage_out_channels(res5), num_classes, h.class_agnostic),
+        num_classes,
+        BoxCoder(h.box_weights),
+        _roi_matcher(cfg),
+        BalancedSampler(h.batch_size_per_image, h.positive_fraction),
+        in_features=features,
+        add_gt_as_proposals=h.add_gt_as_proposals,
+        smooth_l1_beta=h.smooth_l1_beta,
+        score_thresh=h.score_thresh,
+        nms_thresh=h.nms_thresh,
+        detections_per_img=h.detections_per_img,
+        min_box_size=h.min_box_size,
+    )
 
 
-def build_precomputed(cfg: ModelConfig, backbone, input_cfg: InputConfig) -> PrecomputedProposals:
-    p = cfg.proposals.precomputed
-    return PrecomputedProposals(p.path, p.max_proposals)
-
-
-PROPOSAL_GENERATORS = {
-    "rpn": build_rpn,
-    "selective_search": build_selective_search,
-    "precomputed": build_precomputed,
+ROI_HEADS: Dict[str, Callable[[ModelConfig, Backbone, int, HandOver], RoIHeadBase]] = {
+    "fast_rcnn": build_fast_rcnn_head,
+    "res5": build_res5_head,
 }
 
 
-def build_proposal_generator(cfg: ModelConfig, backbone, input_cfg: Optional[InputConfig] = None):
-    """The ProposalGenerator named by ``cfg.proposals.method``."""
-    return PROPOSAL_GENERATORS[cfg.proposals.method](cfg, backbone, input_cfg or InputConfig())
+def check_roi_head_config(cfg: ModelConfig) -> None:
+    if cfg.roi_head.name == "res5" and (cfg.backbone.fpn or cfg.backbone.name not in RES5_BACKBONES):
+        raise ConfigError(
+            f"model.roi_head.name: res5 runs the ResNet stage after C4 per region: it needs a ResNet or tiny "
+            f"backbone with the single C4 map (model.backbone.fpn: false), got {cfg.backbone.name} with "
+            f"fpn: {str(cfg.backbone.fpn).lower()}"
+        )
+
+
+def build_roi_head(
+    cfg: ModelConfig, backbone: Backbone, num_classes: int, hand_over: Union[HandOver, None] = None
+) -> RoIHeadBase:
+    """The RoI head named by ``cfg.roi_head.name``; num_classes: K foreground classes."""
+    check_roi_head_config(cfg)
+    return ROI_HEADS[cfg.roi_head.name](cfg, backbone, num_classes, hand_over or HandOver())
+
+
+# -- the detector --------------------------------------------------------------------------
+def check_model_config(cfg: ModelConfig) -> None:
+    """ConfigError naming the key for values the schema accepts but the model's parts cannot
+    work with; cheap (nothing is built, no weights are loaded), so callers can check first."""
+    check_backbone_config(cfg.backbone)
+    if cfg.proposals.method == "rpn":
+        check_anchor_config(cfg, backbone_outputs(cfg.backbone))
+    check_roi_head_config(cfg)
 
 
 def build_model(cfg: ModelConfig, num_classes: int, input_cfg: Optional[InputConfig] = None) -> Detector:
     """num_classes: foreground classes K. input_cfg: the data pipeline's input settings
     (proposal generators that look at raw pixels need its normalisation); default ImageNet's."""
-    backbone = build_backbone(cfg.backbone)
+    check_model_config(cfg)
+    backbone, hand_over = build_backbone(cfg.backbone, res5=cfg.roi_head.name == "res5")
     proposal_generator = build_proposal_generator(cfg, backbone, input_cfg)
-    roi_head = build_roi_head(cfg, backbone, num_classes)
+    roi_head = build_roi_head(cfg, backbone, num_classes, hand_over)
     return Detector(
         backbone,
         proposal_generator,
@@ -180,7 +358,7 @@ def build_model(cfg: ModelConfig, num_classes: int, input_cfg: Optional[InputCon
     )
 
 
-def model_summary(model) -> str:
+def model_summary(model: nn.Module) -> str:
     n_all = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return f"{n_all / 1e6:.2f} M parameters ({n_train / 1e6:.2f} M trainable)"

@@ -8,8 +8,11 @@ R-CNN, SPP-net, Fast R-CNN and Faster R-CNN differ only in which parts they plug
     detections, losses    = roi_head(images, features, proposals, targets)
     detections            -> original image pixels (map_to_original)
 
-Losses are computed whenever targets are given, also in eval mode (validation loss);
-each loss term is multiplied by its weight in ``loss_weights`` here and nowhere else.
+The three parts implement ``detkit.modeling.interfaces`` (``Backbone``, ``ProposalGenerator``,
+``RoIHead``; checked when the Detector is built). Losses are computed whenever targets are
+given, also in eval mode (validation loss); their keys are namespaced by the part
+(``loss_rpn_*`` / ``loss_*``) and each term is multiplied by its weight in ``loss_weights``
+here and nowhere else.
 Targets are in network-input pixels (the data transforms scaled them); ``difficult``
 boxes are removed from them before any loss unless ``train_difficult`` is set.
 """
@@ -23,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from detkit.modeling.backbones.common import keep_frozen_bn_in_eval
+from detkit.modeling.interfaces import Backbone, ProposalGenerator, RoIHead, check_implements
 from detkit.structures import Detections, ImageList, Target
 
 
@@ -38,16 +42,23 @@ def map_to_original(detections: List[Detections], images: ImageList) -> List[Det
 
 
 class Detector(nn.Module):
+    """backbone, proposal_generator, roi_head: modules implementing the interfaces of the same
+    names (TypeError otherwise). loss_weights: loss name -> factor (missing: 1).
+    train_difficult: keep difficult boxes in the training targets."""
+
     def __init__(
         self,
-        backbone: nn.Module,
-        proposal_generator: nn.Module,
-        roi_head: nn.Module,
+        backbone: Backbone,
+        proposal_generator: ProposalGenerator,
+        roi_head: RoIHead,
         loss_weights: Optional[Dict[str, float]] = None,
         train_difficult: bool = False,
         channels_last_inference: bool = False,
     ):
         super().__init__()
+        check_implements(backbone, Backbone, "backbone")
+        check_implements(proposal_generator, ProposalGenerator, "proposal generator")
+        check_implements(roi_head, RoIHead, "RoI head")
         self.backbone = backbone
         self.proposal_generator = proposal_generator
         self.roi_head = roi_head
@@ -60,7 +71,8 @@ class Detector(nn.Module):
 
     @property
     def size_divisibility(self) -> int:
-        return getattr(self.backbone, "size_divisibility", 32)
+        """Input batches are padded to a multiple of this (the backbone's)."""
+        return int(self.backbone.size_divisibility)
 
     def train(self, mode: bool = True):
         super().train(mode)

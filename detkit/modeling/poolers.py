@@ -11,6 +11,12 @@ with R = total boxes of the batch, in the order of the input lists. With several
 k = floor(k0 + log2(sqrt(w * h) / 224)), clamped to the available levels, k0 = 4.
 The compiled kernels are torchvision.ops'.
 
+Degenerate boxes get a defined output: a NaN coordinate (a diverged network) is read as 0
+and every coordinate is clamped to +-1e6 px (so the sparse kernel never indexes outside the
+map); an inverted or empty box (x2 < x1 or y2 < y1) has area 0 for the level assignment,
+i.e. the finest level, and is pooled by the kernels as they define it. Every RoI gets a
+level (asserted).
+
 On the CPU, training with RoIAlign spends most of its time in torchvision's backward pass
 (a serial scatter loop: 40 % of a quick-start iteration), and its forward reads NCHW
 features with a stride of H*W floats between channels. ``sparse_roi_align`` computes the
@@ -146,16 +152,26 @@ def assign_levels(
     eps: float = 1e-6,
 ) -> Tensor:
     """(R, 4) -> (R,) index into the levels [min_level .. max_level] (0 = min_level).
-    ``eps`` keeps a box of exactly 224 px from falling one level down by rounding."""
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    ``eps`` keeps a box of exactly 224 px from falling one level down by rounding.
+    Inverted sides count as 0 and a NaN area as 0: such boxes go to the finest level
+    (log2(0) = -inf, clamped), never to an undefined one."""
+    widths = (boxes[:, 2] - boxes[:, 0]).clamp(min=0)
+    heights = (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
+    area = torch.nan_to_num(widths * heights, nan=0.0)
     levels = torch.floor(canonical_level + torch.log2(torch.sqrt(area) / canonical_size) + eps)
     return (levels.clamp(min=min_level, max=max_level) - min_level).to(torch.int64)
 
 
+_MAX_COORD = 1e6  # px; far beyond any image, small enough for exact int64 indices
+
+
 class RoIPooler(nn.Module):
-    """scales: one per feature level, 1 / stride (e.g. [1/4, 1/8, 1/16, 1/32] for P2..P5).
+    """scales: one per feature level, 1 / stride (e.g. [1/4, 1/8, 1/16, 1/32] for P2..P5);
+    powers of 1/2 of consecutive levels.
     sampling_ratio, aligned: RoIAlign's sampling points per bin (0 = adaptive) and half-pixel
-    correction (torchvision's Faster R-CNN uses 2 and False).
+    correction (torchvision's Faster R-CNN uses 2 and False; detectron2's ROIAlignV2 is 0 and
+    True). Neither applies to ``roi_pool`` (max pooling over quantised bins samples every
+    pixel of a bin): sampling_ratio is ignored there and ``aligned=True`` is refused.
     cpu_sparse: use ``sparse_roi_align`` on the CPU (same values up to float rounding)."""
 
     def __init__(
@@ -172,6 +188,8 @@ class RoIPooler(nn.Module):
         super().__init__()
         if kind not in ("roi_align", "roi_pool"):
             raise ValueError(f"unknown pooler kind '{kind}' (use roi_align or roi_pool)")
+        if kind == "roi_pool" and aligned:
+            raise ValueError("aligned=True is RoIAlign's half-pixel offset; roi_pool quantises boxes instead")
         self.output_size = int(output_size)
         self.scales = [float(s) for s in scales]
         self.kind = kind
@@ -204,6 +222,8 @@ class RoIPooler(nn.Module):
         # RoIs stay float32 even when features are fp16 (autocast): fp16 would round a
         # coordinate near 1000 px to 0.5 px.
         rois = boxes_to_rois([b.float() for b in boxes])
+        coords = torch.nan_to_num(rois[:, 1:], nan=0.0).clamp(-_MAX_COORD, _MAX_COORD)
+        rois = torch.cat([rois[:, :1], coords], dim=1)
         if len(features) == 1:
             return self._pool(features[0], rois, self.scales[0])
         levels = assign_levels(
@@ -212,17 +232,18 @@ class RoIPooler(nn.Module):
         c = features[0].shape[1]
         # Every RoI is written by exactly one level below, so no zero fill is needed.
         out = features[0].new_empty((rois.shape[0], c, self.output_size, self.output_size))
+        written = 0
         for level, (feature, scale) in enumerate(zip(features, self.scales)):
             idx = torch.nonzero(levels == level).squeeze(1)
+            written += idx.numel()
             if idx.numel():
                 out[idx] = self._pool(feature, rois[idx], scale).to(out.dtype)
+        assert written == rois.shape[0], f"{rois.shape[0] - written} RoIs got no pyramid level"
         return out
 
     def extra_repr(self) -> str:
-        return (
-            f"kind={self.kind}, output_size={self.output_size}, scales={self.scales}, "
-            f"sampling_ratio={self.sampling_ratio}"
-        )
+        sampling = f", sampling_ratio={self.sampling_ratio}, aligned={self.aligned}" if self.kind == "roi_align" else ""
+        return f"kind={self.kind}, output_size={self.output_size}, scales={self.scales}{sampling}"
 
 
 # -- the classic poolers: SPP-net's spatial pyramid and R-CNN's warped crops -------------------

@@ -2,7 +2,6 @@
 
 import contextlib
 import io
-import logging
 import os
 from pathlib import Path
 
@@ -21,17 +20,6 @@ def shared_dir() -> Path:
 
 
 BCCD = shared_dir() / "data" / "BCCD"
-
-
-@contextlib.contextmanager
-def cli_logging_restored():
-    """``detkit.cli.main`` installs its own stderr handler; put the logger back afterwards."""
-    logger = logging.getLogger("detkit")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    try:
-        yield
-    finally:
-        logger.handlers[:], logger.level, logger.propagate = saved
 
 
 def write_xml(path: Path, objects, size=(64, 48)) -> None:
@@ -152,8 +140,7 @@ def test_clean_dataset_says_no_problems(tmp_path):
 def test_cli_returns_1_and_names_the_corrupt_image(small_voc, capsys):
     bad = small_voc / "images" / "b.jpg"
     write_undecodable_jpeg(bad)
-    with cli_logging_restored():
-        rc = main(["data", "check", str(small_voc.parent / "data.yaml")])
+    rc = main(["data", "check", str(small_voc.parent / "data.yaml")])
     assert rc == 1
     out = capsys.readouterr().out.splitlines()
     assert out[-2:] == ["errors (1):", f"  - cannot decode image: {bad} (not an image or corrupt)"]
@@ -162,8 +149,7 @@ def test_cli_returns_1_and_names_the_corrupt_image(small_voc, capsys):
 def test_cli_reports_skipped_and_partial_images_as_problems_not_errors(small_voc, capsys):
     (small_voc / "images" / "b.jpg").write_bytes(b"garbage")
     write_truncated_jpeg(small_voc / "images" / "c.jpg")
-    with cli_logging_restored():
-        rc = main(["data", "check", str(small_voc.parent / "data.yaml")])
+    rc = main(["data", "check", str(small_voc.parent / "data.yaml")])
     assert rc == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "dataset ds:all: 2 images, 2 objects, 1 images without objects"
@@ -177,8 +163,7 @@ def test_cli_reports_skipped_and_partial_images_as_problems_not_errors(small_voc
 
 def test_cli_no_decode_still_skips_unreadable_images(small_voc, capsys):
     (small_voc / "images" / "b.jpg").write_bytes(b"garbage")
-    with cli_logging_restored():
-        assert main(["data", "check", "--no-decode", str(small_voc.parent / "data.yaml")]) == 0
+    assert main(["data", "check", "--no-decode", str(small_voc.parent / "data.yaml")]) == 0
     out = capsys.readouterr().out
     assert "errors" not in out and "ds:all: skipped unreadable images: 1 in 1 file (b.jpg)" in out
 
@@ -191,7 +176,7 @@ def bccd_check(tmp_path_factory):
     yaml = tmp_path_factory.mktemp("bccd") / "bccd.yaml"
     yaml.write_text(f"format: voc\nroot: {BCCD.resolve()}\n")
     out, err = io.StringIO(), io.StringIO()
-    with cli_logging_restored(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = main(["data", "check", str(yaml)])
     return rc, out.getvalue().splitlines(), err.getvalue().splitlines()
 

@@ -299,11 +299,7 @@ def test_problem_log_shortens_long_file_lists(caplog):
     ]
     import logging
 
-    logger = logging.getLogger("detkit")
-    propagate, logger.propagate = logger.propagate, True  # the CLI turns it off
-    try:
-        with caplog.at_level(logging.WARNING, logger="detkit"):
-            log.warn()
-    finally:
-        logger.propagate = propagate
+    logging.getLogger("detkit").propagate = True  # the CLI turns it off; conftest restores it
+    with caplog.at_level(logging.WARNING, logger="detkit"):
+        log.warn()
     assert [r.getMessage() for r in caplog.records] == log.lines()

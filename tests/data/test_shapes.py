@@ -1,11 +1,9 @@
 """Tests of the generated shapes dataset (detkit.data.shapes)."""
 
-import contextlib
 import dataclasses
 import hashlib
 import itertools
 import json
-import logging
 import math
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -22,17 +20,6 @@ from detkit.data.shapes import CLASS_NAMES, generate_shapes, read_manifest, rend
 from detkit.data.shapes_render import box_iou
 from detkit.errors import ConfigError
 from detkit.schema import Config, DatasetConfig, ShapesConfig
-
-
-@contextlib.contextmanager
-def _cli_logging_restored():
-    """``detkit.cli.main`` installs its own stderr handler; put the logger back afterwards."""
-    logger = logging.getLogger("detkit")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    try:
-        yield
-    finally:
-        logger.handlers[:], logger.level, logger.propagate = saved
 
 
 def _files(root: Path):
@@ -339,8 +326,7 @@ def test_command_line_flags_are_the_schema_fields(tmp_path, capsys):
     out = tmp_path / "s"
     args = ["data", "shapes", "--out", str(out), "--num-train", "3", "--num-test", "1", "--classes", "square"]
     args += ["--image-size", "64", "96", "--object-size", "20", "50", "--max-outside", "0.25", "--coco-json"]
-    with _cli_logging_restored():
-        assert main(args) == 0
+    assert main(args) == 0
     assert capsys.readouterr().out.strip() == f"shapes dataset ready: {out} (3 train, 1 test images)"
     expected = ShapesConfig(
         num_train=3, num_test=1, classes=["square"], image_size=[64, 96], object_size=[20, 50], max_outside=0.25
@@ -348,13 +334,12 @@ def test_command_line_flags_are_the_schema_fields(tmp_path, capsys):
     assert read_manifest(out)["params"] == dataclasses.asdict(expected)
     assert read_manifest(out)["class_names"] == ["square"]
     # Every field has its flag (so a new option cannot be forgotten on the command line).
-    with _cli_logging_restored(), pytest.raises(SystemExit):
+    with pytest.raises(SystemExit):
         main(["data", "shapes", "--help"])
     help_text = capsys.readouterr().out
     for f in dataclasses.fields(ShapesConfig):
         assert "--" + f.name.replace("_", "-") in help_text
-    with _cli_logging_restored():
-        assert main(["data", "shapes", "--out", str(tmp_path / "bad"), "--max-iou", "3"]) == 2
+    assert main(["data", "shapes", "--out", str(tmp_path / "bad"), "--max-iou", "3"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "detkit: error: --max-iou: max_iou must be in [0, 1], got 3.0"
     )

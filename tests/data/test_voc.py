@@ -38,15 +38,6 @@ def bccd_root() -> Path:
     return BCCD
 
 
-@pytest.fixture
-def restore_logging():
-    """``detkit.cli.main`` installs its own stderr handler; put the logger back afterwards."""
-    logger = logging.getLogger("detkit")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
-
-
 # -- writing small VOC folders ----------------------------------------------------------------
 def write_xml(path: Path, objects=(), filename=None, size=(64, 48)) -> Path:
     """objects: (name, (xmin, ymin, xmax, ymax) 1-based inclusive, difficult); filename None
@@ -536,14 +527,14 @@ def test_no_usable_image_is_one_line_naming_the_first_problem(tmp_path):
 
 
 # -- through the command line ----------------------------------------------------------------
-def test_cli_names_the_missing_dataset_root(tmp_path, capsys, restore_logging):
+def test_cli_names_the_missing_dataset_root(tmp_path, capsys):
     (tmp_path / "data.yaml").write_text("format: voc\nroot: missing_folder\nsplit: test\n")
     assert main(["data", "check", str(tmp_path / "data.yaml")]) == 2
     err = capsys.readouterr().err
     assert err == f"detkit: error: dataset root does not exist or is not a folder: {tmp_path / 'missing_folder'}\n"
 
 
-def test_cli_names_the_missing_split_file(tmp_path, capsys, restore_logging):
+def test_cli_names_the_missing_split_file(tmp_path, capsys):
     root = make_plain(tmp_path / "ds", ["a"], ann="Annotations", img="JPEGImages")
     (root / "ImageSets" / "Main").mkdir(parents=True)
     (root / "ImageSets" / "Main" / "trainval.txt").write_text("a\n")
@@ -572,7 +563,7 @@ def _evaluate_fixture(tmp_path):
 
 
 @pytest.mark.parametrize("metric,cat_ap", [("voc", 0.5), ("voc07", 6 / 11)])
-def test_cli_evaluate_gives_the_hand_computed_ap(tmp_path, capsys, restore_logging, metric, cat_ap):
+def test_cli_evaluate_gives_the_hand_computed_ap(tmp_path, capsys, metric, cat_ap):
     # cat: 2 GT, one exact detection -> recall 1/2 at precision 1: area AP 0.5; 11-point AP
     # counts the 6 thresholds 0, 0.1, ..., 0.5 -> 6/11.
     # dog: 1 GT, the exact detection ranks above the false positive -> AP 1 either way.
@@ -600,7 +591,7 @@ def test_cli_evaluate_gives_the_hand_computed_ap(tmp_path, capsys, restore_loggi
     assert f"{'mAP':<5}  {3:>7}  {(cat_ap + 1.0) / 2:>7.4f}" in stdout.splitlines()
 
 
-def test_cli_evaluate_iou_decides_true_and_false_positives(tmp_path, restore_logging):
+def test_cli_evaluate_iou_decides_true_and_false_positives(tmp_path):
     # In VOC's inclusive pixels (+1 widths): cat A is 20x20; a detection one pixel up-left
     # (written 0-based by mistake) overlaps 19*19 / (2*400 - 361) = 0.82 > 0.5: still a
     # true positive. Cat B is 16x16; a detection shifted by 8 pixels both ways overlaps

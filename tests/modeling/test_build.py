@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from detkit.config import from_dict
-from detkit.errors import BackboneError
-from detkit.modeling.build import build_backbone, build_model
+from detkit.errors import ConfigError
+from detkit.modeling.build import build_model
 from detkit.schema import ModelConfig
 from detkit.structures import Geometry, ImageList, Target
 
@@ -20,7 +20,8 @@ def fpn_cfg(**extra):
 
 
 def c4_cfg(**extra):
-    # single stride-16 map: one anchor level with the Faster R-CNN paper's 3 x 3 anchors
+    # single stride-16 map: one anchor level with the Faster R-CNN paper's 3 x 3 anchors; the
+    # default fast_rcnn head on it is the "C4 + 2fc" head (the ResNet paper's is res5)
     return from_dict(
         ModelConfig, {"backbone": {"name": "tiny", "fpn": False}, "anchors": {"sizes": [[32, 64, 128]]}, **extra}
     )
@@ -126,20 +127,25 @@ def test_single_map_wiring():
     ],
 )
 def test_anchor_count_mismatch_between_levels_raises(anchors):
-    with pytest.raises(BackboneError, match="same number of anchors on every level"):
+    with pytest.raises(
+        ConfigError, match=r"model.anchors.sizes / aspect_ratios: the shared RPN head needs the same number"
+    ):
         build_model(fpn_cfg(anchors=anchors), num_classes=3)
 
 
 def test_anchor_levels_must_match_feature_levels():
     cfg = from_dict(ModelConfig, {"backbone": {"name": "tiny", "fpn": False}})  # 5 sizes, 1 map
-    with pytest.raises(ValueError, match="disagree"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^model.anchors.sizes: 5 levels, but the backbone \(tiny, fpn: false\) gives 1 feature map \(c4\)",
+    ):
         build_model(cfg, num_classes=3)
 
 
 def test_tiny_backbone_has_no_pretrained_weights():
     cfg = from_dict(ModelConfig, {"backbone": {"name": "tiny", "pretrained": "x.pth"}})
-    with pytest.raises(BackboneError, match="no pretrained weights"):
-        build_backbone(cfg.backbone)
+    with pytest.raises(ConfigError, match="^model.backbone.pretrained: the tiny backbone has no pretrained weights"):
+        build_model(cfg, num_classes=3)
 
 
 def test_channels_last_inference_gives_the_same_detections_and_not_in_training():
@@ -163,3 +169,35 @@ def test_channels_last_inference_gives_the_same_detections_and_not_in_training()
         torch.testing.assert_close(a.boxes, b.boxes, atol=1e-3, rtol=0)
         torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=0)
         assert torch.equal(a.labels, b.labels)
+
+
+def test_vgg_fc6_fc7_are_handed_to_the_box_head(monkeypatch, caplog):
+    # The builder hands VGG-16's ImageNet fc6/fc7 to the Fast R-CNN head explicitly (Fast
+    # R-CNN sec. 2.2) when the head has their shape; another shape keeps the head's own init.
+    import torchvision
+
+    from detkit.modeling import build as build_module
+
+    torch.manual_seed(0)
+    net = torchvision.models.vgg16(weights=None)  # stands in for the ImageNet weights
+    monkeypatch.setattr(build_module, "torchvision_vgg16", lambda norm, pretrained: net)
+    vgg = {
+        "backbone": {"name": "vgg16", "fpn": False, "norm": "none", "pretrained": "VGG16_Weights.IMAGENET1K_V1"},
+        "anchors": {"sizes": [[128, 256, 512]]},
+        "roi_head": {"pooler": "roi_pool", "fc_dims": [4096, 4096]},
+    }
+    head = build_model(from_dict(ModelConfig, vgg), num_classes=2).roi_head
+    assert torch.equal(head.box_head.fc6.weight, net.classifier[0].weight)
+    assert torch.equal(head.box_head.fc7.bias, net.classifier[3].bias)
+    assert head.box_head.fc6.weight.data_ptr() != net.classifier[0].weight.data_ptr()  # a copy
+
+    vgg["roi_head"]["fc_dims"] = [64, 64]
+    with caplog.at_level("INFO", logger="detkit"):
+        head = build_model(from_dict(ModelConfig, vgg), num_classes=2).roi_head
+    assert head.box_head.fc6.weight.shape == (64, 25088)
+    assert "VGG-16's fc6/fc7 weights not used" in caplog.text
+    # without pretrained weights nothing is handed over
+    vgg["backbone"]["pretrained"] = None
+    vgg["roi_head"]["fc_dims"] = [4096, 4096]
+    head = build_model(from_dict(ModelConfig, vgg), num_classes=2).roi_head
+    assert not torch.equal(head.box_head.fc6.weight, net.classifier[0].weight)

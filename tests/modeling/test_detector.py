@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from detkit.modeling.backbones.fpn import FPN
 from detkit.modeling.backbones.tiny import TinyResNetBody
 from detkit.modeling.detector import Detector, map_to_original
 from detkit.structures import Detections, Geometry, ImageList, Proposals, Target
@@ -34,6 +35,9 @@ def test_map_to_original_per_image_and_without_geometries():
 
 class StubBackbone(nn.Module):
     out_features = ["p"]
+    out_channels = 2
+    out_strides = {"p": 1}
+    size_divisibility = 32
 
     def __init__(self):
         super().__init__()
@@ -60,6 +64,8 @@ class StubProposals(nn.Module):
 
 class StubHead(nn.Module):
     """Detects its proposals (in network-input pixels); losses 5 and 7 with targets."""
+
+    num_classes = 3
 
     def __init__(self):
         super().__init__()
@@ -157,7 +163,7 @@ def test_proposals_reach_the_head_detached():
 
 def test_frozen_batchnorm_stays_in_eval_after_train():
     body = TinyResNetBody(frozen_stages=1)  # stem frozen, layer1.. train
-    model = Detector(body, StubProposals(), StubHead())
+    model = Detector(FPN(body, 8), StubProposals(), StubHead())
     model.train()
     assert model.training and not body.stem[1].training  # frozen BN: eval
     assert body.layer1[0].bn1.training  # trainable BN: train
@@ -172,7 +178,36 @@ def test_frozen_batchnorm_stays_in_eval_after_train():
 
 
 def test_size_divisibility_from_backbone():
-    assert stub_detector().size_divisibility == 32  # default when the backbone does not say
     backbone = StubBackbone()
     backbone.size_divisibility = 16
     assert Detector(backbone, StubProposals(), StubHead()).size_divisibility == 16
+
+
+class NoStridesBackbone(nn.Module):
+    out_features = ["p"]
+    out_channels = 2
+
+    def forward(self, x):
+        return {"p": x}
+
+
+class NoClassesHead(nn.Module):
+    def forward(self, images, features, proposals, targets=None):
+        return [], {}
+
+
+def test_parts_must_implement_the_interfaces():
+    # no silent defaults (a padding multiple of 32, ...): a part lacking a member is refused
+    with pytest.raises(
+        TypeError,
+        match="backbone NoStridesBackbone does not implement .*Backbone: it lacks out_strides, size_divisibility",
+    ):
+        Detector(NoStridesBackbone(), StubProposals(), StubHead())
+    with pytest.raises(TypeError, match="RoI head NoClassesHead does not implement .*RoIHead: it lacks num_classes"):
+        Detector(StubBackbone(), StubProposals(), NoClassesHead())
+    with pytest.raises(
+        TypeError,
+        match=r"proposal generator Linear does not implement .*ProposalGenerator: "
+        r"its forward does not take \(images, features, targets\)",
+    ):
+        Detector(StubBackbone(), nn.Linear(1, 1), StubHead())

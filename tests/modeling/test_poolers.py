@@ -177,3 +177,61 @@ def test_sparse_path_not_used_on_cuda(monkeypatch):
     feature = torch.randn(1, 2, 8, 8, device="cuda", requires_grad=True)
     out = RoIPooler(3, [1 / 4], sampling_ratio=2)([feature], [torch.tensor([[0.0, 0, 30, 20]], device="cuda")])
     assert calls == [] and out.shape == (1, 2, 3, 3)
+
+
+@pytest.mark.parametrize("cpu_sparse", [True, False])
+def test_multilevel_pooler_gradients_equal_torchvision_multiscale_roi_align(cpu_sparse):
+    # Forward values and the gradients with respect to every level's features, for boxes
+    # spread over P2..P5, on our sparse CPU kernel and on torchvision's.
+    g = torch.Generator().manual_seed(4)
+    shapes = [(2, 3, 256 // 2**k, 256 // 2**k) for k in range(2, 6)]
+    base = [torch.randn(*s, generator=g) for s in shapes]
+    big = torch.tensor([[-40.0, -60.0, 500.0, 470.0]])  # sqrt(wh) > 448: P5
+    boxes = [_random_boxes(g, 30, 256.0), torch.cat([_random_boxes(g, 19, 256.0), big])]
+    assert set(assign_levels(torch.cat(boxes), 2, 5).tolist()) == {0, 1, 2, 3}
+    upstream = torch.randn(50, 3, 7, 7, generator=g)
+
+    ours_in = [b.clone().requires_grad_() for b in base]
+    ours = RoIPooler(7, [1 / 4, 1 / 8, 1 / 16, 1 / 32], sampling_ratio=2, cpu_sparse=cpu_sparse)(ours_in, boxes)
+    (ours * upstream).sum().backward()
+
+    theirs_in = OrderedDict((f"p{k + 2}", b.clone().requires_grad_()) for k, b in enumerate(base))
+    theirs = MultiScaleRoIAlign(list(theirs_in), 7, 2)(theirs_in, boxes, [(256, 256), (256, 256)])
+    (theirs * upstream).sum().backward()
+
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    for level, (a, b) in enumerate(zip(ours_in, theirs_in.values())):
+        assert b.grad.abs().sum() > 0, level  # every level receives gradient
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5, msg=f"level {level}")
+
+
+def test_degenerate_boxes_get_a_level_and_a_defined_output():
+    # An inverted box (negative area) and a NaN box used to get no level on a multi-level
+    # pooler (log2 of a negative or NaN area): their rows stayed uninitialised memory.
+    g = torch.Generator().manual_seed(5)
+    feats = [torch.randn(1, 2, 64 // 2**k, 64 // 2**k, generator=g) for k in range(2, 6)]  # strides 4..32
+    nan = float("nan")
+    boxes = torch.tensor(
+        [
+            [40.0, 40.0, 8.0, 8.0],  # inverted on both axes (positive "area")
+            [40.0, 8.0, 8.0, 50.0],  # inverted on one axis: negative area
+            [nan, 4.0, 20.0, 30.0],  # a NaN coordinate (a diverged network)
+            [10.0, 10.0, 10.0, 10.0],  # empty
+            [0.0, 0.0, 60.0, 60.0],  # a normal box
+        ]
+    )
+    levels = assign_levels(boxes, 2, 5)
+    assert levels.tolist() == [0, 0, 0, 0, 0]  # degenerate -> the finest level, as the 60 px box
+    for cpu_sparse in (True, False):
+        pooler = RoIPooler(3, [1 / 4, 1 / 8, 1 / 16, 1 / 32], sampling_ratio=2, cpu_sparse=cpu_sparse)
+        out = pooler([f.clone() for f in feats], [boxes])
+        assert torch.isfinite(out).all()
+        # what torchvision's kernel makes of each box at the finest level, NaN read as 0
+        expected = roi_align(feats[0], boxes_to_rois([torch.nan_to_num(boxes, nan=0.0)]), 3, 1 / 4, 2, False)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_roi_pool_refuses_aligned():
+    with pytest.raises(ValueError, match="aligned=True is RoIAlign's half-pixel offset"):
+        RoIPooler(7, [1 / 16], kind="roi_pool", aligned=True)
+    RoIPooler(7, [1 / 16], kind="roi_pool", sampling_ratio=0)  # sampling_ratio: documented as not applying

@@ -1,15 +1,17 @@
 """What every backbone shares: normalisation choices, freezing, loading pretrained weights.
 
-A backbone is an ``nn.Module`` mapping (N, 3, H, W) to an ordered dict of feature maps,
-with attributes ``out_features`` (names, fine to coarse), ``out_channels`` (int, the same
+A backbone (``detkit.modeling.interfaces.Backbone``) maps (N, 3, H, W) to an ordered dict of
+feature maps, with ``out_features`` (names, fine to coarse), ``out_channels`` (int, the same
 for every output), ``out_strides`` (name -> stride in input pixels) and
-``size_divisibility`` (inputs are padded to a multiple of it).
+``size_divisibility`` (inputs are padded to a multiple of it). A *body* (``Body``: ResNet,
+VGG, tiny) gives stage outputs c2..c5 with per-output channels; ``SingleMap`` or ``FPN``
+turn a body into a backbone.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
@@ -17,11 +19,15 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from detkit.errors import BackboneError
 
+SYNCBN_UNAVAILABLE = "norm: syncbn needs distributed training (torchrun), not available yet"
+
 
 def norm_layer(kind: str) -> Optional[Callable[[int], nn.Module]]:
     """bn: BatchNorm that trains (needed to train from scratch); frozen_bn: fixed statistics
     and affine (only sensible with pretrained weights, as in the papers); gn: GroupNorm with
-    32 groups (or fewer for narrow layers), batch-size independent; syncbn for multi-GPU."""
+    32 groups (or fewer for narrow layers), batch-size independent. syncbn is refused until
+    detkit trains on several processes: on one process torch's SyncBatchNorm silently acts
+    as plain BatchNorm."""
     if kind == "bn":
         return nn.BatchNorm2d
     if kind == "frozen_bn":
@@ -31,10 +37,13 @@ def norm_layer(kind: str) -> Optional[Callable[[int], nn.Module]]:
         # layers; always a group count that divides c.
         return lambda c: nn.GroupNorm(max(g for g in range(1, max(1, min(32, c // 4)) + 1) if c % g == 0), c)
     if kind == "syncbn":
-        return nn.SyncBatchNorm
+        raise BackboneError(SYNCBN_UNAVAILABLE)
     if kind == "none":
         return None
-    raise BackboneError(f"unknown norm '{kind}' (use bn, frozen_bn, gn, syncbn or none)")
+    raise BackboneError(f"unknown norm '{kind}' (use bn, frozen_bn, gn or none)")
+
+
+_FROZEN = "_detkit_frozen"
 
 
 def freeze(modules: Iterable[nn.Module]) -> None:
@@ -46,20 +55,28 @@ def freeze(modules: Iterable[nn.Module]) -> None:
             if isinstance(sub, nn.modules.batchnorm._BatchNorm):
                 sub.eval()
                 sub.track_running_stats = True
-                sub._detkit_frozen = True
+                # A marker read by keep_frozen_bn_in_eval (setattr: not a parameter or buffer).
+                setattr(sub, _FROZEN, True)
 
 
 def keep_frozen_bn_in_eval(module: nn.Module) -> None:
     """``model.train()`` would put frozen BatchNorm layers back into training mode; call
     this after it (Detector.train does)."""
     for sub in module.modules():
-        if getattr(sub, "_detkit_frozen", False):
+        if getattr(sub, _FROZEN, False):
             sub.eval()
 
 
 class Body(nn.Module):
     """Base of the backbone bodies: ``train()`` keeps frozen BatchNorm layers in eval mode,
-    so a body used on its own (without the Detector) keeps its frozen statistics too."""
+    so a body used on its own (without the Detector) keeps its frozen statistics too.
+
+    out_features: the stage outputs it returns (among c2..c5, fine to coarse);
+    out_channels_per_feature / out_strides: name -> channels / stride in input pixels."""
+
+    out_features: List[str]
+    out_channels_per_feature: Dict[str, int]
+    out_strides: Dict[str, int]
 
     def train(self, mode: bool = True):
         super().train(mode)

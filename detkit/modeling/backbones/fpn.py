@@ -9,21 +9,21 @@ used only by the RPN for the largest anchors (FPN paper sec. 4.1). Every output 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Optional
+from typing import Dict, List, Optional
 
 from torch import Tensor, nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from detkit.modeling.backbones.common import norm_layer
+from detkit.modeling.backbones.common import Body, norm_layer
 
 
 class FPN(nn.Module):
-    """body: a module returning an ordered dict of consecutive stages (e.g. c2..c5) with
-    ``out_channels_per_feature`` and ``out_strides``. norm: None/"none" (the paper), or a
-    normalisation for the FPN convs (e.g. "gn" when training from scratch)."""
+    """An ``interfaces.Backbone`` over a body (``common.Body``) returning consecutive stages
+    (e.g. c2..c5). norm: None/"none" (the paper), or a normalisation for the FPN convs (e.g.
+    "gn" when training from scratch)."""
 
-    def __init__(self, body: nn.Module, out_channels: int = 256, norm: Optional[str] = None, top_block: bool = True):
+    def __init__(self, body: Body, out_channels: int = 256, norm: Optional[str] = None, top_block: bool = True):
         super().__init__()
         self.body = body
         in_names = list(body.out_features)
@@ -36,13 +36,13 @@ class FPN(nn.Module):
         )
         self.in_names = in_names
         strides = [body.out_strides[n] for n in in_names]
-        self.out_features = [f"p{n[1:]}" for n in in_names]
-        self.out_strides = {p: s for p, s in zip(self.out_features, strides)}
+        self.out_features: List[str] = [f"p{n[1:]}" for n in in_names]
+        self.out_strides: Dict[str, int] = {p: s for p, s in zip(self.out_features, strides)}
         if top_block:
             last = int(in_names[-1][1:]) + 1
             self.out_features.append(f"p{last}")
             self.out_strides[f"p{last}"] = strides[-1] * 2
-        self.out_channels = out_channels
+        self.out_channels = int(out_channels)
         # Every body level must halve exactly (the top-down path adds upsampled maps to
         # laterals), so inputs are padded to the coarsest body stride.
         self.size_divisibility = strides[-1]

@@ -13,10 +13,11 @@ from conv3_1 up: frozen_stages=2).
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Optional
+from typing import Dict, List, Optional, Sequence
 
 import torchvision
 from torch import Tensor, nn
+from torchvision.models.vgg import VGG
 
 from detkit.errors import BackboneError
 from detkit.modeling.backbones.common import Body, freeze, load_pretrained
@@ -25,37 +26,52 @@ _OUTPUTS = {"c2": 4, "c3": 8, "c4": 16, "c5": 32}
 _CHANNELS = {"c2": 256, "c3": 512, "c4": 512, "c5": 512}
 
 
+def torchvision_vgg16(norm: str = "none", pretrained: Optional[str] = None) -> VGG:
+    """torchvision's VGG-16 classifier ("bn": vgg16_bn), with ImageNet weights when
+    ``pretrained`` names them. ``VGGBody`` takes its conv blocks; the model builder hands its
+    fc6/fc7 (``vgg16_fc_state``) to the Fast R-CNN head."""
+    if norm not in ("none", "bn"):
+        raise BackboneError(f"VGG-16 norm must be 'none' or 'bn', got '{norm}'")
+    if norm == "bn":
+        net, weights = torchvision.models.vgg16_bn(weights=None), torchvision.models.VGG16_BN_Weights
+    else:
+        net, weights = torchvision.models.vgg16(weights=None), torchvision.models.VGG16_Weights
+    if pretrained:
+        load_pretrained(net, pretrained, weights)
+    return net
+
+
+def vgg16_fc_state(net: VGG) -> Dict[str, Tensor]:
+    """VGG-16's fc6/fc7 (classifier[0] and [3]) under ``MLPBoxHead``'s names, for the Fast
+    R-CNN head (Fast R-CNN sec. 2.2: the network's fc layers become the RoI head)."""
+    fc6, fc7 = net.classifier[0], net.classifier[3]
+    assert isinstance(fc6, nn.Linear) and isinstance(fc7, nn.Linear)
+    return {
+        "fc6.weight": fc6.weight.detach(),
+        "fc6.bias": fc6.bias.detach(),
+        "fc7.weight": fc7.weight.detach(),
+        "fc7.bias": fc7.bias.detach(),
+    }
+
+
 class VGGBody(Body):
     """(N, 3, H, W) -> OrderedDict of the requested outputs among c2..c5 (see module doc).
-    ``fc_state`` keeps VGG's fc6/fc7 weights (when pretrained) for the Fast R-CNN head."""
 
-    def __init__(
-        self, out_features=("c4",), norm: str = "none", frozen_stages: int = 0, pretrained: Optional[str] = None
-    ):
+    net: the torchvision VGG-16 to take the conv blocks from (``torchvision_vgg16``; None: a
+        randomly initialised one without BatchNorm).
+    frozen_stages: k freezes conv blocks 1..k (0..5).
+    """
+
+    def __init__(self, net: Optional[VGG] = None, out_features: Sequence[str] = ("c4",), frozen_stages: int = 0):
         super().__init__()
-        if norm not in ("none", "bn"):
-            raise BackboneError(f"VGG-16 norm must be 'none' or 'bn', got '{norm}'")
+        net = net if net is not None else torchvision_vgg16()
         unknown = [f for f in out_features if f not in _OUTPUTS]
         if unknown or not out_features:
             raise BackboneError(f"VGG-16 outputs must be among {list(_OUTPUTS)}, got {list(out_features)}")
-        if norm == "bn":
-            net, weights = torchvision.models.vgg16_bn(weights=None), torchvision.models.VGG16_BN_Weights
-        else:
-            net, weights = torchvision.models.vgg16(weights=None), torchvision.models.VGG16_Weights
-        if pretrained:
-            load_pretrained(net, pretrained, weights)
-            self.fc_state = {
-                "fc6.weight": net.classifier[0].weight.detach().clone(),
-                "fc6.bias": net.classifier[0].bias.detach().clone(),
-                "fc7.weight": net.classifier[3].weight.detach().clone(),
-                "fc7.bias": net.classifier[3].bias.detach().clone(),
-            }
-        else:
-            self.fc_state = None
-        layers = list(net.features.children())
         # Split the flat torchvision Sequential into the five conv blocks at its max-pools.
-        blocks, current = [], []
-        for layer in layers:
+        blocks: List[nn.Sequential] = []
+        current: List[nn.Module] = []
+        for layer in net.features.children():
             if isinstance(layer, nn.MaxPool2d):
                 blocks.append(nn.Sequential(*current))
                 current = []
@@ -69,12 +85,6 @@ class VGGBody(Body):
         if not 0 <= frozen_stages <= 5:
             raise BackboneError(f"VGG-16 frozen_stages must be in 0..5, got {frozen_stages}")
         freeze([getattr(self, f"block{i + 1}") for i in range(frozen_stages)])
-
-    def pop_fc_state(self):
-        """VGG-16's ImageNet fc6/fc7 weights (or None), handed over once: the body keeps no
-        copy of these ~480 MB afterwards."""
-        state, self.fc_state = self.fc_state, None
-        return state
 
     def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
         out = OrderedDict()

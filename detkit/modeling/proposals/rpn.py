@@ -44,6 +44,7 @@ class RPNHead(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.01)  # paper sec. 3.1.3: zero-mean Gaussian, std 0.01
+                assert m.bias is not None
                 nn.init.zeros_(m.bias)
 
     def forward(self, features: Sequence[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:

@@ -119,7 +119,7 @@ def test_losses_hand_computed():
     # smooth-L1 beta 1: 0.5 * 0.5^2 = 0.125; |-2| - 0.5 = 1.5 -> 1.625 / 2 sampled RoIs
     assert losses["loss_box"].item() == pytest.approx(0.8125, rel=1e-6)
     # class-agnostic regression: (R, 4) deltas, the same numbers
-    agnostic = head.losses(logits, deltas[:, 4:], labels, targets)
+    agnostic = make_head(agnostic=True).losses(logits, deltas[:, 4:], labels, targets)
     assert agnostic["loss_box"].item() == pytest.approx(0.8125, rel=1e-6)
 
 
@@ -153,7 +153,7 @@ def test_losses_match_independent_computation_on_seeded_predictor(agnostic):
     _, losses = head.train()(images, features, [Proposals(p, torch.ones(len(p))) for p in props], targets)
 
     with torch.no_grad():
-        logits, deltas = head.predict(features, sampled)
+        logits, deltas = head.predict(images, features, sampled)
         r = labels.numel()
         exp_cls = sum(-F.log_softmax(logits[i], 0)[labels[i]].item() for i in range(r)) / r
         exp_box = 0.0

@@ -79,13 +79,20 @@ def test_bad_arguments_raise():
         gen([torch.zeros(1, 1, 4, 4)], (16, 16))
 
 
-def test_cache_returns_identical_anchors_per_size():
+def test_cache_returns_identical_anchors_per_size(monkeypatch):
+    # The cache is used: a second request for the same size returns the same tensor object
+    # and computes no new grid (one meshgrid per distinct size).
+    calls = []
+    meshgrid = torch.meshgrid
+    monkeypatch.setattr(torch, "meshgrid", lambda *a, **k: calls.append(1) or meshgrid(*a, **k))
     gen = AnchorGenerator([[32]], [[1.0]], strides=[16])
     a = gen([torch.zeros(1, 1, 2, 3)], (32, 48))[0]
     b = gen([torch.zeros(1, 1, 2, 3)], (32, 48))[0]
+    assert b is a and len(calls) == 1
     c = gen([torch.zeros(1, 1, 3, 3)], (48, 48))[0]
-    assert torch.equal(a, b)
+    assert c is not a and len(calls) == 2
     assert c.shape == (9, 4) and torch.equal(c[:6], a)
+    assert gen([torch.zeros(1, 1, 2, 3)], (32, 48))[0] is a and len(calls) == 2
 
 
 FPN_SIZES = [[32], [64], [128], [256], [512]]

@@ -116,10 +116,32 @@ def test_proposal_config_validation():
         model_cfg(method="edge_boxes")
 
 
-def test_selective_search_undoes_the_configured_normalisation():
+def test_selective_search_undoes_the_configured_normalisation(image, monkeypatch):
+    # With a non-default mean / std in the data pipeline, the uint8 image the generator hands
+    # to selective_search is the original pixels, padding left out.
+    from detkit.modeling.proposals.selective_search import search
     from detkit.schema import InputConfig
 
-    inp = InputConfig(pixel_mean=[0.5, 0.5, 0.5], pixel_std=[0.25, 0.25, 0.25])
-    model = build_model(model_cfg(method="selective_search"), 3, inp)
-    assert model.proposal_generator.pixel_mean == (0.5, 0.5, 0.5)
-    assert model.proposal_generator.pixel_std == (0.25, 0.25, 0.25)
+    mean, std = [0.3, 0.6, 0.45], [0.2, 0.35, 0.3]
+    model = build_model(
+        model_cfg(method="selective_search", selective_search={"mode": "single"}),
+        3,
+        InputConfig(pixel_mean=mean, pixel_std=std),
+    )
+    seen = []
+    monkeypatch.setattr(
+        search,
+        "selective_search",
+        lambda array, *a, **k: seen.append(array) or (np.zeros((0, 4), np.float32), np.zeros(0, np.float32)),
+    )
+    t = torch.from_numpy(image).permute(2, 0, 1).float() / 255.0
+    t, _ = Normalize(mean, std)(t, None)
+    images = ImageList.from_tensors([t], 32)
+    assert images.tensor.shape[-2:] != image.shape[:2]  # padded
+    model.proposal_generator(images, {})
+    (array,) = seen
+    assert array.dtype == np.uint8 and array.shape == image.shape
+    np.testing.assert_array_equal(array, image)
+    # the ImageNet defaults would give other pixels: the configured values are what is used
+    default = SelectiveSearchProposals("single").image_array(images.tensor[0, :, : image.shape[0], : image.shape[1]])
+    assert np.abs(default.astype(int) - image.astype(int)).max() > 10

@@ -334,3 +334,100 @@ def test_head_output_shapes():
     assert sum(isinstance(m, torch.nn.Conv2d) for m in head.conv) == 2
     # paper init: zero bias, small Gaussian weights
     assert head.cls_logits.bias.abs().sum() == 0 and head.cls_logits.weight.std() < 0.05
+
+
+# ----------------------------------------------------------------------------------------
+# labelling across FPN levels against torchvision's RPN
+# ----------------------------------------------------------------------------------------
+
+FPN_SIZES = [[32], [64], [128], [256], [512]]
+FPN_HWS = [(32, 40), (16, 20), (8, 10), (4, 5), (2, 3)]  # P2..P6 of a 128 x 160 input
+
+
+def _fpn_rpn():
+    anchors = AnchorGenerator(FPN_SIZES, [[0.5, 1.0, 2.0]], strides=[4, 8, 16, 32, 64])
+    rpn = RPN(
+        RPNHead(4, 3),
+        anchors,
+        BoxCoder(),
+        Matcher([0.3, 0.7], [0, -1, 1], allow_low_quality_matches=True),
+        BalancedSampler(256, 0.5),
+        in_features=["p2", "p3", "p4", "p5", "p6"],
+    )
+    levels = anchors([torch.zeros(1, 4, h, w) for h, w in FPN_HWS], (128, 160))
+    return rpn, levels
+
+
+def _torchvision_rpn():
+    from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
+    from torchvision.models.detection.rpn import RegionProposalNetwork
+    from torchvision.models.detection.rpn import RPNHead as TVRPNHead
+
+    return RegionProposalNetwork(
+        TVAnchorGenerator(((32,),) * 5, ((0.5, 1.0, 2.0),) * 5),
+        TVRPNHead(4, 3),
+        fg_iou_thresh=0.7,
+        bg_iou_thresh=0.3,
+        batch_size_per_image=256,
+        positive_fraction=0.5,
+        pre_nms_top_n={"training": 2000, "testing": 1000},
+        post_nms_top_n={"training": 2000, "testing": 1000},
+        nms_thresh=0.7,
+    )
+
+
+def _two_gts_sharing_their_best_anchor(anchors, anchor_index, rng):
+    """Two GT boxes jittered around anchor ``anchor_index`` whose unique best anchor (over all
+    levels) is that one, both below IoU 0.7: only the low-quality rule makes it positive, and
+    it is the best anchor of two GT boxes at once."""
+    a = anchors[anchor_index]
+    found = []
+    for _ in range(20000):
+        jitter = torch.from_numpy(rng.uniform(-6, 6, 4)).float()
+        box = a + jitter
+        if box[2] - box[0] < 8 or box[3] - box[1] < 8:
+            continue
+        iou = box_iou(box[None], anchors)[0]
+        best = iou.max()
+        if best < 0.7 and iou[anchor_index] == best and int((iou == best).sum()) == 1:
+            found.append(box)
+            if len(found) == 2:
+                return torch.stack(found)
+    raise AssertionError("no GT pair found")
+
+
+def test_fpn_labels_equal_torchvision_assign_targets_to_anchors():
+    import numpy as np
+
+    rpn, levels = _fpn_rpn()
+    anchors = torch.cat(levels)
+    level_of = torch.cat([torch.full((len(a),), i) for i, a in enumerate(levels)])
+    rng = np.random.default_rng(0)
+    # P2, size 32, ratio 1 at location (y, x) = (10, 10): [24, 24, 56, 56]
+    shared = (10 * 40 + 10) * 3 + 1  # (y * W + x) * A + ratio index
+    assert anchors[shared].tolist() == [24.0, 24.0, 56.0, 56.0]
+    pair = _two_gts_sharing_their_best_anchor(anchors, shared, rng)
+    # plus GT boxes of every size P2..P6 serves (log-uniform 16..400 px), on two images
+    sides = 16 * (25 ** torch.from_numpy(rng.random((12, 2))).float())
+    xy = torch.from_numpy(rng.random((12, 2))).float() * torch.tensor([160.0, 128.0]) - sides / 3
+    random_gt = torch.cat([xy, xy + sides], 1)
+    # and one larger than the image, whose best anchors are P6's 512 px ones
+    huge = torch.tensor([[-120.0, -140.0, 280.0, 260.0]])
+    gts = [torch.cat([pair, random_gt[:6]]), torch.cat([random_gt[6:], huge])]
+
+    labels, matched = rpn.label_anchors(anchors, [boxes_target(g) for g in gts], [(128, 160), (120, 150)])
+    tv_labels, tv_matched = _torchvision_rpn().assign_targets_to_anchors(
+        [anchors, anchors], [{"boxes": g} for g in gts]
+    )
+    for i in range(2):
+        assert torch.equal(labels[i], tv_labels[i].to(torch.int64)), i
+        pos = labels[i] == 1
+        torch.testing.assert_close(matched[i][pos], tv_matched[i][pos], rtol=0, atol=0)
+    # not vacuous: positives on every level, some only through the low-quality rule, negatives
+    # and ignored anchors too
+    assert set(level_of[(labels == 1).any(0)].tolist()) == {0, 1, 2, 3, 4}
+    assert (labels == 0).any() and (labels == -1).any()
+    # the shared anchor: positive although below 0.7, matched to the GT it overlaps most
+    ious = box_iou(pair, anchors[shared][None])[:, 0]
+    assert labels[0, shared] == 1 and ious.max() < 0.7
+    torch.testing.assert_close(matched[0, shared], pair[int(ious.argmax())])
