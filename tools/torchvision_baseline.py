@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import List
 
 from detkit.modeling.backbones.common import freeze, norm_layer
-from detkit.modeling.backbones.tiny import TinyResNetBody
+from detkit.modeling.backbones.tiny import TinyResNet, TinyResNetBody
 from detkit.schema import Config
 
 # Values torchvision's FasterRCNN hard-codes (torchvision 0.29: rpn.py, roi_heads.py,
@@ -45,6 +45,10 @@ def build_torchvision_model(cfg: Config, num_classes: int):
     m, b = cfg.model, cfg.model.backbone
     if not b.fpn or not (b.name.startswith("resnet") or b.name == "tiny"):
         raise UnsupportedByTorchvision("torchvision's FasterRCNN comparison supports ResNet-FPN backbones only")
+    if m.roi_head.name != "fast_rcnn":
+        raise UnsupportedByTorchvision(
+            "torchvision's FasterRCNN has the Fast R-CNN box head only (roi_head.name fast_rcnn)"
+        )
     if m.roi_head.pooler != "roi_align" or len(set(m.roi_head.fc_dims)) != 1 or len(m.roi_head.fc_dims) != 2:
         raise UnsupportedByTorchvision("torchvision's box head is RoIAlign + two equal fc layers")
     if m.roi_head.bg_iou_thresh_lo != 0.0:
@@ -54,7 +58,8 @@ def build_torchvision_model(cfg: Config, num_classes: int):
     if b.name == "tiny":
         # detkit's tiny ResNet is a plain stack of torchvision BasicBlocks (stem, layer1..4),
         # no detection logic: torchvision's FPN, RPN and RoI heads sit on top of the same body.
-        body = TinyResNetBody(b.tiny_widths, b.tiny_blocks, norm=b.norm, frozen_stages=b.frozen_stages)
+        net = TinyResNet(b.tiny_widths, b.tiny_blocks, norm=b.norm)
+        body = TinyResNetBody(net, frozen_stages=b.frozen_stages)
         channels = [body.out_channels_per_feature[f"c{i}"] for i in range(2, 6)]
     else:
         body = getattr(torchvision.models, b.name)(weights=None, norm_layer=norm_layer(b.norm))
