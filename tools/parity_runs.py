@@ -10,7 +10,6 @@ trainer's own files:
     parity_run.json  the resolved recipe the run was started with, and every launch
                      (time, mode new / resume / restart, exit code, load average)
     suite.log        the trainer's output
-
     speed/eval.json  detkit only: ``detkit eval`` of model_final.pt (see below)
 
 State of a folder: absent or without trainer files -> trained; ``eval.json`` present ->
@@ -21,10 +20,11 @@ holds another recipe, or a folder with a run this bookkeeping did not start, is 
 with one line naming it: nothing is overwritten.
 
 Test speed. detkit's evaluation stage also computes the validation losses (RPN and head
-losses on sampled anchors and regions: ~40 % more time per image on the tiny shapes recipe);
-torchvision's script times plain inference. So a finished detkit run gets one more pass,
-``detkit eval`` (plain inference, what a user's evaluation costs) into ``speed/``, and its
-seconds per image are the ones reported (its mAP is the training run's; both are equal).
+losses on sampled anchors and regions: ~40 % more time per image, measured once on the tiny
+shapes recipe); torchvision's script times plain inference. So a finished detkit run gets
+one more pass, ``detkit eval`` (plain inference, what a user's evaluation costs) into
+``speed/``, and its seconds per image are the ones reported (its mAP is the training
+run's; both are equal).
 ``detkit eval`` sets no thread count of its own: the pass runs with OMP_NUM_THREADS set to
 the recipe's ``train.num_threads``.
 

@@ -166,11 +166,16 @@ def measured_s_per_iter(out: Path, regime: str, framework: str) -> Optional[floa
 
 
 def estimate_seconds(spec: RunSpec, out: Path) -> float:
+    """Seconds one run will take: iterations x seconds per iteration (measured in ``out``
+    when runs of the regime exist there, else the table's) plus evaluation."""
     cfg = load_recipe(spec.config, spec.overrides)
     regime = REGIMES[spec.group]
     rate = measured_s_per_iter(out, spec.group, spec.framework) or regime.s_per_iter[spec.framework]
     n_test = count_test_images(cfg) or 100
-    return RUN_OVERHEAD_S + cfg.train.max_iter * rate + n_test * regime.s_per_img[spec.framework]
+    evaluation = RUN_OVERHEAD_S + n_test * regime.s_per_img[spec.framework]
+    # detkit: training with its evaluation, then the plain-inference pass (parity_runs).
+    passes = 2 if spec.framework == "detkit" else 1
+    return cfg.train.max_iter * rate + passes * evaluation
 
 
 # -- the report ------------------------------------------------------------------------------

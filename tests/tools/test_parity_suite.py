@@ -191,8 +191,9 @@ def test_dry_run_shows_what_is_reused_and_estimates_from_measured_runs(tmp_path,
     assert run_suite(suite(tmp_path, "--dry-run", seeds=[0, 1]), launcher, echo=lines.append) == 0
     assert launcher.calls == []
     assert "reuse (finished)" in lines[0] and "reuse (finished)" in lines[1]
-    # The fake runs logged 15 s/iter: 15 s start + 6 iterations x 15 s + 100 test images x 0.03 s = 1.8 min.
-    assert "train" in lines[2] and "    6 iterations  ~  1.8 min" in lines[2]
+    # The fake runs logged 15 s/iter: 6 iterations x 15 s, and twice (training's evaluation,
+    # the inference pass) 15 s start + 100 test images x 0.03 s: 126 s = 2.1 min.
+    assert "train" in lines[2] and "    6 iterations  ~  2.1 min" in lines[2]
     assert lines[-1].startswith("4 runs; estimated time")
     assert not (tmp_path / "runs" / ONE / "detkit_seed1").exists()
 
