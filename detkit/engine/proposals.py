@@ -443,3 +443,25 @@ def evaluate_proposal_files(
         written = plot_recall(curves, gt, plot)
         logger.info("wrote %s", written)
     return results
+
+
+# -- configs that read proposal files ----------------------------------------------------------
+def check_proposal_files(cfg, config_path: str) -> None:
+    """A config with ``proposals.method: precomputed`` whose file is missing stops before
+    anything runs, with the ``detkit proposals`` command that writes it (ProposalFileError).
+    Proposals are a property of the dataset (computed once, shared by every R-CNN / SPP-net /
+    Fast R-CNN run on it), so they are a command of their own, not a stage of each run."""
+    p = cfg.model.proposals
+    if p.method != "precomputed":
+        return
+    paths = [p.precomputed.path] if isinstance(p.precomputed.path, str) else list(p.precomputed.path or [])
+    for path in paths:
+        if Path(path).is_file():
+            continue
+        name = Path(path).name.lower()
+        split = "test" if "test" in name else "train" if "train" in name else "train|test"
+        raise ProposalFileError(
+            f"proposal file {path} not found: compute it with `detkit proposals {config_path} --split {split} "
+            f"--method selective_search --mode {p.selective_search.mode} --max-proposals "
+            f"{p.precomputed.max_proposals} --workers 2 --out {path}` (or set model.proposals.precomputed.path)"
+        )
