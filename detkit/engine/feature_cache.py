@@ -312,6 +312,10 @@ class FeatureCache:
         try:
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub types the first keyword
+            # mkstemp makes the file private (0600); give it the permissions open() would
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
             os.replace(tmp, path)
         except OSError as exc:
             raise FeatureCacheError(f"cannot write feature cache chunk {path}: {exc.strerror or exc}") from None

@@ -462,6 +462,7 @@ def check_proposal_files(cfg, config_path: str) -> None:
         split = "test" if "test" in name else "train" if "train" in name else "train|test"
         raise ProposalFileError(
             f"proposal file {path} not found: compute it with `detkit proposals {config_path} --split {split} "
-            f"--method selective_search --mode {p.selective_search.mode} --max-proposals "
-            f"{p.precomputed.max_proposals} --workers 2 --out {path}` (or set model.proposals.precomputed.path)"
+            f"--method selective_search --mode {p.selective_search.mode} --min-size {p.selective_search.min_size:g} "
+            f"--max-proposals {p.precomputed.max_proposals} --workers 2 --out {path}` "
+            "(or set model.proposals.precomputed.path)"
         )
