@@ -460,9 +460,17 @@ def check_proposal_files(cfg, config_path: str) -> None:
             continue
         name = Path(path).name.lower()
         split = "test" if "test" in name else "train" if "train" in name else "train|test"
+        if "rpn" in name:  # RPN proposals come from a trained Faster R-CNN, with its own config
+            command = (
+                f"detkit proposals FASTER_RCNN_CONFIG --split {split} --method rpn --checkpoint "
+                f"FASTER_RCNN_RUN/model_final.pt --max-proposals {p.precomputed.max_proposals} --out {path}"
+            )
+        else:
+            command = (
+                f"detkit proposals {config_path} --split {split} --method selective_search --mode "
+                f"{p.selective_search.mode} --min-size {p.selective_search.min_size:g} --max-proposals "
+                f"{p.precomputed.max_proposals} --workers 2 --out {path}"
+            )
         raise ProposalFileError(
-            f"proposal file {path} not found: compute it with `detkit proposals {config_path} --split {split} "
-            f"--method selective_search --mode {p.selective_search.mode} --min-size {p.selective_search.min_size:g} "
-            f"--max-proposals {p.precomputed.max_proposals} --workers 2 --out {path}` "
-            "(or set model.proposals.precomputed.path)"
+            f"proposal file {path} not found: compute it with `{command}` (or set model.proposals.precomputed.path)"
         )

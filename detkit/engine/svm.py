@@ -125,6 +125,9 @@ def fit_svm(x_pos: np.ndarray, x_neg: np.ndarray, settings: SVMSettings) -> Tupl
         dual=True,
         max_iter=settings.max_iter,
         tol=settings.tol,
+        # liblinear visits the samples in a random order: a fixed seed makes a refit (a
+        # resumed run) give the same SVM
+        random_state=0,
     )
     with warnings.catch_warnings():
         # liblinear's dual solver often stops at max_iter on separable data with a tiny C;
