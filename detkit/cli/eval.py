@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
 from detkit.cli.common import load_run_config
 from detkit.data.build import build_dataset, dataset_transforms
 from detkit.engine import distributed
@@ -64,6 +66,8 @@ def _run(args, cfg) -> int:
     device = device_from_config(cfg.train.device)
     # Under torchrun every rank runs its share of the test images; rank 0 scores and writes.
     device = distributed.init_distributed(cfg.train.dist_backend, device, cfg.train.dist_timeout_min)
+    if cfg.train.num_threads > 0:  # as in training (float rounding depends on the thread count)
+        torch.set_num_threads(cfg.train.num_threads)
     model, cfg, classes = model_from_checkpoint(args.checkpoint, cfg, device)
     if cfg.data.test is None:
         raise UsageError(f"{args.config}: no data.test dataset to evaluate on")
