@@ -142,7 +142,11 @@ def main() -> None:
     print(f"1/3 BCCD, {args.iters} iterations with AMP", flush=True)
     bccd = out / "bccd"
     cmd = [sys.executable, "-m", "detkit", "train", BCCD_CONFIG, "--out", bccd, "--no-progress"]
-    seconds = run(cmd + train_overrides(args.iters, device), 360, out / "bccd.log")
+    overrides = train_overrides(args.iters, device)
+    if args.smoke:  # small images and 2 workers: the plumbing on a small CPU, in minutes
+        overrides += ["data.input.min_size_train=[128]", "data.input.min_size_test=128", "data.input.max_size=192"]
+        overrides += ["data.num_workers=2"]
+    seconds = run(cmd + overrides, 1800 if args.smoke else 360, out / "bccd.log")
     report["bccd"] = {"config": str(BCCD_CONFIG.relative_to(ROOT)), "iterations": args.iters, "batch": 2}
     report["bccd"].update(run_summary(bccd), wall_s=round(seconds, 1))
     print(f"  {report['bccd']['s_per_iter']} s/iter, mAP {report['bccd']['mAP_voc']:.4f}", flush=True)
@@ -154,7 +158,7 @@ def main() -> None:
         bench = [sys.executable, ROOT / "tools" / "benchmark.py", "--cases", "r50_fpn", "--device", device]
         warmup = 0 if args.smoke else 3  # the first passes pick cuDNN kernels: not timed
         bench += ["--images", args.bench_images, "--steps", args.bench_steps, "--warmup", warmup, "--threads", 4]
-        run(bench + extra + ["--json", path], 180, out / f"benchmark_{name}.log")
+        run(bench + extra + ["--json", path], 1800 if args.smoke else 180, out / f"benchmark_{name}.log")
         report["r50_fpn"][name] = json.loads(path.read_text())["results"][0]
         r = report["r50_fpn"][name]
         print(

@@ -242,7 +242,8 @@ def collective(what: str) -> Iterator[None]:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         # gloo's "[/path/pair.cc:561] " prefix off, and its advice after the first sentence
         first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0][:160]
-        raise _consequence(f"stopped during {what}: another rank failed or was lost (its own message says why; {first})")
+        message = f"stopped during {what}: another rank failed or was lost (its own message says why; {first})"
+        raise _consequence(message) from None
 
 
 def _consequence(message: str) -> DistributedError:

@@ -42,13 +42,14 @@ A run folder holds:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Optional, cast
+from typing import Dict, Iterator, List, Optional, cast
 
 import numpy as np
 import torch
@@ -139,6 +140,22 @@ def load_scaler_state(scaler: torch.amp.GradScaler, state: Optional[Dict]) -> No
         scaler.load_state_dict(state)
     elif scaler.is_enabled():
         logger.info("the checkpoint has no GradScaler state (trained without AMP): the loss scale starts afresh")
+
+
+@contextlib.contextmanager
+def _unused_parameters_named(it: int) -> Iterator[None]:
+    """DDP's reducer refuses a trainable parameter that got no gradient (a branch the
+    iteration skipped), in the backward pass or at the next forward: one line that says
+    which setting allows it."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "find_unused_parameters" in str(exc) or "finished reduction" in str(exc):
+            raise TrainingError(
+                f"iteration {it + 1}: some trainable parameters received no gradient, which DDP cannot average; "
+                "set train.find_unused_parameters=true"
+            ) from None
+        raise
 
 
 class Trainer:
@@ -328,7 +345,7 @@ class Trainer:
 
     def _step(self, images, targets, it: int) -> Dict[str, torch.Tensor]:
         images = images_to(images, self.device, self.channels_last)
-        with distributed.collective(f"iteration {it + 1}"):
+        with distributed.collective(f"iteration {it + 1}"), _unused_parameters_named(it):
             with autocast_context(self.device, self.amp_dtype):
                 _, losses = self.train_model(images, targets)
         total = cast(torch.Tensor, sum(losses.values()))
@@ -348,8 +365,8 @@ class Trainer:
                 "train.clip_grad_norm"
             )
         self.optimizer.zero_grad(set_to_none=True)
-        with distributed.collective(f"the backward pass of iteration {it + 1}"):
-            self._backward(total, it)
+        with distributed.collective(f"the backward pass of iteration {it + 1}"), _unused_parameters_named(it):
+            self.scaler.scale(total).backward()
         if self.tcfg.clip_grad_norm:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.clip_grad_norm)
@@ -357,18 +374,6 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         return {**losses, "loss": total}
-
-    def _backward(self, total: torch.Tensor, it: int) -> None:
-        try:
-            self.scaler.scale(total).backward()
-        except RuntimeError as exc:
-            # DDP's reducer: a trainable parameter got no gradient (a branch this batch skipped).
-            if "find_unused_parameters" in str(exc) or "finished reduction" in str(exc):
-                raise TrainingError(
-                    f"iteration {it + 1}: some trainable parameters received no gradient, which DDP cannot "
-                    "average; set train.find_unused_parameters=true"
-                ) from None
-            raise
 
     def _train(self) -> None:
         t = self.tcfg

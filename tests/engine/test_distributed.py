@@ -16,9 +16,10 @@ The images of each step and their flips are the same by design (the ranks split 
 global stream; ``detkit.data.loader.NumberedBatches``).
 
 Processes: one torchrun training (module fixture) serves the equality, rank-0-writes,
-sharded-evaluation and resume tests; a second run has rank 1 fail; a third dumps Selective
-Search proposals sharded, resuming a partial run; the collective helpers and the CPU
-SyncBatchNorm are checked in 2 processes started with torch.multiprocessing.
+sharded-evaluation and 2 -> 1 resume tests; a second resumes a 1-process run on 2; a third
+has rank 1 fail; a fourth dumps Selective Search proposals sharded, resuming a partial run;
+the collective helpers and the CPU SyncBatchNorm are checked in 2 processes started with
+torch.multiprocessing.
 """
 
 import json
@@ -113,7 +114,7 @@ def write_config(tmp: Path) -> Path:
             "checkpoint_period": 2,
             "device": "cpu",
             "num_threads": 1,  # torchrun's processes run 1 thread; float rounding depends on it
-            "dist_timeout_min": 1.0,
+            "dist_timeout_min": 5.0,
         },
     }
     from_dict(Config, cfg)  # valid before any process starts
@@ -165,6 +166,19 @@ def single_run(cfg, out, *overrides):
     assert main(args + list(overrides)) == 0
 
 
+def single_reference(tmp, cfg, iterations):
+    """The 1-process run trained straight to ``iterations`` (made once per module)."""
+    out = tmp / f"single{iterations}"
+    if not (out / "model_final.pt").is_file():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            single_run(cfg, out, f"train.max_iter={iterations}")
+        finally:
+            torch.set_num_threads(threads)
+    return out
+
+
 def losses(out):
     return [json.loads(line) for line in open(out / "metrics.jsonl") if '"loss"' in line]
 
@@ -179,8 +193,7 @@ def test_two_processes_train_like_one_process_with_the_global_batch(dist_run, on
     tmp, cfg, out, proc = dist_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "global batch 4 = data.batch_size 2 x 2 processes" in proc.stderr
-    single = tmp / "single"
-    single_run(cfg, single)
+    single = single_reference(tmp, cfg, 4)
     dist_state, single_state = load_checkpoint(out / "model_final.pt"), load_checkpoint(single / "model_final.pt")
     assert_close_states(dist_state["model"], single_state["model"], atol=1e-5)
     # ... and training moved the weights far more than that (the comparison means something)
@@ -234,12 +247,28 @@ def test_resume_on_another_world_size(dist_run, one_thread, capsys):
     (resumed / "eval.json").unlink()
     single_run(cfg, resumed, "--resume", "train.max_iter=6")
     assert "resume: 1 processes now, 2 before" in capsys.readouterr().err
-    straight = tmp / "straight6"
-    single_run(cfg, straight, "train.max_iter=6")
+    straight = single_reference(tmp, cfg, 6)
     a, b = load_checkpoint(resumed / "model_final.pt"), load_checkpoint(straight / "model_final.pt")
     assert a["iteration"] == 6 and a["world_size"] == 1
     assert_close_states(a["model"], b["model"], atol=1e-5)
     assert [r["iter"] for r in losses(resumed)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_one_process_run_resumed_on_two(dist_run, one_thread, capsys):
+    """The other direction: 2 iterations on 1 process (global batch 4), resumed by 2
+    processes of batch 2 to iteration 4, equal the 1-process run trained straight to 4."""
+    tmp, cfg, _, _ = dist_run
+    out = tmp / "one_then_two"
+    single_run(cfg, out, "train.max_iter=2")
+    proc = torchrun(["train", cfg, "--out", out, "--resume", "--no-progress"], tmp, guard=out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resume: 2 processes now, 1 before" in proc.stderr and "GUARD VIOLATION" not in proc.stderr
+    state = load_checkpoint(out / "model_final.pt")
+    assert state["iteration"] == 4 and state["world_size"] == 2
+    assert_close_states(
+        state["model"], load_checkpoint(single_reference(tmp, cfg, 4) / "model_final.pt")["model"], 1e-5
+    )
+    assert [r["iter"] for r in losses(out)] == [1, 2, 3, 4]
 
 
 def test_a_failing_rank_stops_every_rank_with_its_message(tmp_path):
@@ -251,7 +280,7 @@ def test_a_failing_rank_stops_every_rank_with_its_message(tmp_path):
     proc = torchrun(["train", cfg, "--out", out, "--no-progress"], tmp_path, fail="1:2")
     err = proc.stderr
     assert proc.returncode != 0
-    assert proc.seconds < 50  # dist_timeout_min is 1 minute: nobody waited for it
+    assert proc.seconds < 150  # dist_timeout_min is 5 minutes: nobody waited for it
     assert "detkit: error: [rank 1 of 2] injected failure at iteration 2" in err
     root = err[err.index("Root Cause") :]
     assert "rank      : 1" in root and "[rank 1 of 2] injected failure at iteration 2" in root
@@ -348,3 +377,20 @@ def test_a_partial_launch_environment_is_named(tmp_path, monkeypatch, capsys):
     assert main(["eval", str(write_config(tmp_path)), "--checkpoint", "x.pt"]) == 2
     err = capsys.readouterr().err
     assert "WORLD_SIZE=2 is set but RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT not: start detkit with torchrun" in err
+
+
+def test_ddp_unused_parameter_errors_name_the_setting():
+    from detkit.engine.trainer import _unused_parameters_named
+    from detkit.errors import TrainingError
+
+    ddp_text = (
+        "Expected to have finished reduction in the prior iteration before starting a new one. This error "
+        "indicates that your module has parameters that were not used in producing loss. You can enable unused "
+        "parameter detection by passing the keyword argument `find_unused_parameters=True`"
+    )
+    with pytest.raises(TrainingError, match="^iteration 3: some trainable parameters received no gradient.*"):
+        with _unused_parameters_named(2):
+            raise RuntimeError(ddp_text)
+    with pytest.raises(RuntimeError, match="something else"):  # other errors pass unchanged
+        with _unused_parameters_named(2):
+            raise RuntimeError("something else")
