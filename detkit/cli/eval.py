@@ -69,6 +69,8 @@ def _run(args, cfg) -> int:
     if cfg.train.num_threads > 0:  # as in training (float rounding depends on the thread count)
         torch.set_num_threads(cfg.train.num_threads)
     model, cfg, classes = model_from_checkpoint(args.checkpoint, cfg, device)
+    if device.type == "cuda" and cfg.model.channels_last_inference:
+        model.to(memory_format=torch.channels_last)  # weights as the inputs: tensor-core convolutions
     if cfg.data.test is None:
         raise UsageError(f"{args.config}: no data.test dataset to evaluate on")
     transforms = dataset_transforms(cfg.data.input, False)

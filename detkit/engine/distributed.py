@@ -160,6 +160,7 @@ def init_distributed(backend: str = "auto", device: Optional[torch.device] = Non
             )
         device = torch.device("cuda", launch.local_rank)
         torch.cuda.set_device(device)
+    _quiet_other_ranks(launch.rank)
     if is_initialized():
         return device
     if not dist.is_available():
@@ -167,7 +168,6 @@ def init_distributed(backend: str = "auto", device: Optional[torch.device] = Non
     name = resolve_backend(backend, device)
     dist.init_process_group(name, timeout=timedelta(minutes=timeout_min))
     atexit.register(_destroy)
-    _quiet_other_ranks(launch.rank)
     if launch.rank == 0:
         logger.info("distributed: %d processes, backend %s", launch.world_size, name)
     return device
@@ -258,7 +258,10 @@ def failure_prefix() -> str:
     """'[rank R of W] ' in a distributed job (also before the process group exists), else ''."""
     if is_distributed():
         return f"[rank {rank()} of {world_size()}] "
-    launch = launch_from_env() if "WORLD_SIZE" in os.environ else Launch()
+    try:
+        launch = launch_from_env()
+    except DistributedError:  # a broken launch environment: its own error says so
+        return ""
     return f"[rank {launch.rank} of {launch.world_size}] " if launch.world_size > 1 else ""
 
 
