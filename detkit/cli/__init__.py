@@ -9,6 +9,7 @@
     detkit report RUN_DIR --out report.html
     detkit convert --from torchvision SRC.pth --out CKPT
     detkit proposals DATA_OR_CONFIG.yaml --method selective_search|rpn --out FILE [--eval] ...
+    detkit export [CONFIG] --checkpoint CKPT --format onnx|torchscript --out FILE
 
 The CLI is the top layer: nothing in detkit imports it. Each verb module has
 ``add_parser(subparsers)`` and a handler; ``COMMANDS`` lists them explicitly (an import
@@ -24,7 +25,7 @@ import logging
 import sys
 from typing import List, Optional
 
-from detkit.cli import common, convert, data, demo, evaluate, plot, proposals, report, train
+from detkit.cli import common, convert, data, demo, evaluate, export, plot, proposals, report, train
 from detkit.cli import eval as eval_
 from detkit.engine import distributed
 from detkit.errors import DetkitError, UsageError
@@ -32,7 +33,7 @@ from detkit.errors import DetkitError, UsageError
 logger = logging.getLogger("detkit")
 
 # The verbs, in the order `detkit --help` lists them.
-COMMANDS = (train, eval_, demo, evaluate, data, plot, report, convert, proposals)
+COMMANDS = (train, eval_, demo, evaluate, data, plot, report, convert, proposals, export)
 # The verbs that share their work across the processes torchrun starts; the others refuse
 # to run under it (N copies would write the same files).
 DISTRIBUTED_COMMANDS = (train.NAME, eval_.NAME, proposals.NAME)

@@ -171,8 +171,12 @@ class RoIHeadBase(nn.Module, ABC):
                 f"{type(self).__name__}: expected {per_region} box values and {k} class scores per region, "
                 f"got {boxes_all.shape[1]} and {scores_all.shape[1]}"
             )
+        # One image needs no split: the exported graph (one image) then keeps the number of
+        # regions dynamic instead of the traced image's count.
+        box_chunks = (boxes_all,) if len(counts) == 1 else boxes_all.split(counts)
+        score_chunks = (scores_all,) if len(counts) == 1 else scores_all.split(counts)
         results = []
-        for boxes, scores, size in zip(boxes_all.split(counts), scores_all.split(counts), image_sizes):
+        for boxes, scores, size in zip(box_chunks, score_chunks, image_sizes):
             boxes = clip_boxes(boxes.view(-1, boxes.shape[1] // 4, 4), size)
             if boxes.shape[1] == 1:  # one box for every class
                 boxes = boxes.expand(-1, k, 4)
