@@ -45,7 +45,8 @@ def add_parser(sub) -> None:
             "(divide by the resize factor for original pixels), scores (R,) best first and labels (R,) in 1..K. "
             "Sizes, mean/std and class names are stored in the file (ONNX metadata key 'detkit', TorchScript "
             "extra file 'detkit.json'). Models with Selective Search or proposal-file proposals, R-CNN / SPP-net "
-            "heads or multi-scale testing are refused."
+            "heads or multi-scale testing are refused. key=value overrides apply to CONFIG or to the stored "
+            "config (e.g. model.roi_head.score_thresh=0.3 is baked into the graph)."
         ),
     )
     e.add_argument("config", nargs="?", help="config (default: the one stored in the checkpoint)")
@@ -53,7 +54,9 @@ def add_parser(sub) -> None:
     e.add_argument(
         "--format", choices=FORMATS, help="onnx or torchscript (default: from the --out suffix: .onnx, .pt, .ts)"
     )
-    e.add_argument("--out", required=True, metavar="FILE")
+    e.add_argument(
+        "--out", required=True, metavar="FILE", help="the file to write (kept if it exists, see --overwrite)"
+    )
     e.add_argument("--overwrite", action="store_true", help="replace an existing FILE")
     e.add_argument("--no-check", action="store_true", help="do not run the written file against the eager model")
     # key=value overrides are collected by detkit.cli.main (they may come anywhere).

@@ -89,8 +89,13 @@ EXPORT_FORMAT = "detkit-export-1"
 INPUT_NAMES = ["image"]
 OUTPUT_NAMES = ["boxes", "scores", "labels"]
 
-# Parity between the exported file and the eager model (the test suite's bounds too).
+# Parity between the exported file and the eager model that the check after export expects:
+# 1e-3 px (the test suite's bound, on a tiny model at <= 300 px), or 1e-5 of the image's
+# longer side when that is more. ONNX Runtime's convolutions round differently from
+# PyTorch's: through ResNet-50-FPN the features differ by ~2e-6 relative (measured), which
+# moves boxes of an 800 x 1066 input by up to ~6e-3 px; TorchScript runs PyTorch's kernels.
 BOX_TOL = 1e-3  # px
+BOX_TOL_REL = 1e-5  # of the longer image side
 SCORE_TOL = 1e-4
 
 # Why a part cannot be exported, by what the config calls it.
@@ -248,11 +253,15 @@ class ExportReport:
     max_score_diff: float = float("nan")
 
     @property
+    def box_tolerance(self) -> float:
+        return max(BOX_TOL, BOX_TOL_REL * max(self.check_size))
+
+    @property
     def agrees(self) -> bool:
         return (
             self.checked
             and self.num_eager == self.num_exported
-            and self.max_box_diff <= BOX_TOL
+            and self.max_box_diff <= self.box_tolerance
             and self.max_score_diff <= SCORE_TOL
         )
 
@@ -423,7 +432,13 @@ def export_model(
         if tmp.exists():
             tmp.unlink()
     if report.checked and not report.agrees:
-        logger.warning("the exported %s differs from the eager model: %s", report.fmt, report.summary())
+        logger.warning(
+            "the exported %s differs from the eager model by more than %.2g px / %.2g in score: %s",
+            report.fmt,
+            report.box_tolerance,
+            SCORE_TOL,
+            report.summary(),
+        )
     return report
 
 
