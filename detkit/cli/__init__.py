@@ -9,6 +9,8 @@
     detkit report RUN_DIR --out report.html
     detkit convert --from torchvision SRC.pth --out CKPT
     detkit proposals DATA_OR_CONFIG.yaml --method selective_search|rpn --out FILE [--eval] ...
+    detkit compress CKPT --fc6 RANK --fc7 RANK --out CKPT2 [--no-eval]
+    detkit compare DATA.yaml --recipe shapes|bccd --out DIR [--backbone NAME] [--iters N]
 
 The CLI is the top layer: nothing in detkit imports it. Each verb module has
 ``add_parser(subparsers)`` and a handler; ``COMMANDS`` lists them explicitly (an import
@@ -24,14 +26,14 @@ import logging
 import sys
 from typing import List, Optional
 
-from detkit.cli import common, convert, data, demo, evaluate, plot, proposals, report, train
+from detkit.cli import common, compare, compress, convert, data, demo, evaluate, plot, proposals, report, train
 from detkit.cli import eval as eval_
 from detkit.errors import DetkitError
 
 logger = logging.getLogger("detkit")
 
 # The verbs, in the order `detkit --help` lists them.
-COMMANDS = (train, eval_, demo, evaluate, data, plot, report, convert, proposals)
+COMMANDS = (train, eval_, demo, evaluate, data, plot, report, convert, proposals, compress, compare)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,6 +18,7 @@ from detkit.engine.analyze import write_analysis
 from detkit.engine.evaluate import evaluate_detections, summary_lines, write_evaluation
 from detkit.engine.inference import denormals_flushed, device_from_config, run_inference
 from detkit.engine.predictor import model_from_checkpoint
+from detkit.engine.proposals import check_proposal_files
 from detkit.errors import UsageError
 from detkit.evaluation.analysis import analyze_detections, format_errors
 
@@ -57,6 +58,7 @@ def run(args) -> int:
 
 def _run(args, cfg) -> int:
     device = device_from_config(cfg.train.device)
+    check_proposal_files(cfg, args.config)
     model, cfg, classes = model_from_checkpoint(args.checkpoint, cfg, device)
     if cfg.data.test is None:
         raise UsageError(f"{args.config}: no data.test dataset to evaluate on")

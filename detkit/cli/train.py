@@ -20,6 +20,7 @@ from detkit.data.build import build_datasets
 from detkit.engine.evaluate import summary_lines
 from detkit.engine.inference import denormals_flushed, device_from_config
 from detkit.engine.pipelines import stages_for
+from detkit.engine.proposals import check_proposal_files
 from detkit.engine.stages import RunContext, run_stages
 from detkit.engine.trainer import RUN_FILES, check_output_dir
 from detkit.modeling.build import build_model, check_model_config, model_summary
@@ -65,6 +66,7 @@ def _run(args, cfg) -> int:
     check_output_dir(out, args.resume)
     device = device_from_config(cfg.train.device)
     check_model_config(cfg.model)  # a bad model key fails before the datasets load
+    check_proposal_files(cfg, args.config)  # a missing proposal file: the command that makes it
     train_set, test_set, classes = build_datasets(cfg, need_train=True, need_test=cfg.data.test is not None)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)

@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, cast
 
 import torch
 from torch import Tensor, nn
 
 from detkit.modeling.backbones.common import keep_frozen_bn_in_eval
+from detkit.modeling.heads.base import RoIHeadBase
 from detkit.modeling.interfaces import Backbone, ProposalGenerator, RoIHead, check_implements
 from detkit.modeling.pyramid import build_pyramid, pyramid_factors
 from detkit.structures import Detections, ImageList, Target
@@ -124,6 +125,8 @@ class Detector(nn.Module):
         self.channels_last_inference = channels_last_inference
         # One scale is the plain single-scale path (bit for bit the same detections).
         self.test_factors = pyramid_factors(test_scales) if len(test_scales) > 1 else []
+        if self.test_factors and not isinstance(roi_head, RoIHeadBase):
+            raise TypeError(f"test_scales: the RoI head {type(roi_head).__name__} does not predict per pyramid level")
         self.part_times: Optional[PartTimes] = None
 
     @property
@@ -171,8 +174,9 @@ class Detector(nn.Module):
         clock.lap("proposals")
         if pyramid is None:
             detections, head_losses = self.roi_head(images, features, proposals, targets)
-        else:
-            detections, head_losses = self.roi_head(images, features, proposals, targets, pyramid=pyramid)
+        else:  # a RoIHeadBase (checked in __init__): it predicts per pyramid level
+            head = cast(RoIHeadBase, self.roi_head)
+            detections, head_losses = head(images, features, proposals, targets, pyramid=pyramid)
         losses = {**proposal_losses, **head_losses}
         for name in losses:
             if name in self.loss_weights:
