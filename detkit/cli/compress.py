@@ -92,15 +92,15 @@ def _run(args, ckpt: Path, out: Path, ranks: Dict[str, int], cfg) -> int:
     model, cfg, classes = model_from_checkpoint(ckpt, cfg, device)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
+    original = copy.deepcopy(model)
+    layers = compress_model(model, cfg, ranks, source=str(ckpt))  # bad layers / ranks fail first
     dataset = None
     measure = args.time_images > 0 or not args.no_eval
     if measure and cfg.data.test is not None:
-        # loaded before anything is written: a missing test set fails first
+        # loaded before anything is written: a missing test set fails before the file is
         dataset = build_dataset(cfg.data.test, classes, dataset_transforms(cfg.data.input, False), name="test")
     elif measure:
         logger.info("the config has no data.test: no timing and no mAP")
-    original = copy.deepcopy(model)
-    layers = compress_model(model, cfg, ranks, source=str(ckpt))
     save_compressed(model, cfg, classes, out, source=str(ckpt))
     logger.info("wrote %s", out)
 

@@ -656,7 +656,7 @@ def relationships(rows: Sequence[Row]) -> List[Dict[str, Any]]:
     )
     speed(
         "SPP-net tests >= 10x faster than R-CNN (excluding proposals)",
-        "24-102x (SPP-net Tables 3/4)",
+        "24-102x (SPP-net abstract, sec. 4)",
         "rcnn",
         "spp",
         10.0,
@@ -714,7 +714,14 @@ def relationships(rows: Sequence[Row]) -> List[Dict[str, Any]]:
 
     order("mAP: Faster R-CNN >= Fast R-CNN", "69.9 vs 66.9 (Faster R-CNN Table 3)", "faster_rcnn", "fast_rcnn", 0)
     order("mAP: Fast R-CNN >= SPP-net", "66.9 vs 63.1 (Fast R-CNN Table 1)", "fast_rcnn", "spp", 0.0)
-    order("mAP: SPP-net ~ R-CNN (within 2 points)", "59.2 vs 58.5 (SPP-net Table 3)", "spp", "rcnn", 2.0, approx=True)
+    order(
+        "mAP: SPP-net ~ R-CNN (within 2 points)",
+        "59.2 vs 58.5 (SPP-net sec. 4, VOC07, ZF-5)",
+        "spp",
+        "rcnn",
+        2.0,
+        approx=True,
+    )
     return out
 
 
