@@ -376,7 +376,10 @@ class SelectiveSearchConfig:
 @dataclass
 class PrecomputedConfig:
     """Proposal files (.npz / .json / classic .mat) in original-image pixels: one path or a
-    list (e.g. the train and the test split's files; their images are pooled)."""
+    list (e.g. the train and the test split's files; their images are pooled). A missing file
+    is one error line naming the ``detkit proposals`` command that makes it, with the
+    settings of ``model.proposals.selective_search``; the split is read from a train / test
+    word in the file name (else the list order: [train file, test file])."""
 
     path: Optional[Union[PathStr, List[PathStr]]] = None  # the proposal file(s)
     max_proposals: int = 2000  # proposals used per image (the file's first ones)
