@@ -58,8 +58,8 @@ def run(args) -> int:
 
 def _run(args, cfg) -> int:
     device = device_from_config(cfg.train.device)
-    check_proposal_files(cfg, args.config)
     model, cfg, classes = model_from_checkpoint(args.checkpoint, cfg, device)
+    check_proposal_files(cfg, args.config)
     if cfg.data.test is None:
         raise UsageError(f"{args.config}: no data.test dataset to evaluate on")
     dataset = build_dataset(cfg.data.test, classes, dataset_transforms(cfg.data.input, False), name="test")

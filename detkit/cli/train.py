@@ -66,7 +66,7 @@ def _run(args, cfg) -> int:
     check_output_dir(out, args.resume)
     device = device_from_config(cfg.train.device)
     check_model_config(cfg.model)  # a bad model key fails before the datasets load
-    check_proposal_files(cfg, args.config)  # a missing proposal file: the command that makes it
+    check_proposal_files(cfg, args.config)  # likewise a missing proposal file (with the command that makes it)
     train_set, test_set, classes = build_datasets(cfg, need_train=True, need_test=cfg.data.test is not None)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)

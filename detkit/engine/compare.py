@@ -563,7 +563,12 @@ class Comparison:
             return
         if self.job.progress:
             logger.info("compare: timing %s on %d test images", ", ".join(entries), self.job.time_images)
-        times = profile_detectors(entries, self.job.time_images, device)
+        try:
+            times = profile_detectors(entries, self.job.time_images, device)
+        except DetkitError as exc:  # e.g. an unreadable test image: the rows keep their mAP
+            for spec, _, _ in pending:
+                self.rows[spec.key].reason = f"not timed: {' '.join(str(exc).split())}"
+            return
         for spec, cache, stamp in pending:
             atomic_write_text(cache, json.dumps({"stamp": stamp, "times": times[spec.key]}, indent=1) + "\n")
             self._set_times(self.rows[spec.key], spec, times[spec.key])

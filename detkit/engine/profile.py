@@ -24,7 +24,7 @@ from torch import nn
 from detkit.data.loader import build_test_loader
 from detkit.engine.inference import autocast_context
 from detkit.errors import UsageError
-from detkit.modeling.detector import PartTimes
+from detkit.modeling.timing import PartTimes
 
 logger = logging.getLogger("detkit")
 

@@ -25,8 +25,7 @@ spent in the three parts (features, proposals, head) to it.
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Dict, List, Optional, Sequence, Tuple, cast
 
 import torch
@@ -36,6 +35,7 @@ from detkit.modeling.backbones.common import keep_frozen_bn_in_eval
 from detkit.modeling.heads.base import RoIHeadBase
 from detkit.modeling.interfaces import Backbone, ProposalGenerator, RoIHead, check_implements
 from detkit.modeling.pyramid import build_pyramid, pyramid_factors
+from detkit.modeling.timing import PartClock, PartTimes
 from detkit.structures import Detections, ImageList, Target
 
 
@@ -48,49 +48,6 @@ def map_to_original(detections: List[Detections], images: ImageList) -> List[Det
         Detections(geometry.invert(det.boxes), det.scores, det.labels)
         for det, geometry in zip(detections, images.geometries)
     ]
-
-
-@dataclass
-class PartTimes:
-    """Seconds an eval-mode Detector spent in each part, summed over the forward passes made
-    while it was attached (``detector.part_times = PartTimes()``), and the images they saw.
-    features: the backbone (all pyramid levels); proposals: the proposal generator (a
-    precomputed file: only the look-up); head: the RoI head and the mapping to original
-    pixels. CUDA is synchronised at each boundary, so the parts add up to the forward."""
-
-    features: float = 0.0
-    proposals: float = 0.0
-    head: float = 0.0
-    images: int = 0
-
-    def per_image(self) -> Dict[str, float]:
-        n = max(self.images, 1)
-        return {
-            "features": self.features / n,
-            "proposals": self.proposals / n,
-            "head": self.head / n,
-            "total": (self.features + self.proposals + self.head) / n,
-        }
-
-
-class _Clock:
-    """Adds the time since the last lap to a PartTimes field; does nothing without one."""
-
-    def __init__(self, times: Optional[PartTimes], device: torch.device):
-        self.times = times
-        self.cuda = device.type == "cuda"
-        self.last = self._now() if times is not None else 0.0
-
-    def _now(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def lap(self, part: str) -> None:
-        if self.times is not None:
-            now = self._now()
-            setattr(self.times, part, getattr(self.times, part) + now - self.last)
-            self.last = now
 
 
 class Detector(nn.Module):
@@ -157,10 +114,10 @@ class Detector(nn.Module):
     ) -> Tuple[List[Detections], Dict[str, Tensor]]:
         """-> (detections per image in original pixels; [] in training mode), losses."""
         targets = self._training_targets(targets, images.tensor.device)
+        clock = PartClock(None if self.training else self.part_times, images.tensor.device)
         x = images.tensor
         if self.channels_last_inference and not self.training:
             x = x.contiguous(memory_format=torch.channels_last)
-        clock = _Clock(None if self.training else self.part_times, x.device)
         features = self.backbone(x)
         pyramid = None
         if self.test_factors and not self.training:

@@ -11,7 +11,6 @@ from detkit.config import from_dict
 from detkit.data.build import dataset_transforms
 from detkit.data.transforms import resize_image
 from detkit.modeling.build import build_model
-from detkit.modeling.detector import PartTimes
 from detkit.modeling.pyramid import (
     PyramidLevel,
     assign_scales,
@@ -19,6 +18,7 @@ from detkit.modeling.pyramid import (
     pyramid_factors,
     pyramid_predict,
 )
+from detkit.modeling.timing import PartTimes
 from detkit.schema import InputConfig, ModelConfig
 from detkit.structures import Geometry, ImageList, Target
 
