@@ -62,3 +62,8 @@ class SelectiveSearchError(DetkitError, ValueError):
 
 class ExportError(DetkitError):
     """A model or head that cannot be exported / compressed as asked."""
+
+
+class DistributedError(DetkitError, RuntimeError):
+    """A distributed run (torchrun) that cannot start or go on: a launch variable missing,
+    a backend that does not fit the device, another rank that failed or was lost."""

@@ -227,7 +227,9 @@ class DataConfig:
     # Class names in label order for both splits; None: from train (inferred when not set there).
     classes: Optional[List[str]] = None
     input: InputConfig = field(default_factory=InputConfig)  # resizing, flipping, normalisation
-    batch_size: int = 2  # training images per iteration
+    # training images per iteration and process: a distributed run of W processes trains on
+    # a global batch of batch_size x W images per iteration (train.base_lr is for that batch)
+    batch_size: int = 2
     test_batch_size: int = 1  # images per batch at evaluation
     num_workers: int = 0  # DataLoader worker processes (0: load in the main process)
     aspect_ratio_grouping: bool = True  # batch portrait and landscape images separately (less padding)
@@ -255,12 +257,11 @@ def _check_box_weights(weights: List[float]) -> None:
 
 # Backbones whose bodies are residual networks (they need a normalisation layer).
 _RESIDUAL_BACKBONES = ("tiny", "resnet18", "resnet34", "resnet50", "resnet101")
-_SYNCBN = "syncbn needs distributed training (torchrun), not available yet"
 
 
 @dataclass
 class BackboneConfig:
-    """norm: bn, frozen_bn or gn for the ResNets and tiny; none or bn for vgg16.
+    """norm: bn, frozen_bn, gn or syncbn for the ResNets and tiny; none or bn for vgg16.
     frozen_stages: 0 trains everything; ResNets and tiny: k freezes the stem and the first
     k - 1 stages (at most 4 with the single C4 map, 5 with FPN); vgg16: conv blocks 1..k (0..5).
     """
@@ -271,10 +272,10 @@ class BackboneConfig:
     name: Literal["tiny", "resnet18", "resnet34", "resnet50", "resnet101", "vgg16"] = "resnet50"
     fpn: bool = True  # an FPN over the backbone's stages (P2-P6); false: one stride-16 map (ResNet C4 / VGG conv5_3)
     out_channels: int = 256  # FPN channels
-    # normalisation in the backbone: bn (trains), frozen_bn, gn or none; syncbn is refused
-    # (one line) until detkit trains on several processes
+    # normalisation in the backbone: bn (trains), frozen_bn, gn, syncbn (bn with statistics
+    # over the batch of every process of a distributed run; refused when training on one) or none
     norm: Literal["bn", "frozen_bn", "gn", "syncbn", "none"] = "bn"
-    # normalisation in the FPN convs (null/none: none, as the FPN paper)
+    # normalisation in the FPN convs (null/none: none, as the FPN paper; syncbn as in norm)
     fpn_norm: Optional[Literal["bn", "gn", "syncbn", "none"]] = None
     frozen_stages: int = 0  # stages not trained: 0 none, 1 the stem, k the stem and the next k-1 stages
     # A local state-dict file or a torchvision weight name (e.g. ResNet50_Weights.IMAGENET1K_V1).
@@ -283,8 +284,6 @@ class BackboneConfig:
     tiny_blocks: int = 1  # name tiny: residual blocks per stage
 
     def __post_init__(self):
-        _check(self.norm != "syncbn", f"norm: {_SYNCBN}")
-        _check(self.fpn_norm != "syncbn", f"fpn_norm: {_SYNCBN}")
         if self.name in _RESIDUAL_BACKBONES:
             _check(self.norm != "none", f"norm: none: {self.name} needs a normalisation layer (bn, frozen_bn or gn)")
         else:
@@ -510,7 +509,7 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     max_iter: int = 1000  # training iterations
-    base_lr: float = 0.02  # SGD learning rate after warmup
+    base_lr: float = 0.02  # SGD learning rate after warmup, for the global batch (data.batch_size x processes)
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 1e-4  # L2 weight decay (not on biases and normalisation parameters)
     warmup_iters: int = 100  # linear warmup iterations
@@ -525,11 +524,24 @@ class TrainConfig:
     log_period: int = 20  # iterations between records in metrics.jsonl
     seed: int = 0  # seed of every random number (runs are deterministic on a given machine)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto (CUDA when available), cpu or cuda
-    amp: bool = True  # mixed precision, used on CUDA only
+    amp: bool = True  # mixed precision, used on CUDA (on the CPU only with amp_dtype bf16)
+    # auto: bfloat16 where the GPU supports it, else float16 with a gradient scaler; bf16 / fp16
+    # force one (bf16 also enables bfloat16 autocast on the CPU)
+    amp_dtype: Literal["auto", "bf16", "fp16"] = "auto"
+    # CUDA: channels-last images and weights in training (faster tensor-core convolutions);
+    # the CPU trains NCHW (see model.channels_last_inference)
+    channels_last: bool = True
     num_threads: int = 0  # CPU threads for torch; 0 = torch's default
     # Treat subnormal floats (< 1.2e-38) as zero on the CPU, in training and evaluation: many
     # x86 CPUs compute with them far slower (a CPU run slowed 2.4x after ~20 iterations).
     flush_denormal: bool = True
+    # Distributed runs (torchrun): the torch.distributed backend (auto: nccl on CUDA, gloo on the CPU)
+    dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    # minutes a collective may wait for the other processes before the run stops with an error
+    dist_timeout_min: float = 30.0
+    # DDP: find parameters that got no gradient in an iteration (slower; only for models that
+    # leave parts unused, e.g. a branch some batches skip)
+    find_unused_parameters: bool = False
     # Also write metrics.jsonl's scalars and test images with detections to <run>/tensorboard
     # (needs the tensorboard package: pip install 'detkit[tensorboard]').
     tensorboard: bool = False
@@ -541,6 +553,8 @@ class TrainConfig:
         # does) so that `train.max_iter=N` alone shortens a recipe.
         if any(s <= 0 for s in self.steps):
             raise ValueError(f"steps must be positive iterations, got {self.steps}")
+        if self.dist_timeout_min <= 0:
+            raise ValueError(f"dist_timeout_min must be > 0, got {self.dist_timeout_min}")
 
 
 @dataclass

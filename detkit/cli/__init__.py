@@ -28,12 +28,16 @@ from typing import List, Optional
 
 from detkit.cli import common, compare, compress, convert, data, demo, evaluate, plot, proposals, report, train
 from detkit.cli import eval as eval_
-from detkit.errors import DetkitError
+from detkit.engine import distributed
+from detkit.errors import DetkitError, UsageError
 
 logger = logging.getLogger("detkit")
 
 # The verbs, in the order `detkit --help` lists them.
 COMMANDS = (train, eval_, demo, evaluate, data, plot, report, convert, proposals, compress, compare)
+# The verbs that share their work across the processes torchrun starts; the others refuse
+# to run under it (N copies would write the same files).
+DISTRIBUTED_COMMANDS = (train.NAME, eval_.NAME, proposals.NAME)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +65,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     logger_state = (list(logger.handlers), logger.level, logger.propagate)
     common.setup_logging(args.verbose)
     try:
+        if args.command not in DISTRIBUTED_COMMANDS and distributed.launch_from_env().world_size > 1:
+            raise UsageError(
+                f"detkit {args.command} runs in one process: start it without torchrun "
+                f"(only {', '.join(DISTRIBUTED_COMMANDS)} share their work across processes)"
+            )
         return int(args.func(args) or 0)
     except DetkitError as exc:
         msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__

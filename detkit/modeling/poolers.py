@@ -119,8 +119,9 @@ class _SparseRoIAlignFn(torch.autograd.Function):
     def backward(ctx, grad):
         (coo,) = ctx.saved_tensors
         n, c, h, w = ctx.shape
-        g = grad.permute(0, 2, 3, 1).reshape(-1, c)
-        grad_feature = (_csr(coo.t()) @ g).view(n, h, w, c).permute(0, 3, 1, 2)
+        g = grad.permute(0, 2, 3, 1).reshape(-1, c).to(coo.dtype)
+        with torch.autocast(grad.device.type, enabled=False):  # float32 sparse product (see sparse_roi_align)
+            grad_feature = (_csr(coo.t()) @ g).view(n, h, w, c).permute(0, 3, 1, 2)
         return grad_feature, None, None, None, None, None
 
 
@@ -132,6 +133,19 @@ def sparse_roi_align(
         raise ValueError("sparse_roi_align needs a fixed sampling_ratio > 0")
     if rois.shape[0] == 0:
         return feature.new_zeros((0, feature.shape[1], output_size, output_size))
+    if feature.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled(feature.device.type):
+        # MKL's sparse products take float32 / float64 only: under autocast (a bfloat16 map
+        # on the CPU) the map is pooled in float32, autocast off, and handed back in its dtype.
+        with torch.autocast(feature.device.type, enabled=False):
+            pooled = _SparseRoIAlignFn.apply(
+                feature.float(),
+                rois.float(),
+                float(spatial_scale),
+                int(output_size),
+                int(sampling_ratio),
+                bool(aligned),
+            )
+        return pooled.to(feature.dtype)
     return _SparseRoIAlignFn.apply(
         feature, rois, float(spatial_scale), int(output_size), int(sampling_ratio), bool(aligned)
     )
