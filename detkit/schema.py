@@ -207,6 +207,17 @@ class InputConfig:
     pixel_mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     # per-channel RGB std divided by (0..1 scale)
     pixel_std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    # Multi-scale testing (image pyramid, Fast R-CNN sec. 5.2 / SPP-net sec. 3.1.2): shorter
+    # sides of the pyramid; the test image is resized to the largest (replacing
+    # min_size_test), the detector rescales it for the others and pools each region from the
+    # scale where its area is closest to 224^2. Empty: one scale, min_size_test.
+    test_scales: List[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        _check(
+            all(s >= 1 for s in self.test_scales) and len(set(self.test_scales)) == len(self.test_scales),
+            f"test_scales: distinct positive sizes, got {self.test_scales}",
+        )
 
 
 @dataclass
@@ -364,7 +375,10 @@ class SelectiveSearchConfig:
 @dataclass
 class PrecomputedConfig:
     """Proposal files (.npz / .json / classic .mat) in original-image pixels: one path or a
-    list (e.g. the train and the test split's files; their images are pooled)."""
+    list (e.g. the train and the test split's files; their images are pooled). A missing file
+    is one error line naming the ``detkit proposals`` command that makes it, with the
+    settings of ``model.proposals.selective_search``; the split is read from a train / test
+    word in the file name (else the list order: [train file, test file])."""
 
     path: Optional[Union[PathStr, List[PathStr]]] = None  # the proposal file(s)
     max_proposals: int = 2000  # proposals used per image (the file's first ones)
@@ -430,6 +444,12 @@ class RoIHeadConfig:
     nms_thresh: float = 0.5  # per-class NMS IoU threshold of the detections
     detections_per_img: int = 100  # at most this many detections per image
     min_box_size: float = 0.01  # detections narrower or lower than this (px) are dropped
+    # Truncated SVD of the box head's fully connected layers, layer name -> rank (Fast R-CNN
+    # sec. 3.1; fc6 / fc7 here): each becomes two layers with t (u + v) weights instead of
+    # u v. Written by `detkit compress` into the compressed checkpoint's config, so that it
+    # loads with no extra flag; set by hand, the factors start from the layer's initial
+    # (or VGG-16 ImageNet) weights.
+    svd: Dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
         _check(
@@ -455,6 +475,7 @@ class RoIHeadConfig:
         _check(0.0 <= self.nms_thresh <= 1.0, f"nms_thresh: must be in [0, 1], got {self.nms_thresh}")
         _check(self.detections_per_img >= 1, f"detections_per_img: must be >= 1, got {self.detections_per_img}")
         _check(self.min_box_size >= 0, f"min_box_size: must be >= 0, got {self.min_box_size}")
+        _check(all(r >= 1 for r in self.svd.values()), f"svd: ranks must be >= 1, got {self.svd}")
 
 
 @dataclass

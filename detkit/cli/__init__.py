@@ -9,6 +9,8 @@
     detkit report RUN_DIR --out report.html
     detkit convert --from torchvision SRC.pth --out CKPT
     detkit proposals DATA_OR_CONFIG.yaml --method selective_search|rpn --out FILE [--eval] ...
+    detkit compress CKPT --fc6 RANK --fc7 RANK --out CKPT2 [--no-eval]
+    detkit compare DATA.yaml --recipe shapes|bccd --out DIR [--backbone NAME] [--iters N]
     detkit export [CONFIG] --checkpoint CKPT --format onnx|torchscript --out FILE
 
 The CLI is the top layer: nothing in detkit imports it. Each verb module has
@@ -25,7 +27,20 @@ import logging
 import sys
 from typing import List, Optional
 
-from detkit.cli import common, convert, data, demo, evaluate, export, plot, proposals, report, train
+from detkit.cli import (
+    common,
+    compare,
+    compress,
+    convert,
+    data,
+    demo,
+    evaluate,
+    export,
+    plot,
+    proposals,
+    report,
+    train,
+)
 from detkit.cli import eval as eval_
 from detkit.engine import distributed
 from detkit.errors import DetkitError, UsageError
@@ -33,7 +48,7 @@ from detkit.errors import DetkitError, UsageError
 logger = logging.getLogger("detkit")
 
 # The verbs, in the order `detkit --help` lists them.
-COMMANDS = (train, eval_, demo, evaluate, data, plot, report, convert, proposals, export)
+COMMANDS = (train, eval_, demo, evaluate, data, plot, report, convert, proposals, compress, compare, export)
 # The verbs that share their work across the processes torchrun starts; the others refuse
 # to run under it (N copies would write the same files).
 DISTRIBUTED_COMMANDS = (train.NAME, eval_.NAME, proposals.NAME)

@@ -25,6 +25,7 @@ from detkit.engine.analyze import write_analysis
 from detkit.engine.evaluate import evaluate_detections, summary_lines, write_evaluation
 from detkit.engine.inference import amp_dtype, denormals_flushed, device_from_config, run_inference
 from detkit.engine.predictor import model_from_checkpoint
+from detkit.engine.proposals import check_proposal_files
 from detkit.errors import UsageError
 from detkit.evaluation.analysis import analyze_detections, format_errors
 
@@ -69,6 +70,7 @@ def _run(args, cfg) -> int:
     if cfg.train.num_threads > 0:  # as in training (float rounding depends on the thread count)
         torch.set_num_threads(cfg.train.num_threads)
     model, cfg, classes = model_from_checkpoint(args.checkpoint, cfg, device)
+    check_proposal_files(cfg, args.config)
     if device.type == "cuda" and cfg.model.channels_last_inference:
         model.to(memory_format=torch.channels_last)  # weights as the inputs: tensor-core convolutions
     if cfg.data.test is None:

@@ -24,6 +24,7 @@ from detkit.engine import distributed
 from detkit.engine.evaluate import summary_lines
 from detkit.engine.inference import denormals_flushed, device_from_config
 from detkit.engine.pipelines import stages_for
+from detkit.engine.proposals import check_proposal_files
 from detkit.engine.stages import RunContext, run_stages
 from detkit.engine.trainer import RUN_FILES, check_output_dir
 from detkit.errors import TrainingError
@@ -76,6 +77,7 @@ def _run(args, cfg) -> int:
     device = distributed.init_distributed(cfg.train.dist_backend, device, cfg.train.dist_timeout_min)
     out = distributed.on_main(lambda: _output_dir(args), "choosing the run folder")
     check_model_config(cfg.model)  # a bad model key fails before the datasets load
+    check_proposal_files(cfg, args.config)  # likewise a missing proposal file (with the command that makes it)
     backbone = cfg.model.backbone
     if "syncbn" in (backbone.norm, backbone.fpn_norm) and not distributed.is_distributed():
         raise TrainingError(distributed.SYNCBN_NEEDS_PROCESSES)

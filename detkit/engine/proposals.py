@@ -28,6 +28,8 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import re
+import shlex
 import signal
 import time
 from contextlib import contextmanager
@@ -47,10 +49,11 @@ from detkit.data.proposal_files import PROPOSAL_FILE_VERSION, ProposalTable, loa
 from detkit.engine import distributed
 from detkit.engine.inference import device_from_config
 from detkit.engine.predictor import model_from_checkpoint
-from detkit.errors import ProposalFileError, SelectiveSearchError, UsageError
+from detkit.errors import ConfigError, ProposalFileError, SelectiveSearchError, UsageError
 from detkit.evaluation.recall import format_recall, plot_recall, recall_summary
 from detkit.modeling.proposals.rpn import RPN
 from detkit.modeling.proposals.selective_search import selective_search
+from detkit.schema import Config
 
 logger = logging.getLogger("detkit")
 
@@ -490,3 +493,50 @@ def evaluate_proposal_files(
         written = plot_recall(curves, gt, plot)
         logger.info("wrote %s", written)
     return results
+
+
+# -- proposal files a config needs -----------------------------------------------------------
+def _split_of(path: Path, index: int, count: int) -> str:
+    """The split a proposal file is for: from a train / trainval / test / val word in its name,
+    else its place in the list ([train file, test file])."""
+    words = set(re.split(r"[^a-z]+", path.stem.lower()))
+    if words & {"test", "val"}:
+        return "test"
+    if words & {"train", "trainval"}:
+        return "train"
+    return "test" if count > 1 and index == count - 1 else "train"
+
+
+def proposal_command(config_path, cfg: Config, path, split: str) -> str:
+    """The ``detkit proposals`` command that writes ``path`` for ``split`` of the config, with
+    the settings of ``model.proposals.selective_search``."""
+    ss = cfg.model.proposals.selective_search
+    args = [
+        "detkit proposals",
+        shlex.quote(str(config_path)),
+        f"--split {split}",
+        f"--mode {ss.mode}",
+        f"--min-size {ss.min_size:g}",
+        f"--max-proposals {ss.max_proposals}",
+        "--workers 2",
+        f"--out {shlex.quote(str(path))}",
+    ]
+    return " ".join(args)
+
+
+def check_proposal_files(cfg: Config, config_path) -> None:
+    """With ``model.proposals.method: precomputed``: every file must exist; otherwise one
+    ConfigError line naming each missing file and the exact command that makes it."""
+    if cfg.model.proposals.method != "precomputed":
+        return
+    paths = cfg.model.proposals.precomputed.path
+    paths = [paths] if isinstance(paths, str) else list(paths or [])
+    missing = [(i, Path(p)) for i, p in enumerate(paths) if not Path(p).is_file()]
+    if not missing:
+        return
+    commands = " && ".join(proposal_command(config_path, cfg, p, _split_of(p, i, len(paths))) for i, p in missing)
+    names = ", ".join(str(p) for _, p in missing)
+    raise ConfigError(
+        f"model.proposals.precomputed.path: proposal file{'s' if len(missing) > 1 else ''} {names} not found; "
+        f"make {'them' if len(missing) > 1 else 'it'} with: {commands}"
+    )

@@ -1,8 +1,9 @@
 """Export parity: a seeded tiny detector exported to ONNX (run by onnxruntime) and to
 TorchScript gives the eager model's detections on two images of sizes other than the traced
 one (boxes within 1e-3 px, scores within 1e-4), for the Fast R-CNN head on FPN (RoIAlign over
-four levels), the Res5 head on C4, and the Fast R-CNN head with RoIPool on one map; plus the
-stored metadata, an image without detections, and the refusals of what cannot export.
+four levels; also SVD-compressed), the Res5 head on C4, and the Fast R-CNN head with RoIPool
+on one map; plus the stored metadata, an image without detections, and the refusals of what
+cannot export.
 
 The models are randomly initialised with biased class logits (as tests/engine/
 test_convert.py does for torchvision's model), so that there are real detections: two
@@ -176,6 +177,20 @@ def test_an_image_without_detections_gives_empty_outputs(tmp_path):
     assert boxes.shape == (0, 4) and scores.shape == (0,) and labels.shape == (0,)
 
 
+def test_an_svd_compressed_head_exports(tmp_path):
+    from detkit.modeling.heads.compress import SVDLinear
+
+    cfg = tiny_config(MODELS["fast_rcnn_fpn"], svd={"fc6": 16, "fc7": 8})
+    model = tiny_detector(cfg)
+    assert isinstance(model.roi_head.box_head.fc6, SVDLinear)
+    export_model(model, cfg, CLASSES, tmp_path / "svd.onnx", "onnx", check=False)
+    run, _ = load_exported(tmp_path / "svd.onnx")
+    x = image(*SIZES[0], seed=5)
+    ref = eager(model, x)
+    assert len(ref) > 10
+    assert_same_detections(ref, *run(x))
+
+
 def test_resized_size_follows_the_test_transform():
     from detkit.data.transforms import ResizeShortestEdge
 
@@ -228,7 +243,8 @@ def test_other_heads_and_multi_scale_testing_are_refused():
     model.roi_head = RCNNHead()
     with pytest.raises(ExportError, match="model.roi_head.name: rcnn cannot be exported: R-CNN's head runs the CNN"):
         check_exportable(model)
-    model = build_model(tiny_config(MODELS["fast_rcnn_fpn"]).model, len(CLASSES))
-    model.test_factors = [0.5, 1.0]  # what a Detector with data.input.test_scales holds
+    cfg = tiny_config(MODELS["fast_rcnn_fpn"])
+    cfg.data.input.test_scales = [160, 192]
+    model = build_model(cfg.model, len(CLASSES), cfg.data.input)
     with pytest.raises(ExportError, match="data.input.test_scales: multi-scale testing cannot be exported"):
         check_exportable(model)
