@@ -207,6 +207,17 @@ class InputConfig:
     pixel_mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     # per-channel RGB std divided by (0..1 scale)
     pixel_std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    # Multi-scale testing (image pyramid, Fast R-CNN sec. 5.2 / SPP-net sec. 3.1.2): shorter
+    # sides of the pyramid; the test image is resized to the largest (replacing
+    # min_size_test), the detector rescales it for the others and pools each region from the
+    # scale where its area is closest to 224^2. Empty: one scale, min_size_test.
+    test_scales: List[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        _check(
+            all(s >= 1 for s in self.test_scales) and len(set(self.test_scales)) == len(self.test_scales),
+            f"test_scales: distinct positive sizes, got {self.test_scales}",
+        )
 
 
 @dataclass
@@ -216,7 +227,9 @@ class DataConfig:
     # Class names in label order for both splits; None: from train (inferred when not set there).
     classes: Optional[List[str]] = None
     input: InputConfig = field(default_factory=InputConfig)  # resizing, flipping, normalisation
-    batch_size: int = 2  # training images per iteration
+    # training images per iteration and process: a distributed run of W processes trains on
+    # a global batch of batch_size x W images per iteration (train.base_lr is for that batch)
+    batch_size: int = 2
     test_batch_size: int = 1  # images per batch at evaluation
     num_workers: int = 0  # DataLoader worker processes (0: load in the main process)
     aspect_ratio_grouping: bool = True  # batch portrait and landscape images separately (less padding)
@@ -244,13 +257,12 @@ def _check_box_weights(weights: List[float]) -> None:
 
 # Backbones whose bodies are residual networks (they need a normalisation layer).
 _RESIDUAL_BACKBONES = ("tiny", "resnet18", "resnet34", "resnet50", "resnet101")
-_SYNCBN = "syncbn needs distributed training (torchrun), not available yet"
 
 
 @dataclass
 class BackboneConfig:
-    """norm: bn, frozen_bn or gn for the ResNets and tiny; none or bn for vgg16; none, bn or
-    gn for alexnet (none: the original network, the only one ImageNet weights fit).
+    """norm: bn, frozen_bn, gn or syncbn for the ResNets and tiny; none or bn for vgg16; none,
+    bn or gn for alexnet (none: the original network, the only one ImageNet weights fit).
     frozen_stages: 0 trains everything; ResNets and tiny: k freezes the stem and the first
     k - 1 stages (at most 4 with the single C4 map, 5 with FPN); vgg16: conv blocks 1..k (0..5);
     alexnet: conv1..convk (0..5).
@@ -262,10 +274,10 @@ class BackboneConfig:
     name: Literal["tiny", "resnet18", "resnet34", "resnet50", "resnet101", "vgg16", "alexnet"] = "resnet50"
     fpn: bool = True  # an FPN over the backbone's stages (P2-P6); false: one stride-16 map (ResNet C4 / VGG conv5_3)
     out_channels: int = 256  # FPN channels
-    # normalisation in the backbone: bn (trains), frozen_bn, gn or none; syncbn is refused
-    # (one line) until detkit trains on several processes
+    # normalisation in the backbone: bn (trains), frozen_bn, gn, syncbn (bn with statistics
+    # over the batch of every process of a distributed run; refused when training on one) or none
     norm: Literal["bn", "frozen_bn", "gn", "syncbn", "none"] = "bn"
-    # normalisation in the FPN convs (null/none: none, as the FPN paper)
+    # normalisation in the FPN convs (null/none: none, as the FPN paper; syncbn as in norm)
     fpn_norm: Optional[Literal["bn", "gn", "syncbn", "none"]] = None
     frozen_stages: int = 0  # stages not trained: 0 none, 1 the stem, k the stem and the next k-1 stages
     # A local state-dict file or a torchvision weight name (e.g. ResNet50_Weights.IMAGENET1K_V1).
@@ -274,8 +286,6 @@ class BackboneConfig:
     tiny_blocks: int = 1  # name tiny: residual blocks per stage
 
     def __post_init__(self):
-        _check(self.norm != "syncbn", f"norm: {_SYNCBN}")
-        _check(self.fpn_norm != "syncbn", f"fpn_norm: {_SYNCBN}")
         if self.name in _RESIDUAL_BACKBONES:
             _check(self.norm != "none", f"norm: none: {self.name} needs a normalisation layer (bn, frozen_bn or gn)")
         elif self.name == "alexnet":
@@ -371,7 +381,10 @@ class SelectiveSearchConfig:
 @dataclass
 class PrecomputedConfig:
     """Proposal files (.npz / .json / classic .mat) in original-image pixels: one path or a
-    list (e.g. the train and the test split's files; their images are pooled)."""
+    list (e.g. the train and the test split's files; their images are pooled). A missing file
+    is one error line naming the ``detkit proposals`` command that makes it, with the
+    settings of ``model.proposals.selective_search``; the split is read from a train / test
+    word in the file name (else the list order: [train file, test file])."""
 
     path: Optional[Union[PathStr, List[PathStr]]] = None  # the proposal file(s)
     max_proposals: int = 2000  # proposals used per image (the file's first ones)
@@ -502,6 +515,12 @@ class RoIHeadConfig:
     nms_thresh: float = 0.5  # per-class NMS IoU threshold of the detections
     detections_per_img: int = 100  # at most this many detections per image
     min_box_size: float = 0.01  # detections narrower or lower than this (px) are dropped
+    # Truncated SVD of the box head's fully connected layers, layer name -> rank (Fast R-CNN
+    # sec. 3.1; fc6 / fc7 here): each becomes two layers with t (u + v) weights instead of
+    # u v. Written by `detkit compress` into the compressed checkpoint's config, so that it
+    # loads with no extra flag; set by hand, the factors start from the layer's initial
+    # (or VGG-16 ImageNet) weights.
+    svd: Dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
         _check(
@@ -536,6 +555,7 @@ class RoIHeadConfig:
         _check(0.0 <= self.nms_thresh <= 1.0, f"nms_thresh: must be in [0, 1], got {self.nms_thresh}")
         _check(self.detections_per_img >= 1, f"detections_per_img: must be >= 1, got {self.detections_per_img}")
         _check(self.min_box_size >= 0, f"min_box_size: must be >= 0, got {self.min_box_size}")
+        _check(all(r >= 1 for r in self.svd.values()), f"svd: ranks must be >= 1, got {self.svd}")
 
 
 @dataclass
@@ -569,7 +589,7 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     max_iter: int = 1000  # training iterations
-    base_lr: float = 0.02  # SGD learning rate after warmup
+    base_lr: float = 0.02  # SGD learning rate after warmup, for the global batch (data.batch_size x processes)
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 1e-4  # L2 weight decay (not on biases and normalisation parameters)
     warmup_iters: int = 100  # linear warmup iterations
@@ -584,11 +604,24 @@ class TrainConfig:
     log_period: int = 20  # iterations between records in metrics.jsonl
     seed: int = 0  # seed of every random number (runs are deterministic on a given machine)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto (CUDA when available), cpu or cuda
-    amp: bool = True  # mixed precision, used on CUDA only
+    amp: bool = True  # mixed precision, used on CUDA (on the CPU only with amp_dtype bf16)
+    # auto: bfloat16 where the GPU supports it, else float16 with a gradient scaler; bf16 / fp16
+    # force one (bf16 also enables bfloat16 autocast on the CPU)
+    amp_dtype: Literal["auto", "bf16", "fp16"] = "auto"
+    # CUDA: channels-last images and weights in training (faster tensor-core convolutions);
+    # the CPU trains NCHW (see model.channels_last_inference)
+    channels_last: bool = True
     num_threads: int = 0  # CPU threads for torch; 0 = torch's default
     # Treat subnormal floats (< 1.2e-38) as zero on the CPU, in training and evaluation: many
     # x86 CPUs compute with them far slower (a CPU run slowed 2.4x after ~20 iterations).
     flush_denormal: bool = True
+    # Distributed runs (torchrun): the torch.distributed backend (auto: nccl on CUDA, gloo on the CPU)
+    dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    # minutes a collective may wait for the other processes before the run stops with an error
+    dist_timeout_min: float = 30.0
+    # DDP: find parameters that got no gradient in an iteration (slower; only for models that
+    # leave parts unused, e.g. a branch some batches skip)
+    find_unused_parameters: bool = False
     # Also write metrics.jsonl's scalars and test images with detections to <run>/tensorboard
     # (needs the tensorboard package: pip install 'detkit[tensorboard]').
     tensorboard: bool = False
@@ -600,6 +633,8 @@ class TrainConfig:
         # does) so that `train.max_iter=N` alone shortens a recipe.
         if any(s <= 0 for s in self.steps):
             raise ValueError(f"steps must be positive iterations, got {self.steps}")
+        if self.dist_timeout_min <= 0:
+            raise ValueError(f"dist_timeout_min must be > 0, got {self.dist_timeout_min}")
 
 
 @dataclass

@@ -60,7 +60,7 @@ def test_config_validates_and_builds(path):
     model = build_model(cfg.model, num_classes=len(cfg.data.classes or ["a", "b", "c"]))
     assert isinstance(model, torch.nn.Module)
     # Paper settings that the configs cite must survive inheritance.
-    if path.name == "vgg16_voc07.yaml":
+    if path.name == "vgg16_voc07.yaml" and path.parent.name == "faster_rcnn":  # fast_rcnn/ has its own
         assert cfg.model.proposals.rpn.post_nms_topk_test == 300  # Faster R-CNN sec. 4.1
         assert cfg.model.roi_head.pooler == "roi_pool" and cfg.model.roi_head.bg_iou_thresh_lo == 0.0
         assert cfg.train.steps == [60000] and cfg.train.base_lr == 0.001

@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from torch import Tensor, nn
 
-from detkit.errors import ConfigError
+from detkit.errors import ConfigError, ExportError
 from detkit.modeling.backbones.alexnet import AlexNetBody, alexnet_fc_state, torchvision_alexnet
 from detkit.modeling.backbones.common import Body
 from detkit.modeling.backbones.fpn import FPN
@@ -37,6 +37,7 @@ from detkit.modeling.backbones.vgg import VGGBody, torchvision_vgg16, vgg16_fc_s
 from detkit.modeling.box_ops import BalancedSampler, BoxCoder, Matcher
 from detkit.modeling.detector import Detector
 from detkit.modeling.heads.base import RoIHeadBase
+from detkit.modeling.heads.compress import compress_layers
 from detkit.modeling.heads.fast_rcnn import FastRCNNHead, FastRCNNPredictor, MLPBoxHead
 from detkit.modeling.heads.rcnn_svm import ClassicHead, RCNNHead, SPPHead
 from detkit.modeling.heads.res5 import Res5Head
@@ -306,6 +307,7 @@ def build_fast_rcnn_head(cfg: ModelConfig, backbone: Backbone, num_classes: int,
     # VGG-16's ImageNet fc6/fc7 initialise the Fast R-CNN head (Fast R-CNN sec. 2.2) when the
     # head has their shape (7x7x512 conv5 RoIs, two 4096-wide layers).
     _load_fc_state(box_head, hand_over, cfg.backbone.name)
+    apply_svd(cfg, box_head, from_weights=hand_over.fc_state is not None)
     return FastRCNNHead(
         pooler,
         box_head,
@@ -322,6 +324,20 @@ def build_fast_rcnn_head(cfg: ModelConfig, backbone: Backbone, num_classes: int,
         detections_per_img=h.detections_per_img,
         min_box_size=h.min_box_size,
     )
+
+
+def apply_svd(cfg: ModelConfig, box_head: nn.Module, from_weights: bool = False) -> None:
+    """``model.roi_head.svd`` ({"fc6": 1024, "fc7": 256}): the box head's named fully
+    connected layers become truncated-SVD pairs (Fast R-CNN sec. 3.1, ``heads.compress``).
+    from_weights: factorise the layers' current weights (ImageNet fc6/fc7 handed over);
+    otherwise only the structure is built, for loading a compressed checkpoint. Every head
+    builder with fc layers calls this on its box head."""
+    if not cfg.roi_head.svd:
+        return
+    try:
+        compress_layers(box_head, cfg.roi_head.svd, from_weights=from_weights)
+    except ExportError as exc:
+        raise ConfigError(f"model.roi_head.svd: {exc}") from None
 
 
 def build_res5_head(cfg: ModelConfig, backbone: Backbone, num_classes: int, hand_over: HandOver) -> Res5Head:
@@ -379,6 +395,7 @@ def build_rcnn_head(cfg: ModelConfig, backbone: Backbone, num_classes: int, hand
     pool5_dim = body.out_channels_per_feature[name] * h.pooler_resolution**2
     box_head = MLPBoxHead(pool5_dim, h.fc_dims, h.dropout)
     _load_fc_state(box_head, hand_over, cfg.backbone.name)
+    apply_svd(cfg, box_head, from_weights=hand_over.fc_state is not None)
     return RCNNHead(
         WarpPooler(h.warp_size, h.warp_context),
         body,
@@ -397,6 +414,7 @@ def build_spp_head(cfg: ModelConfig, backbone: Backbone, num_classes: int, hand_
     pooler = SPPPooler(h.spp_levels, stride=backbone.out_strides[feature])
     box_head = MLPBoxHead(backbone.out_channels * pooler.num_bins, h.fc_dims, h.dropout)
     _load_fc_state(box_head, hand_over, cfg.backbone.name)
+    apply_svd(cfg, box_head, from_weights=hand_over.fc_state is not None)
     return SPPHead(pooler, feature, backbone.out_channels, box_head, num_classes, **_classic_head_args(cfg))
 
 
@@ -416,6 +434,8 @@ def is_classic_head(head: nn.Module) -> bool:
 
 
 def check_roi_head_config(cfg: ModelConfig) -> None:
+    if cfg.roi_head.svd and cfg.roi_head.name == "res5":
+        raise ConfigError("model.roi_head.svd: the res5 head has no fully connected layers to factorise")
     if cfg.roi_head.name == "res5" and (cfg.backbone.fpn or cfg.backbone.name not in RES5_BACKBONES):
         raise ConfigError(
             f"model.roi_head.name: res5 runs the ResNet stage after C4 per region: it needs a ResNet or tiny "
@@ -461,6 +481,8 @@ def build_model(cfg: ModelConfig, num_classes: int, input_cfg: Optional[InputCon
         backbone, hand_over = build_backbone(cfg.backbone, res5=cfg.roi_head.name == "res5")
     proposal_generator = build_proposal_generator(cfg, backbone, input_cfg)
     roi_head = build_roi_head(cfg, backbone, num_classes, hand_over)
+    # Multi-scale testing: every head here is a RoIHeadBase, which predicts per pyramid level.
+    test_scales = list(input_cfg.test_scales) if input_cfg is not None else []
     return Detector(
         backbone,
         proposal_generator,
@@ -468,6 +490,7 @@ def build_model(cfg: ModelConfig, num_classes: int, input_cfg: Optional[InputCon
         cfg.loss_weights,
         cfg.train_difficult,
         channels_last_inference=cfg.channels_last_inference,
+        test_scales=test_scales,
     )
 
 
