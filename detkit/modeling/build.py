@@ -292,7 +292,7 @@ def _load_fc_state(box_head: nn.Module, hand_over: HandOver, network: str) -> No
     else:
         logger.info(
             "%s's fc6/fc7 weights not used: the box head has another shape (%s)",
-            network,
+            {"vgg16": "VGG-16", "alexnet": "AlexNet"}.get(network, network),
             ", ".join(f"{k} {v}" for k, v in shapes.items() if k.endswith("weight")),
         )
 

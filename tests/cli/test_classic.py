@@ -208,7 +208,7 @@ def test_a_missing_proposal_file_names_the_command(shapes, tmp_path, capsys):
     assert main(["train", str(cfg), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"proposal file {missing} not found" in err[0]
-    assert f"detkit proposals {cfg} --split train --method selective_search --mode single --min-size 8" in err[0]
+    assert f"detkit proposals {cfg} --split train --mode single --min-size 8" in err[0]
     assert not (tmp_path / "run").exists()  # stopped before anything was written
 
 
