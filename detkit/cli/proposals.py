@@ -86,6 +86,7 @@ def add_parser(sub) -> None:
         default=30.0,
         help="under torchrun: minutes a process waits for the others before it stops (default 30)",
     )
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of a full config (as detkit train)")
     p.set_defaults(func=run)
 
 
@@ -134,7 +135,7 @@ def _run(args) -> int:
     # Only numpy results travel between the processes: gloo serves them on any machine.
     device = distributed.init_distributed("gloo", device, args.dist_timeout_min)
     out = distributed.on_main(lambda: check_args(args), "checking the arguments")
-    ds_cfg, classes = load_dataset_yaml(args.dataset, which=args.split)
+    ds_cfg, classes = load_dataset_yaml(args.dataset, which=args.split, overrides=args.overrides)
     full_config = is_full_config(args.dataset)
     with distributed.quiet_unless_main():
         dataset = distributed.main_first(lambda: build_dataset(ds_cfg, classes), "loading the dataset")
@@ -168,7 +169,7 @@ def _run(args) -> int:
         )
         rpn_model = None
         if args.method == "rpn":
-            cfg = load_run_config(args.dataset) if full_config else None
+            cfg = load_run_config(args.dataset, args.overrides) if full_config else None
             rpn_model = load_rpn_model(args.checkpoint, cfg, device, args.max_proposals)
         table, meta = compute_proposals(out, dataset, records, job, overwrite=args.overwrite, rpn_model=rpn_model)
         if not distributed.is_main():  # rank 0 wrote the file and evaluates it

@@ -132,8 +132,8 @@ RECIPES: Dict[str, Recipe] = {
     # The BCCD recipes for a 2-core CPU (ResNet-18 from scratch, 384 px).
     "bccd": Recipe(
         configs={
-            "rcnn": "rcnn/bccd.yaml",
-            "spp": "spp/bccd.yaml",
+            "rcnn": "rcnn/bccd_alexnet.yaml",
+            "spp": "spp/bccd_alexnet.yaml",
             "fast_rcnn": "fast_rcnn/bccd_r18_fpn.yaml",
             "faster_rcnn": "faster_rcnn/bccd_r18_fpn.yaml",
         },

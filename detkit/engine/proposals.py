@@ -509,8 +509,15 @@ def _split_of(path: Path, index: int, count: int) -> str:
 
 def proposal_command(config_path, cfg: Config, path, split: str) -> str:
     """The ``detkit proposals`` command that writes ``path`` for ``split`` of the config, with
-    the settings of ``model.proposals.selective_search``."""
+    the settings of ``model.proposals.selective_search``; a file with ``rpn`` in its name gets
+    the RPN dump of a trained Faster R-CNN (its own config and checkpoint, named as placeholders)."""
     ss = cfg.model.proposals.selective_search
+    if "rpn" in set(re.split(r"[^a-z]+", Path(path).stem.lower())):
+        return (
+            f"detkit proposals FASTER_RCNN_CONFIG --split {split} --method rpn --checkpoint "
+            f"FASTER_RCNN_RUN/model_final.pt --max-proposals {cfg.model.proposals.precomputed.max_proposals} "
+            f"--out {shlex.quote(str(path))}"
+        )
     args = [
         "detkit proposals",
         shlex.quote(str(config_path)),
