@@ -29,7 +29,11 @@ setup(
         # make test: the suite, its reference implementations (scikit-image's Felzenszwalb
         # segmentation for Selective Search), the TensorBoard writer, and the lint / type
         # checkers it runs first (pinned: their verdicts change between releases).
-        "test": ["pytest", "scikit-image", "tensorboard", "ruff==0.17.6", "mypy==2.4.1"],
+        # onnx / onnxruntime: the export parity tests run the ONNX files.
+        "test": ["pytest", "scikit-image", "tensorboard", "ruff==0.17.6", "mypy==2.4.1", "onnx", "onnxruntime"],
+        # detkit export --format onnx writes the file's metadata with onnx; with onnxruntime
+        # the export is also run and checked against the eager model.
+        "export": ["onnx", "onnxruntime"],
         # train.tensorboard: true (metrics and detection images in <run>/tensorboard).
         "tensorboard": ["tensorboard"],
         # OpenCV-contrib's selective search is only the peer we benchmark against; it

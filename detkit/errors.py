@@ -62,3 +62,13 @@ class SelectiveSearchError(DetkitError, ValueError):
 
 class ExportError(DetkitError):
     """A model or head that cannot be exported / compressed as asked."""
+
+
+class FeatureCacheError(DetkitError):
+    """A feature cache (R-CNN / SPP-net's offline stages) that is corrupt or was made for
+    another config or model; names the folder or file."""
+
+
+class DistributedError(DetkitError, RuntimeError):
+    """A distributed run (torchrun) that cannot start or go on: a launch variable missing,
+    a backend that does not fit the device, another rank that failed or was lost."""

@@ -207,6 +207,17 @@ class InputConfig:
     pixel_mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     # per-channel RGB std divided by (0..1 scale)
     pixel_std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    # Multi-scale testing (image pyramid, Fast R-CNN sec. 5.2 / SPP-net sec. 3.1.2): shorter
+    # sides of the pyramid; the test image is resized to the largest (replacing
+    # min_size_test), the detector rescales it for the others and pools each region from the
+    # scale where its area is closest to 224^2. Empty: one scale, min_size_test.
+    test_scales: List[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        _check(
+            all(s >= 1 for s in self.test_scales) and len(set(self.test_scales)) == len(self.test_scales),
+            f"test_scales: distinct positive sizes, got {self.test_scales}",
+        )
 
 
 @dataclass
@@ -216,7 +227,9 @@ class DataConfig:
     # Class names in label order for both splits; None: from train (inferred when not set there).
     classes: Optional[List[str]] = None
     input: InputConfig = field(default_factory=InputConfig)  # resizing, flipping, normalisation
-    batch_size: int = 2  # training images per iteration
+    # training images per iteration and process: a distributed run of W processes trains on
+    # a global batch of batch_size x W images per iteration (train.base_lr is for that batch)
+    batch_size: int = 2
     test_batch_size: int = 1  # images per batch at evaluation
     num_workers: int = 0  # DataLoader worker processes (0: load in the main process)
     aspect_ratio_grouping: bool = True  # batch portrait and landscape images separately (less padding)
@@ -244,26 +257,27 @@ def _check_box_weights(weights: List[float]) -> None:
 
 # Backbones whose bodies are residual networks (they need a normalisation layer).
 _RESIDUAL_BACKBONES = ("tiny", "resnet18", "resnet34", "resnet50", "resnet101")
-_SYNCBN = "syncbn needs distributed training (torchrun), not available yet"
 
 
 @dataclass
 class BackboneConfig:
-    """norm: bn, frozen_bn or gn for the ResNets and tiny; none or bn for vgg16.
+    """norm: bn, frozen_bn, gn or syncbn for the ResNets and tiny; none or bn for vgg16; none,
+    bn or gn for alexnet (none: the original network, the only one ImageNet weights fit).
     frozen_stages: 0 trains everything; ResNets and tiny: k freezes the stem and the first
-    k - 1 stages (at most 4 with the single C4 map, 5 with FPN); vgg16: conv blocks 1..k (0..5).
+    k - 1 stages (at most 4 with the single C4 map, 5 with FPN); vgg16: conv blocks 1..k (0..5);
+    alexnet: conv1..convk (0..5).
     """
 
     # (the names are detkit.modeling.build.BACKBONES'; tests/test_configs.py keeps them equal)
 
     # the backbone network (tiny: a small ResNet for tests and the quick start)
-    name: Literal["tiny", "resnet18", "resnet34", "resnet50", "resnet101", "vgg16"] = "resnet50"
+    name: Literal["tiny", "resnet18", "resnet34", "resnet50", "resnet101", "vgg16", "alexnet"] = "resnet50"
     fpn: bool = True  # an FPN over the backbone's stages (P2-P6); false: one stride-16 map (ResNet C4 / VGG conv5_3)
     out_channels: int = 256  # FPN channels
-    # normalisation in the backbone: bn (trains), frozen_bn, gn or none; syncbn is refused
-    # (one line) until detkit trains on several processes
+    # normalisation in the backbone: bn (trains), frozen_bn, gn, syncbn (bn with statistics
+    # over the batch of every process of a distributed run; refused when training on one) or none
     norm: Literal["bn", "frozen_bn", "gn", "syncbn", "none"] = "bn"
-    # normalisation in the FPN convs (null/none: none, as the FPN paper)
+    # normalisation in the FPN convs (null/none: none, as the FPN paper; syncbn as in norm)
     fpn_norm: Optional[Literal["bn", "gn", "syncbn", "none"]] = None
     frozen_stages: int = 0  # stages not trained: 0 none, 1 the stem, k the stem and the next k-1 stages
     # A local state-dict file or a torchvision weight name (e.g. ResNet50_Weights.IMAGENET1K_V1).
@@ -272,10 +286,12 @@ class BackboneConfig:
     tiny_blocks: int = 1  # name tiny: residual blocks per stage
 
     def __post_init__(self):
-        _check(self.norm != "syncbn", f"norm: {_SYNCBN}")
-        _check(self.fpn_norm != "syncbn", f"fpn_norm: {_SYNCBN}")
         if self.name in _RESIDUAL_BACKBONES:
             _check(self.norm != "none", f"norm: none: {self.name} needs a normalisation layer (bn, frozen_bn or gn)")
+        elif self.name == "alexnet":
+            _check(
+                self.norm in ("none", "bn", "gn"), f"norm: {self.norm} is not available for alexnet (none, bn or gn)"
+            )
         else:
             _check(self.norm in ("none", "bn"), f"norm: {self.norm} is not available for {self.name} (none or bn)")
         _check(self.out_channels >= 1, f"out_channels: must be >= 1, got {self.out_channels}")
@@ -365,7 +381,10 @@ class SelectiveSearchConfig:
 @dataclass
 class PrecomputedConfig:
     """Proposal files (.npz / .json / classic .mat) in original-image pixels: one path or a
-    list (e.g. the train and the test split's files; their images are pooled)."""
+    list (e.g. the train and the test split's files; their images are pooled). A missing file
+    is one error line naming the ``detkit proposals`` command that makes it, with the
+    settings of ``model.proposals.selective_search``; the split is read from a train / test
+    word in the file name (else the list order: [train file, test file])."""
 
     path: Optional[Union[PathStr, List[PathStr]]] = None  # the proposal file(s)
     max_proposals: int = 2000  # proposals used per image (the file's first ones)
@@ -390,23 +409,86 @@ class ProposalConfig:
 
 
 @dataclass
+class SVMHeadConfig:
+    """The offline stages of the rcnn and spp heads after fine-tuning (``detkit.engine.
+    svm_stages``): the training split's region features are extracted once into a cache in
+    the run folder, then one linear SVM per class is fitted with hard-negative mining and a
+    class-specific ridge box regressor on pool5 features. Defaults are R-CNN's (rcnn_train.m,
+    rcnn_train_bbox_regressor.m, rcnn_test.m; sec. 2.3, appendices B and C); the configs cite
+    paper and section for each value they set."""
+
+    # svm: score with one linear SVM per class, fitted after fine-tuning (R-CNN sec. 2.3);
+    # softmax: with the fine-tuned (K + 1)-way classifier itself (R-CNN appendix B's comparison)
+    classifier: Literal["svm", "softmax"] = "svm"
+    # the SVMs' features: fc7 (after the last fc layer and its ReLU) or pool5 (rcnn: the crop
+    # network's pooled conv5; spp: the pyramid-pooled conv5 windows)
+    features: Literal["fc7", "pool5"] = "fc7"
+    box_regression: bool = True  # fit class-specific ridge box regression on pool5 (R-CNN appendix C)
+    max_proposals: int = 2000  # proposals per training image in the feature cache (bounds its size on disk)
+    fp16: bool = True  # store the cached features as float16 (half the disk; the fits run in float32)
+    cache_dir: Optional[PathStr] = None  # the feature cache folder; null: <run folder>/feature_cache
+    images_per_chunk: int = 50  # training images per cache file (a killed cache stage redoes at most one)
+    C: float = 0.001  # SVM regularisation (liblinear -c; features scaled to mean norm 20 first)
+    pos_weight: float = 2.0  # hinge-loss weight of the positives (liblinear -w1)
+    bias_mult: float = 10.0  # the bias feature's value (liblinear -B)
+    neg_iou: float = 0.3  # negatives: IoU below this with every instance of the class
+    hard_thresh: float = -1.0001  # a negative scored above this is hard (it violates the margin)
+    evict_thresh: float = -1.2  # cached negatives scored below this after a fit are evicted as easy
+    retrain_limit: int = 2000  # refit a class once this many new hard negatives were added
+    max_negatives: int = 20000  # per class, at most this many negatives cached (the hardest kept): bounds memory
+    max_passes: int = 2  # hard-negative mining passes over the training images (stops early without new ones)
+    box_lambda: float = 1000.0  # ridge regularisation of the box regressors
+    box_min_overlap: float = 0.6  # regions with IoU above this with a ground-truth box train its class's regressor
+    # test: per class and image keep the best this many regions before NMS (rcnn_test.m: 100); 0: all
+    topk_per_class: int = 100
+
+    def __post_init__(self):
+        _check(self.max_proposals >= 1, f"max_proposals: must be >= 1, got {self.max_proposals}")
+        _check(self.images_per_chunk >= 1, f"images_per_chunk: must be >= 1, got {self.images_per_chunk}")
+        _check(self.C > 0 and self.pos_weight > 0 and self.bias_mult > 0, "C, pos_weight and bias_mult must be > 0")
+        _check(0.0 < self.neg_iou <= 1.0, f"neg_iou: must be in (0, 1], got {self.neg_iou}")
+        _check(
+            self.evict_thresh <= self.hard_thresh,
+            f"evict_thresh ({self.evict_thresh}) must not exceed hard_thresh ({self.hard_thresh})",
+        )
+        for key in ("retrain_limit", "max_negatives", "max_passes"):
+            _check(getattr(self, key) >= 1, f"{key}: must be >= 1, got {getattr(self, key)}")
+        _check(self.box_lambda >= 0, f"box_lambda: must be >= 0, got {self.box_lambda}")
+        _check(0.0 <= self.box_min_overlap < 1.0, f"box_min_overlap: must be in [0, 1), got {self.box_min_overlap}")
+        _check(self.topk_per_class >= 0, f"topk_per_class: must be >= 0 (0 = all), got {self.topk_per_class}")
+
+
+@dataclass
 class RoIHeadConfig:
-    """Two heads (``name``). fast_rcnn: pooler, fully connected layers (fc_dims), classifier
+    """Four heads (``name``). fast_rcnn: pooler, fully connected layers (fc_dims), classifier
     and box regressor (Fast R-CNN; on FPN as in the FPN paper; on the single C4 map it is the
     "C4 + 2fc" head). res5: the ResNet paper's C4 head (appendix A): pooler on C4 (14 x 14
     in Detectron / detectron2), the backbone network's own res5 stage run per region (its
     ImageNet weights when the backbone has them), average pooling, classifier and box
     regressor; it needs a ResNet or tiny backbone with fpn: false, and fc_dims / dropout do
     not apply to it.
+    rcnn: R-CNN's head: each region warped to warp_size px (with warp_context px of context)
+    and run through the network model.backbone names (its conv layers, conv5 max-pooled to
+    pooler_resolution = "pool5", fc_dims = fc6 / fc7); the detector's backbone is then the
+    image itself. spp: SPP-net's head: spatial pyramid pooling (spp_levels) of each window on
+    the backbone's conv5 map, then fc_dims. Both are fine-tuned as (K + 1)-way softmax
+    classifiers and then get the offline stages of ``svm`` (SVMs, box regression); both need
+    fpn: false.
     """
 
     # (the names are detkit.modeling.build.ROI_HEADS'; a test keeps them equal)
 
-    # the region head: fast_rcnn (pooler + fc layers) or res5 (the ResNet paper's C4 head)
-    name: Literal["fast_rcnn", "res5"] = "fast_rcnn"
+    # the region head: fast_rcnn (pooler + fc layers), res5 (the ResNet paper's C4 head),
+    # rcnn (warped crops through the whole network) or spp (spatial pyramid pooling)
+    name: Literal["fast_rcnn", "res5", "rcnn", "spp"] = "fast_rcnn"
     # how a region becomes a fixed-size feature: roi_align or roi_pool
     pooler: Literal["roi_align", "roi_pool"] = "roi_align"
-    pooler_resolution: int = 7  # pooled output size (7: 7x7)
+    pooler_resolution: int = 7  # pooled output size (7: 7x7; rcnn: conv5 max-pooled to this, 6 = AlexNet's pool5)
+    warp_size: int = 227  # rcnn: regions are warped to this many px square (R-CNN sec. 2.1)
+    warp_context: int = 16  # rcnn: px of context around each region at the warped scale (R-CNN appendix A)
+    spp_levels: List[int] = field(default_factory=lambda: [6, 3, 2, 1])  # spp: pyramid levels n (n x n bins each)
+    region_batch: int = 256  # rcnn / spp: regions run through the network at once at test time (bounds memory)
+    svm: SVMHeadConfig = field(default_factory=SVMHeadConfig)  # rcnn / spp: the SVM and box-regression stages
     # roi_align: sampling points per bin and axis (0: adaptive); roi_pool samples every
     # pixel of its quantised bins, so it does not apply there
     sampling_ratio: int = 2
@@ -427,10 +509,18 @@ class RoIHeadConfig:
     smooth_l1_beta: float = 1.0  # smooth-L1 beta of the head's box loss (0: plain L1)
     class_agnostic: bool = False  # one box regression for all classes instead of one per class
     add_gt_as_proposals: bool = True  # add the ground-truth boxes to the training regions
-    score_thresh: float = 0.05  # detections scoring lower are dropped (evaluation; the demo has its own)
+    # detections scoring lower are dropped (evaluation; the demo has its own); with SVMs the
+    # scores are raw SVM margins (R-CNN's test sets no threshold: -.inf)
+    score_thresh: float = 0.05
     nms_thresh: float = 0.5  # per-class NMS IoU threshold of the detections
     detections_per_img: int = 100  # at most this many detections per image
     min_box_size: float = 0.01  # detections narrower or lower than this (px) are dropped
+    # Truncated SVD of the box head's fully connected layers, layer name -> rank (Fast R-CNN
+    # sec. 3.1; fc6 / fc7 here): each becomes two layers with t (u + v) weights instead of
+    # u v. Written by `detkit compress` into the compressed checkpoint's config, so that it
+    # loads with no extra flag; set by hand, the factors start from the layer's initial
+    # (or VGG-16 ImageNet) weights.
+    svd: Dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
         _check(
@@ -439,6 +529,15 @@ class RoIHeadConfig:
             "(it quantises boxes): set aligned: false or pooler: roi_align",
         )
         _check(self.pooler_resolution >= 1, f"pooler_resolution: must be >= 1, got {self.pooler_resolution}")
+        _check(
+            self.warp_size >= 1 and 0 <= 2 * self.warp_context < self.warp_size,
+            f"warp_size / warp_context: need 0 <= 2 * context < size, got {self.warp_size} / {self.warp_context}",
+        )
+        _check(
+            len(self.spp_levels) > 0 and all(n >= 1 for n in self.spp_levels),
+            f"spp_levels: positive bin counts, got {self.spp_levels}",
+        )
+        _check(self.region_batch >= 1, f"region_batch: must be >= 1, got {self.region_batch}")
         _check(self.sampling_ratio >= 0, f"sampling_ratio: must be >= 0 (0 = adaptive), got {self.sampling_ratio}")
         _check(all(d >= 1 for d in self.fc_dims), f"fc_dims: positive widths, got {self.fc_dims}")
         _check(0.0 <= self.dropout < 1.0, f"dropout: must be in [0, 1), got {self.dropout}")
@@ -456,6 +555,7 @@ class RoIHeadConfig:
         _check(0.0 <= self.nms_thresh <= 1.0, f"nms_thresh: must be in [0, 1], got {self.nms_thresh}")
         _check(self.detections_per_img >= 1, f"detections_per_img: must be >= 1, got {self.detections_per_img}")
         _check(self.min_box_size >= 0, f"min_box_size: must be >= 0, got {self.min_box_size}")
+        _check(all(r >= 1 for r in self.svd.values()), f"svd: ranks must be >= 1, got {self.svd}")
 
 
 @dataclass
@@ -489,7 +589,7 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     max_iter: int = 1000  # training iterations
-    base_lr: float = 0.02  # SGD learning rate after warmup
+    base_lr: float = 0.02  # SGD learning rate after warmup, for the global batch (data.batch_size x processes)
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 1e-4  # L2 weight decay (not on biases and normalisation parameters)
     warmup_iters: int = 100  # linear warmup iterations
@@ -504,11 +604,24 @@ class TrainConfig:
     log_period: int = 20  # iterations between records in metrics.jsonl
     seed: int = 0  # seed of every random number (runs are deterministic on a given machine)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto (CUDA when available), cpu or cuda
-    amp: bool = True  # mixed precision, used on CUDA only
+    amp: bool = True  # mixed precision, used on CUDA (on the CPU only with amp_dtype bf16)
+    # auto: bfloat16 where the GPU supports it, else float16 with a gradient scaler; bf16 / fp16
+    # force one (bf16 also enables bfloat16 autocast on the CPU)
+    amp_dtype: Literal["auto", "bf16", "fp16"] = "auto"
+    # CUDA: channels-last images and weights in training (faster tensor-core convolutions);
+    # the CPU trains NCHW (see model.channels_last_inference)
+    channels_last: bool = True
     num_threads: int = 0  # CPU threads for torch; 0 = torch's default
     # Treat subnormal floats (< 1.2e-38) as zero on the CPU, in training and evaluation: many
     # x86 CPUs compute with them far slower (a CPU run slowed 2.4x after ~20 iterations).
     flush_denormal: bool = True
+    # Distributed runs (torchrun): the torch.distributed backend (auto: nccl on CUDA, gloo on the CPU)
+    dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    # minutes a collective may wait for the other processes before the run stops with an error
+    dist_timeout_min: float = 30.0
+    # DDP: find parameters that got no gradient in an iteration (slower; only for models that
+    # leave parts unused, e.g. a branch some batches skip)
+    find_unused_parameters: bool = False
     # Also write metrics.jsonl's scalars and test images with detections to <run>/tensorboard
     # (needs the tensorboard package: pip install 'detkit[tensorboard]').
     tensorboard: bool = False
@@ -520,6 +633,8 @@ class TrainConfig:
         # does) so that `train.max_iter=N` alone shortens a recipe.
         if any(s <= 0 for s in self.steps):
             raise ValueError(f"steps must be positive iterations, got {self.steps}")
+        if self.dist_timeout_min <= 0:
+            raise ValueError(f"dist_timeout_min must be > 0, got {self.dist_timeout_min}")
 
 
 @dataclass

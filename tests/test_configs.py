@@ -12,6 +12,7 @@ from detkit.config import load_config
 from detkit.data.build import DATASET_FORMATS
 from detkit.modeling.build import BACKBONES, PROPOSAL_GENERATORS, ROI_HEADS, build_model
 from detkit.modeling.heads.fast_rcnn import FastRCNNHead
+from detkit.modeling.heads.rcnn_svm import RCNNHead, SPPHead
 from detkit.modeling.heads.res5 import Res5Head
 from detkit.schema import BackboneConfig, Config, DatasetConfig, ProposalConfig, RoIHeadConfig
 
@@ -28,6 +29,10 @@ def test_configs_are_found():
         "r50_fpn_1x_coco.yaml",
         "r50_c4_voc07.yaml",
     } <= names
+    for folder in ("rcnn", "spp"):  # issue 9: a paper, a BCCD and a shapes config each
+        assert {"alexnet_voc07.yaml", "bccd_alexnet.yaml", "shapes.yaml"} <= {
+            p.name for p in CONFIGS if p.parent.name == folder
+        }
 
 
 def _literal(cls, name):
@@ -55,7 +60,7 @@ def test_config_validates_and_builds(path):
     model = build_model(cfg.model, num_classes=len(cfg.data.classes or ["a", "b", "c"]))
     assert isinstance(model, torch.nn.Module)
     # Paper settings that the configs cite must survive inheritance.
-    if path.name == "vgg16_voc07.yaml":
+    if path.name == "vgg16_voc07.yaml" and path.parent.name == "faster_rcnn":  # fast_rcnn/ has its own
         assert cfg.model.proposals.rpn.post_nms_topk_test == 300  # Faster R-CNN sec. 4.1
         assert cfg.model.roi_head.pooler == "roi_pool" and cfg.model.roi_head.bg_iou_thresh_lo == 0.0
         assert cfg.train.steps == [60000] and cfg.train.base_lr == 0.001
@@ -76,3 +81,24 @@ def test_config_validates_and_builds(path):
         assert isinstance(model.roi_head, FastRCNNHead)
     if path.name == "bccd_r18_fpn.yaml":
         assert cfg.data.train.root.endswith("BCCD") and cfg.data.classes == ["Platelets", "RBC", "WBC"]
+    if path.parent.name == "rcnn":  # R-CNN (Girshick et al. 2014) values the configs cite
+        h = cfg.model.roi_head
+        assert isinstance(model.roi_head, RCNNHead) and type(model.backbone).__name__ == "ImageInput"
+        assert (h.fg_iou_thresh, h.bg_iou_thresh_lo, h.positive_fraction, h.nms_thresh) == (0.5, 0.0, 0.25, 0.3)
+        assert (h.svm.neg_iou, h.svm.box_lambda, h.svm.box_min_overlap, h.svm.topk_per_class) == (0.3, 1000.0, 0.6, 100)
+        assert (h.svm.pos_weight, h.svm.bias_mult, h.score_thresh) == (2.0, 10.0, float("-inf"))
+        assert cfg.model.proposals.method == "precomputed"
+    if path.parent.name == "spp":  # SPP-net (He et al. 2014) values
+        h = cfg.model.roi_head
+        assert isinstance(model.roi_head, SPPHead) and h.spp_levels == [6, 3, 2, 1]
+        assert (h.fg_iou_thresh, h.bg_iou_thresh_lo, h.positive_fraction, h.svm.neg_iou) == (0.5, 0.1, 0.25, 0.3)
+    if path.name == "alexnet_voc07.yaml":  # the paper configs: ImageNet AlexNet, the papers' schedules
+        assert cfg.model.backbone.name == "alexnet" and cfg.model.backbone.norm == "none"
+        assert cfg.test.metric == "voc07" and cfg.model.roi_head.fc_dims == [4096, 4096]
+        if path.parent.name == "rcnn":
+            assert (cfg.model.roi_head.warp_size, cfg.model.roi_head.warp_context) == (227, 16)
+            assert (cfg.train.base_lr, cfg.model.roi_head.svm.C, cfg.model.backbone.frozen_stages) == (0.001, 0.001, 0)
+            assert cfg.data.batch_size * cfg.model.roi_head.batch_size_per_image == 128  # sec. 2.3
+        if path.parent.name == "spp":
+            assert cfg.model.backbone.frozen_stages == 5 and cfg.data.input.min_size_test == 688  # sec. 4.2
+            assert (cfg.train.base_lr, cfg.train.steps, cfg.train.max_iter) == (0.0001, [250000], 300000)

@@ -1,7 +1,7 @@
 """detkit vs torchvision Faster R-CNN, side by side in one run (same weights, inputs, threads).
 
     python tools/benchmark.py [--cases r50_fpn bccd denormal] [--threads 2] [--images 4] [--steps 4]
-                              [--denormal-iters 40] [--json OUT]
+                              [--denormal-iters 40] [--device cpu|cuda] [--amp] [--json OUT]
 
 Cases:
     r50_fpn  torchvision's fasterrcnn_resnet50_fpn settings (800 px shorter side, frozen BN,
@@ -20,6 +20,10 @@ Inputs are BCCD test images (640x480) with their boxes (synthetic images if ../s
 absent). Each measurement alternates torchvision and detkit (A B A B ...) so that load from
 elsewhere hits both alike; the report gives medians and the ratio detkit / torchvision
 (< 1: detkit faster). Not a test: timings go to stdout and --json.
+
+``--device cuda`` runs both models on the GPU (timings wait for the GPU to finish); ``--amp``
+runs both under the same autocast (bfloat16 where the GPU has it, else float16), e.g. from
+tools/gpu_check.sh.
 """
 
 from __future__ import annotations
@@ -77,40 +81,55 @@ def _case_config(name: str):
     raise SystemExit(f"unknown case {name}")
 
 
-def _timeit(fn):
+def _timeit(fn, device=None):
+    import torch
+
+    sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
+    sync()
     t = time.perf_counter()
     fn()
+    sync()  # CUDA kernels run asynchronously: time until they are done
     return time.perf_counter() - t
 
 
-def run_case(name: str, images, n_images: int, steps: int, warmup: int):
+def run_case(name: str, images, n_images: int, steps: int, warmup: int, device: str = "cpu", amp: bool = False):
+    import contextlib
+
     import torch
     from torchvision_baseline import build_torchvision_model, set_torchvision_mode
 
     from detkit.data.build import dataset_transforms
     from detkit.engine.convert import map_torchvision_state
+    from detkit.engine.inference import amp_dtype, autocast_context
     from detkit.modeling.build import build_model
     from detkit.structures import ImageList, Target
 
+    dev = torch.device(device)
     cfg, k = _case_config(name)
     torch.manual_seed(0)
     tv = build_torchvision_model(cfg, k)
     dk = build_model(cfg.model, k)
     dk.load_state_dict(map_torchvision_state(tv.state_dict()))
+    tv.to(dev)
+    dk.to(dev)
+    dtype = amp_dtype(dev, amp)  # None: float32
+    autocast = (lambda: autocast_context(dev, dtype)) if dtype is not None else contextlib.nullcontext
     test_tf = dataset_transforms(cfg.data.input, train=False)
     train_tf = dataset_transforms(cfg.data.input, train=True)
     # Fixed training input size (the first multi-scale entry) so both see the same pixels.
     train_tf.transforms = [t for t in train_tf.transforms if type(t).__name__ != "RandomHorizontalFlip"]
     tensors = [torch.from_numpy(im).permute(2, 0, 1).float().div(255) for im, _, _ in images]
+    # Both models get their input on the device; each resizes / normalises it there.
+    tensors_dev = [t.to(dev) for t in tensors]
 
     def tv_infer(i):
-        with torch.no_grad():
-            tv([tensors[i]])
+        with torch.no_grad(), autocast():
+            tv([tensors_dev[i]])
 
     def dk_infer(i):
-        with torch.no_grad():
-            empty = Target(torch.zeros((0, 4)), torch.zeros(0, dtype=torch.long))
-            t, target = test_tf(tensors[i], empty)
+        with torch.no_grad(), autocast():
+            empty = Target(torch.zeros((0, 4), device=dev), torch.zeros(0, dtype=torch.long, device=dev))
+            t, target = test_tf(tensors_dev[i], empty)
             dk(ImageList.from_tensors([t], dk.size_divisibility, geometries=[target.geometry]))
 
     set_torchvision_mode(tv, False)
@@ -121,8 +140,8 @@ def run_case(name: str, images, n_images: int, steps: int, warmup: int):
         dk_infer(i % len(images))
     for i in range(n_images):
         j = i % len(images)
-        tv_inf.append(_timeit(lambda j=j: tv_infer(j)))
-        dk_inf.append(_timeit(lambda j=j: dk_infer(j)))
+        tv_inf.append(_timeit(lambda j=j: tv_infer(j), dev))
+        dk_inf.append(_timeit(lambda j=j: dk_infer(j), dev))
 
     # Training steps: batch of 2 images, SGD step included.
     tv_opt = torch.optim.SGD([p for p in tv.parameters() if p.requires_grad], lr=1e-5, momentum=0.9)
@@ -130,35 +149,44 @@ def run_case(name: str, images, n_images: int, steps: int, warmup: int):
     set_torchvision_mode(tv, True)
     dk.train()
     batch = [0, 1]
-    tv_targets = [{"boxes": torch.as_tensor(images[i][1]), "labels": torch.as_tensor(images[i][2])} for i in batch]
+    tv_targets = [
+        {"boxes": torch.as_tensor(images[i][1]).to(dev), "labels": torch.as_tensor(images[i][2]).to(dev)} for i in batch
+    ]
+    # float16 gradients need loss scaling (bfloat16 and float32 do not): the same for both
+    tv_scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
+    dk_scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
 
     def tv_step():
-        losses = tv([tensors[i] for i in batch], tv_targets)
+        with autocast():
+            losses = tv([tensors_dev[i] for i in batch], tv_targets)
         tv_opt.zero_grad()
-        sum(losses.values()).backward()
-        tv_opt.step()
+        tv_scaler.scale(sum(losses.values())).backward()
+        tv_scaler.step(tv_opt)
+        tv_scaler.update()
 
     def dk_step():
-        pairs = [
-            train_tf(
-                tensors[i],
-                Target(torch.as_tensor(images[i][1]), torch.as_tensor(images[i][2])),
-            )
-            for i in batch
-        ]
-        il = ImageList.from_tensors([p[0] for p in pairs], dk.size_divisibility)
-        _, losses = dk(il, [p[1] for p in pairs])
+        with autocast():
+            pairs = [
+                train_tf(
+                    tensors_dev[i],
+                    Target(torch.as_tensor(images[i][1]).to(dev), torch.as_tensor(images[i][2]).to(dev)),
+                )
+                for i in batch
+            ]
+            il = ImageList.from_tensors([p[0] for p in pairs], dk.size_divisibility)
+            _, losses = dk(il, [p[1] for p in pairs])
         dk_opt.zero_grad()
-        sum(losses.values()).backward()
-        dk_opt.step()
+        dk_scaler.scale(sum(losses.values())).backward()
+        dk_scaler.step(dk_opt)
+        dk_scaler.update()
 
     for _ in range(warmup):
         tv_step()
         dk_step()
     tv_tr, dk_tr = [], []
     for _ in range(steps):
-        tv_tr.append(_timeit(tv_step))
-        dk_tr.append(_timeit(dk_step))
+        tv_tr.append(_timeit(tv_step, dev))
+        dk_tr.append(_timeit(dk_step, dev))
     med = statistics.median
     res = {
         "case": name,
@@ -172,6 +200,8 @@ def run_case(name: str, images, n_images: int, steps: int, warmup: int):
         "images": n_images,
         "steps": steps,
         "batch": len(batch),
+        "device": str(dev),
+        "amp": str(dtype).replace("torch.", "") if dtype is not None else None,
     }
     return res
 
@@ -318,8 +348,13 @@ def main():
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--denormal-iters", type=int, default=40, help="training iterations of the denormal case")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both models run (default cpu)")
+    p.add_argument("--amp", action="store_true", help="both under autocast (bf16 where the GPU has it, else fp16)")
     args = p.parse_args()
     import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("benchmark.py: --device cuda but torch.cuda.is_available() is False")
 
     torch.set_num_threads(args.threads)
     images, source = _load_images(max(args.images, 2))
@@ -338,7 +373,7 @@ def main():
                 flush=True,
             )
             continue
-        r = run_case(case, images, args.images, args.steps, args.warmup)
+        r = run_case(case, images, args.images, args.steps, args.warmup, args.device, args.amp)
         results.append(r)
         print(
             f"{case:8s} {r['input']}: inference torchvision {r['torchvision_infer_s_per_img']:.3f} s/img, "
@@ -349,7 +384,8 @@ def main():
         )
     report = {
         "date": date.today().isoformat(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+        + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
         "threads": args.threads,
         "images": source,
         "results": results,

@@ -9,6 +9,9 @@
     detkit report RUN_DIR --out report.html
     detkit convert --from torchvision SRC.pth --out CKPT
     detkit proposals DATA_OR_CONFIG.yaml --method selective_search|rpn --out FILE [--eval] ...
+    detkit compress CKPT --fc6 RANK --fc7 RANK --out CKPT2 [--no-eval]
+    detkit compare DATA.yaml --recipe shapes|bccd --out DIR [--backbone NAME] [--iters N]
+    detkit export [CONFIG] --checkpoint CKPT --format onnx|torchscript --out FILE
 
 The CLI is the top layer: nothing in detkit imports it. Each verb module has
 ``add_parser(subparsers)`` and a handler; ``COMMANDS`` lists them explicitly (an import
@@ -24,14 +27,31 @@ import logging
 import sys
 from typing import List, Optional
 
-from detkit.cli import common, convert, data, demo, evaluate, plot, proposals, report, train
+from detkit.cli import (
+    common,
+    compare,
+    compress,
+    convert,
+    data,
+    demo,
+    evaluate,
+    export,
+    plot,
+    proposals,
+    report,
+    train,
+)
 from detkit.cli import eval as eval_
-from detkit.errors import DetkitError
+from detkit.engine import distributed
+from detkit.errors import DetkitError, UsageError
 
 logger = logging.getLogger("detkit")
 
 # The verbs, in the order `detkit --help` lists them.
-COMMANDS = (train, eval_, demo, evaluate, data, plot, report, convert, proposals)
+COMMANDS = (train, eval_, demo, evaluate, data, plot, report, convert, proposals, compress, compare, export)
+# The verbs that share their work across the processes torchrun starts; the others refuse
+# to run under it (N copies would write the same files).
+DISTRIBUTED_COMMANDS = (train.NAME, eval_.NAME, proposals.NAME)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +79,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     logger_state = (list(logger.handlers), logger.level, logger.propagate)
     common.setup_logging(args.verbose)
     try:
+        if args.command not in DISTRIBUTED_COMMANDS and distributed.launch_from_env().world_size > 1:
+            raise UsageError(
+                f"detkit {args.command} runs in one process: start it without torchrun "
+                f"(only {', '.join(DISTRIBUTED_COMMANDS)} share their work across processes)"
+            )
         return int(args.func(args) or 0)
     except DetkitError as exc:
         msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__

@@ -48,18 +48,23 @@ def is_full_config(path: str) -> bool:
     return isinstance(data, dict) and "data" in data
 
 
-def load_dataset_yaml(path: str, which: str = "test") -> Tuple[DatasetConfig, Optional[List[str]]]:
-    """A dataset YAML ({format: voc, root: ..., split: ...}) or a full config (its data.<which>)
+def load_dataset_yaml(
+    path: str, which: str = "test", overrides: Sequence[str] = ()
+) -> Tuple[DatasetConfig, Optional[List[str]]]:
+    """A dataset YAML ({format: voc, root: ..., split: ...}) or a full config (its data.<which>,
+    after the ``a.b.c=value`` overrides; a bare dataset YAML takes none)
     -> (dataset config, the config's class list or None)."""
     if not os.path.isfile(path):
         raise UsageError(f"dataset file not found: {path}")
     data, origins = load_yaml(path)
     if isinstance(data, dict) and "data" in data:
-        cfg = from_dict(Config, data, origins)
+        cfg = load_run_config(path, overrides) if overrides else from_dict(Config, data, origins)
         ds = getattr(cfg.data, which) or cfg.data.test or cfg.data.train
         if ds is None:
             raise UsageError(f"{path}: the config has no data.{which} dataset")
         return ds, cfg.data.classes
+    if overrides:
+        raise UsageError(f"{path} is a dataset YAML: key=value overrides need a full config (with a data section)")
     return from_dict(DatasetConfig, data, origins), None
 
 

@@ -40,6 +40,8 @@ from detkit.data.io import read_image_array
 from detkit.engine.inference import denormals_flushed
 from detkit.engine.predictor import Predictor
 from detkit.errors import DetkitError, ImageReadError, UsageError
+from detkit.modeling.build import build_selective_search
+from detkit.modeling.proposals.precomputed import PrecomputedProposals
 from detkit.structures import ImageRecord
 from detkit.visualize import draw_detections, save_rgb
 
@@ -302,6 +304,19 @@ def _run(args, cfg) -> int:
             raise UsageError(f"--video {video_out} is one of the inputs")
     predictor = Predictor.from_checkpoint(args.checkpoint, cfg)
     predictor.model.roi_head.score_thresh = args.score_thresh
+    if isinstance(predictor.model.proposal_generator, PrecomputedProposals):
+        # Proposal files cover their dataset's images only, and the generator has no weights:
+        # the demo computes Selective Search on each input instead.
+        p = predictor.cfg.model.proposals
+        predictor.model.proposal_generator = build_selective_search(
+            predictor.cfg.model, predictor.model.backbone, predictor.cfg.data.input
+        )
+        logger.info(
+            "the model reads proposal files (%s), which cover their dataset only: the demo runs Selective Search "
+            "(%s mode, model.proposals.selective_search) on each input instead",
+            p.precomputed.path,
+            p.selective_search.mode,
+        )
     gt_index = GroundTruthIndex(predictor.cfg, predictor.class_names) if args.show_gt else None
     demo = Demo(predictor, args, gt_index)
     out = Path(args.out)

@@ -5,6 +5,10 @@ writes eval.json and detections.json (and PR curves with ``--plot``). ``--analyz
 the error analysis in DIR/analysis/ (``detkit.engine.analyze``): PR curves, a confusion
 matrix with background, the error breakdown (Hoiem et al. 2012 / TIDE) with the mAP gained
 by fixing each error type, and the worst false positives and misses as image crops.
+
+Under torchrun (``torchrun --nproc_per_node=N -m detkit eval ...``) the test images are
+shared out across the N processes and the detections gathered on rank 0, which scores and
+writes them: the same detections and mAP as one process.
 """
 
 from __future__ import annotations
@@ -12,12 +16,16 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
 from detkit.cli.common import load_run_config
 from detkit.data.build import build_dataset, dataset_transforms
+from detkit.engine import distributed
 from detkit.engine.analyze import write_analysis
 from detkit.engine.evaluate import evaluate_detections, summary_lines, write_evaluation
-from detkit.engine.inference import denormals_flushed, device_from_config, run_inference
+from detkit.engine.inference import amp_dtype, denormals_flushed, device_from_config, run_inference
 from detkit.engine.predictor import model_from_checkpoint
+from detkit.engine.proposals import check_proposal_files
 from detkit.errors import UsageError
 from detkit.evaluation.analysis import analyze_detections, format_errors
 
@@ -51,25 +59,39 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     cfg = load_run_config(args.config, args.overrides)
     # Before any tensor work, so that torch's thread pool inherits the mode (see denormals_flushed).
-    with denormals_flushed(cfg.train.flush_denormal):
+    with denormals_flushed(cfg.train.flush_denormal), distributed.failures_reported():
         return _run(args, cfg)
 
 
 def _run(args, cfg) -> int:
     device = device_from_config(cfg.train.device)
+    # Under torchrun every rank runs its share of the test images; rank 0 scores and writes.
+    device = distributed.init_distributed(cfg.train.dist_backend, device, cfg.train.dist_timeout_min)
+    if cfg.train.num_threads > 0:  # as in training (float rounding depends on the thread count)
+        torch.set_num_threads(cfg.train.num_threads)
     model, cfg, classes = model_from_checkpoint(args.checkpoint, cfg, device)
+    check_proposal_files(cfg, args.config)
+    if device.type == "cuda" and cfg.model.channels_last_inference:
+        model.to(memory_format=torch.channels_last)  # weights as the inputs: tensor-core convolutions
     if cfg.data.test is None:
         raise UsageError(f"{args.config}: no data.test dataset to evaluate on")
-    dataset = build_dataset(cfg.data.test, classes, dataset_transforms(cfg.data.input, False), name="test")
+    transforms = dataset_transforms(cfg.data.input, False)
+    with distributed.quiet_unless_main():
+        dataset = distributed.main_first(
+            lambda: build_dataset(cfg.data.test, classes, transforms, name="test"), "loading the dataset"
+        )
     dets, _, sec = run_inference(
         model,
         dataset,
         cfg.data.test_batch_size,
         device,
         cfg.data.num_workers,
-        amp=cfg.train.amp and device.type == "cuda",
-        progress=not args.no_progress,
+        amp=amp_dtype(device, cfg.train.amp, cfg.train.amp_dtype),
+        progress=not args.no_progress and distributed.is_main(),
+        sharded=True,
     )
+    if not distributed.is_main():
+        return 0
     result = evaluate_detections(cfg.test, dets, dataset)
     result["s_per_img"] = sec
     out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "eval"

@@ -11,6 +11,10 @@
 - Resumable: finished images go to ``<out>.partial/``; a rerun with the same settings
   computes only the missing ones. An existing ``--out`` is never replaced without
   ``--overwrite``; ``--reuse`` evaluates / plots it as it is.
+- Under torchrun (``torchrun --nproc_per_node=N -m detkit proposals ...``, also across
+  machines) each process computes its share of the images (with ``--workers`` processes
+  each, for Selective Search) and rank 0 writes the chunks and the file; ``--workers``
+  alone is the way on one machine.
 - ``--eval``: recall at IoU 0.5 and 0.7 and AR (IoU 0.5:0.95) of the top 100/300/1000/2000
   proposals against the non-difficult ground truth; printed and written to
   ``<out stem>.recall.json``. ``--plot PNG``: recall against the number of proposals (log
@@ -26,6 +30,8 @@ from pathlib import Path
 from detkit.cli.common import is_full_config, load_dataset_yaml, load_run_config
 from detkit.data.build import build_dataset
 from detkit.data.proposal_files import load_proposals
+from detkit.engine import distributed
+from detkit.engine.inference import device_from_config
 from detkit.engine.proposals import (
     METHODS,
     ProposalJob,
@@ -74,6 +80,13 @@ def add_parser(sub) -> None:
     p.add_argument("--reuse", action="store_true", help="use an existing --out as it is (only --eval / --plot)")
     p.add_argument("--flush-every", type=int, default=20, help="images per partial chunk (default 20)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--dist-timeout-min",
+        type=float,
+        default=30.0,
+        help="under torchrun: minutes a process waits for the others before it stops (default 30)",
+    )
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of a full config (as detkit train)")
     p.set_defaults(func=run)
 
 
@@ -91,6 +104,8 @@ def check_args(args) -> Path:
         raise UsageError("--checkpoint is only used with --method rpn")
     if args.checkpoint and not args.reuse and not Path(args.checkpoint).is_file():
         raise UsageError(f"checkpoint not found: {args.checkpoint}")
+    if args.dist_timeout_min <= 0:
+        raise UsageError(f"--dist-timeout-min must be > 0, got {args.dist_timeout_min}")
     if args.overwrite and args.reuse:
         raise UsageError("--overwrite and --reuse contradict each other")
     if args.compare and not (args.eval or args.plot):
@@ -111,15 +126,26 @@ def _dataset_settings(ds_cfg) -> dict:
 
 
 def run(args) -> int:
-    out = check_args(args)
-    ds_cfg, classes = load_dataset_yaml(args.dataset, which=args.split)
+    with distributed.failures_reported():
+        return _run(args)
+
+
+def _run(args) -> int:
+    device = device_from_config(args.device, key="--device") if args.method == "rpn" else None
+    # Only numpy results travel between the processes: gloo serves them on any machine.
+    device = distributed.init_distributed("gloo", device, args.dist_timeout_min)
+    out = distributed.on_main(lambda: check_args(args), "checking the arguments")
+    ds_cfg, classes = load_dataset_yaml(args.dataset, which=args.split, overrides=args.overrides)
     full_config = is_full_config(args.dataset)
-    dataset = build_dataset(ds_cfg, classes)
+    with distributed.quiet_unless_main():
+        dataset = distributed.main_first(lambda: build_dataset(ds_cfg, classes), "loading the dataset")
     records = dataset.records[: args.limit] if args.limit else list(dataset.records)
     if not records:
         raise UsageError(f"{args.dataset}: the dataset has no images")
 
     if args.reuse:
+        if not distributed.is_main():
+            return 0
         table, meta = load_proposals(out)
         kept = [r for r in records if str(r.image_id) in table]
         if len(kept) < len(records):
@@ -136,16 +162,18 @@ def run(args) -> int:
             seed=args.seed,
             workers=args.workers,
             flush_every=args.flush_every,
-            progress=not args.no_progress,
+            progress=not args.no_progress and distributed.is_main(),
             checkpoint=args.checkpoint,
             config=args.dataset if full_config else None,
             dataset_settings=_dataset_settings(ds_cfg),
         )
         rpn_model = None
         if args.method == "rpn":
-            cfg = load_run_config(args.dataset) if full_config else None
-            rpn_model = load_rpn_model(args.checkpoint, cfg, args.device, args.max_proposals)
+            cfg = load_run_config(args.dataset, args.overrides) if full_config else None
+            rpn_model = load_rpn_model(args.checkpoint, cfg, device, args.max_proposals)
         table, meta = compute_proposals(out, dataset, records, job, overwrite=args.overwrite, rpn_model=rpn_model)
+        if not distributed.is_main():  # rank 0 wrote the file and evaluates it
+            return 0
 
     if args.eval or args.plot:
         files = [(out, table, meta)] + [(Path(o), *load_proposals(o)) for o in args.compare]

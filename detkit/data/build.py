@@ -88,11 +88,13 @@ def _color_jitter(values: Optional[Sequence[float]]) -> Optional[Tuple[float, fl
 
 
 def dataset_transforms(cfg: InputConfig, train: bool):
+    # Multi-scale testing: the input is the pyramid's largest scale (modeling.pyramid).
+    min_size_test = max(cfg.test_scales) if cfg.test_scales else cfg.min_size_test
     return build_transforms(
         train,
         min_size_train=cfg.min_size_train,
         max_size=cfg.max_size,
-        min_size_test=cfg.min_size_test,
+        min_size_test=min_size_test,
         flip_prob=cfg.flip_prob,
         color_jitter=_color_jitter(cfg.color_jitter),
         mean=cfg.pixel_mean,

@@ -11,7 +11,9 @@ Reproducible streams. Every training sample is read under its own torch seed, a 
 of (run seed, batch number, position in the batch) only, with the main process's random
 state saved and restored around it. The random augmentations (flip, scale, colour) of batch b
 are therefore the same with 0 or 2 workers and in a run resumed at batch b, and the loader
-never moves the random stream the model draws from (RPN / RoI sampling).
+never moves the random stream the model draws from (RPN / RoI sampling). In distributed
+training every rank reads its part of one global stream (``NumberedBatches``), so those
+seeds are the same with any number of processes for the same global batch.
 
 Unreadable images. An image that fails to read (``ImageReadError``: missing, truncated,
 not an image) does not stop a run. In training another image of the same orientation group,
@@ -24,7 +26,7 @@ travels in the batch to the main process (a worker's log would not reach the use
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -67,6 +69,14 @@ class Batch(tuple):
 
     def __reduce__(self):  # pickled from DataLoader workers: keep ``skipped``
         return (Batch, (self[0], self[1], self.skipped))
+
+    def pin_memory(self) -> "Batch":
+        """The images in page-locked memory (DataLoader's pin_memory thread calls this), so
+        that the copy to the GPU can run asynchronously; targets are small and stay as they are."""
+        images = self[0]
+        if images is not None:
+            images = replace(images, tensor=images.tensor.pin_memory())
+        return Batch(images, self[1], self.skipped)
 
 
 class Collate:
@@ -238,14 +248,27 @@ class GroupedBatchSampler(Sampler[List[int]]):
 
 class NumberedBatches(Sampler[List[Tuple[int, int, int]]]):
     """A batch sampler's batches as (index, batch number, position) keys for SampleReader;
-    numbering starts at the sampler's ``start_batch`` (the training iteration)."""
+    numbering starts at the sampler's ``start_batch`` (the training iteration).
 
-    def __init__(self, sampler: GroupedBatchSampler):
+    Distributed training (``world_size`` W > 1): the sampler's batches are global batches of
+    W x B images; rank r keeps positions [r B, (r + 1) B) of each, keyed by their position
+    in the global batch. So the ranks' streams are disjoint, and the images of an iteration
+    and their augmentation seeds are those of one process training on the global batch."""
+
+    def __init__(self, sampler: GroupedBatchSampler, rank: int = 0, world_size: int = 1):
+        if sampler.batch_size % world_size:
+            raise ValueError(f"global batch {sampler.batch_size} does not split into {world_size} ranks")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
         self.sampler = sampler
+        self.per_rank = sampler.batch_size // world_size
+        self.first = rank * self.per_rank
 
     def __iter__(self) -> Iterator[List[Tuple[int, int, int]]]:
+        own = slice(self.first, self.first + self.per_rank)
         for b, batch in enumerate(self.sampler, start=self.sampler.start_batch):
-            yield [(index, b, position) for position, index in enumerate(batch)]
+            positions = range(len(batch))[own]
+            yield [(batch[position], b, position) for position in positions]
 
 
 def build_train_loader(
@@ -256,17 +279,28 @@ def build_train_loader(
     aspect_ratio_grouping: bool = True,
     size_divisibility: int = 32,
     start_batch: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
 ) -> DataLoader:
-    """An endless loader of ``Batch``es: iterate it as long as the schedule needs;
-    ``start_batch`` skips the first batches of the stream (resume). Unreadable images are
-    replaced (see the module doc): check ``batch.skipped``."""
-    sampler = GroupedBatchSampler(dataset.aspect_ratios(), batch_size, seed, aspect_ratio_grouping, start_batch)
+    """An endless loader of ``Batch``es of ``batch_size`` images: iterate it as long as the
+    schedule needs; ``start_batch`` skips the first batches of the stream (resume).
+    Unreadable images are replaced (see the module doc): check ``batch.skipped``.
+
+    ``rank`` / ``world_size``: this process's share of a global stream of batch_size x
+    world_size images per batch (``NumberedBatches``): the global stream, and so a resumed
+    run, depends on the seed and the global batch only. ``pin_memory``: batches in
+    page-locked memory (for asynchronous copies to a GPU)."""
+    sampler = GroupedBatchSampler(
+        dataset.aspect_ratios(), batch_size * world_size, seed, aspect_ratio_grouping, start_batch
+    )
     return DataLoader(
         SampleReader(dataset, seed=seed, groups=sampler.groups),
-        batch_sampler=NumberedBatches(sampler),
+        batch_sampler=NumberedBatches(sampler, rank, world_size),
         collate_fn=Collate(size_divisibility),
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
         # Starting an iterator draws the workers' base seed: from this generator, not from the
         # global RNG, which the model's sampling (and a resume's restored state) owns.
         generator=torch.Generator().manual_seed(seed),
@@ -294,11 +328,17 @@ def build_test_loader(
     size_divisibility: int = 32,
     indices: Optional[List[int]] = None,
     skip_unreadable: bool = False,
+    shard: Tuple[int, int] = (0, 1),
+    pin_memory: bool = False,
 ) -> DataLoader:
     """One pass in dataset order. Batches group consecutive images of the same orientation
     (keeping the order) so that padding stays small. An unreadable image raises
     ImageReadError, or with ``skip_unreadable`` is left out of its batch (listed in
-    ``batch.skipped``; a batch whose images all failed has ``images`` None)."""
+    ``batch.skipped``; a batch whose images all failed has ``images`` None).
+
+    ``shard`` (rank, world size): only every world-size-th of those batches, from the rank's
+    on. Whole batches are shared out, so every image is padded and computed exactly as in a
+    one-process pass, and the ranks' detections together equal its detections."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     order = list(range(len(dataset))) if indices is None else list(indices)
@@ -312,11 +352,15 @@ def build_test_loader(
         current.append(i)
     if current:
         batches.append(current)
+    rank, world = shard
+    if not 0 <= rank < world:
+        raise ValueError(f"shard {shard}: rank outside 0..world size - 1")
     loader = _TestLoader(
         SampleReader(dataset),
-        batch_sampler=batches,
+        batch_sampler=batches[rank::world],
         collate_fn=Collate(size_divisibility),
         num_workers=num_workers,
+        pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(0),  # see build_train_loader
     )
     loader.skip_unreadable = skip_unreadable

@@ -6,6 +6,11 @@ xyxy in original image pixels, scores (R,), labels (R,) in 1..K), numpy arrays.
 An image that cannot be read is skipped with a warning naming the file, and counted; it
 gets no detections, so its ground truth counts as missed by the metrics (the mAP is then a
 lower bound of what the model would score on the full test set).
+
+In a distributed run (torchrun) ``run_inference(..., sharded=True)`` splits the pass across
+the ranks by whole test batches and gathers the detections on rank 0: the same detections,
+and so the same mAP, as one process computes. Mixed precision: ``amp_dtype`` /
+``autocast_context`` (bfloat16 or float16 on CUDA; bfloat16 on the CPU when asked for).
 """
 
 from __future__ import annotations
@@ -14,14 +19,17 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from typing import Dict, Iterator, Tuple
+from dataclasses import replace
+from typing import Dict, Iterator, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from detkit.data.loader import SkippedImages, build_test_loader
+from detkit.engine import distributed
 from detkit.errors import ConfigError
+from detkit.structures import ImageList
 
 logger = logging.getLogger("detkit")
 
@@ -61,11 +69,49 @@ def denormals_flushed(enabled: bool = True) -> Iterator[None]:
             torch.set_flush_denormal(False)
 
 
-def autocast_context(device: torch.device, enabled: bool):
-    """fp16 autocast on CUDA when enabled; a no-op elsewhere (CPU autocast is slower here)."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return torch.autocast(device.type, enabled=False)
+def amp_dtype(device: torch.device, amp: bool, kind: str = "auto") -> Optional[torch.dtype]:
+    """The autocast dtype of mixed precision (``train.amp``, ``train.amp_dtype``), or None
+    for full precision. CUDA: bfloat16 where the GPU has it (Ampere and later: float32's
+    range, so no loss scaling), else float16 (with a GradScaler, ``needs_grad_scaler``);
+    ``kind`` bf16 / fp16 forces one. The CPU: bfloat16 only when asked for (kind bf16); auto
+    keeps float32 there (CPU autocast was slower than float32 on this project's machines)."""
+    if not amp:
+        return None
+    if device.type == "cuda":
+        if kind == "fp16":
+            return torch.float16
+        supported = torch.cuda.is_bf16_supported()
+        if kind == "bf16" and not supported:
+            raise ConfigError("train.amp_dtype: this GPU has no bfloat16; use auto or fp16")
+        return torch.bfloat16 if supported else torch.float16
+    if kind == "bf16":
+        return torch.bfloat16
+    if kind == "fp16":
+        raise ConfigError("train.amp_dtype: fp16 autocast is for CUDA; on the CPU use bf16 or amp: false")
+    return None
+
+
+def needs_grad_scaler(dtype: Optional[torch.dtype]) -> bool:
+    """float16 gradients underflow without loss scaling; bfloat16 and float32 need none."""
+    return dtype == torch.float16
+
+
+def autocast_context(device: torch.device, amp: Union[bool, torch.dtype, None]):
+    """Autocast for ``amp``: a dtype (from ``amp_dtype``), True (the default dtype of the
+    device: bfloat16 or float16 on CUDA, off on the CPU) or False / None (off)."""
+    dtype = amp_dtype(device, True) if amp is True else (amp or None)
+    if dtype is None:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def images_to(images: ImageList, device: torch.device, channels_last: bool = False) -> ImageList:
+    """The batch on ``device`` (asynchronously from pinned memory); ``channels_last``: in
+    NHWC layout, which tensor-core convolutions prefer."""
+    tensor = images.tensor.to(device, non_blocking=True)
+    if channels_last:
+        tensor = tensor.contiguous(memory_format=torch.channels_last)
+    return replace(images, tensor=tensor)
 
 
 @torch.no_grad()
@@ -76,17 +122,32 @@ def run_inference(
     device=None,
     num_workers: int = 0,
     compute_losses: bool = False,
-    amp: bool = False,
+    amp: Union[bool, torch.dtype, None] = False,
     progress: bool = True,
     desc: str = "eval",
+    sharded: bool = False,
 ) -> Tuple[Dict, Dict[str, float], float]:
     """-> (detections per image id, mean validation loss per term ({} unless
     ``compute_losses``), seconds per image). Unreadable images are skipped (see the module
-    doc)."""
+    doc). ``amp``: see ``autocast_context``.
+
+    ``sharded`` (in a distributed run; every rank calls it): each rank runs its share of
+    the test batches (``build_test_loader``'s shard: the batches of a one-process pass) and
+    rank 0 gets every detection, in dataset order, and the losses of all batches; the other
+    ranks get ({}, {}, seconds)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
-    loader = build_test_loader(dataset, batch_size, num_workers, model.size_divisibility, skip_unreadable=True)
+    shard = (distributed.rank(), distributed.world_size()) if sharded else (0, 1)
+    loader = build_test_loader(
+        dataset,
+        batch_size,
+        num_workers,
+        model.size_divisibility,
+        skip_unreadable=True,
+        shard=shard,
+        pin_memory=device.type == "cuda",
+    )
     skipped = SkippedImages(desc, "it gets no detections: its ground truth counts as missed")
     dets: Dict = {}
     loss_sums: Dict[str, float] = defaultdict(float)
@@ -100,9 +161,10 @@ def run_inference(
             skipped.add(batch.skipped)
             if images is None:
                 continue
-            images = images.to(device)
+            images = images_to(images, device)
             with autocast_context(device, amp):
                 detections, losses = model(images, targets if compute_losses else None)
+            assert images.image_ids is not None  # the test loader names every image
             for det, image_id in zip(detections, images.image_ids):
                 dets[image_id] = {
                     "boxes": det.boxes.float().cpu().numpy(),
@@ -114,15 +176,39 @@ def run_inference(
             batches += 1
     finally:
         model.train(was_training)
-    if skipped:
+    num_skipped = len(skipped)
+    if shard[1] > 1:
+        parts = distributed.gather_to_main((dets, dict(loss_sums), batches, num_skipped), f"gathering {desc} results")
+        if parts is None:
+            return {}, {}, (time.perf_counter() - start) / max(len(dataset), 1)
+        dets, loss_sums, batches, num_skipped = _merge_parts(parts, dataset)
+    if num_skipped:
         logger.warning(
             "%s: %d of %d images could not be read and were skipped; their ground truth counts as missed",
             desc,
-            len(skipped),
+            num_skipped,
             len(dataset),
         )
     seconds = (time.perf_counter() - start) / max(len(dataset), 1)
     return dets, {k: v / max(batches, 1) for k, v in loss_sums.items()}, seconds
+
+
+def _merge_parts(parts, dataset):
+    """The ranks' (dets, loss sums, batches, skipped) -> one, detections in dataset order
+    (the order of a one-process pass)."""
+    merged: Dict = {}
+    loss_sums: Dict[str, float] = defaultdict(float)
+    batches = num_skipped = 0
+    for part_dets, part_losses, part_batches, part_skipped in parts:
+        merged.update(part_dets)
+        for k, v in part_losses.items():
+            loss_sums[k] += v
+        batches += part_batches
+        num_skipped += part_skipped
+    records = getattr(dataset, "records", None)
+    if records is not None:
+        merged = {r.image_id: merged[r.image_id] for r in records if r.image_id in merged}
+    return merged, loss_sums, batches, num_skipped
 
 
 def device_from_config(name: str, key: str = "train.device") -> torch.device:

@@ -7,6 +7,7 @@ det = predictor(rgb_uint8_array)            # Detections in the image's own pixe
 from __future__ import annotations
 
 import copy
+import logging
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -20,6 +21,8 @@ from detkit.errors import CheckpointError
 from detkit.modeling.build import build_model
 from detkit.schema import Config
 from detkit.structures import Detections, Geometry, ImageList, Target
+
+logger = logging.getLogger("detkit")
 
 
 def model_from_checkpoint(path, cfg: Optional[Config] = None, device="cpu"):
@@ -39,6 +42,12 @@ def model_from_checkpoint(path, cfg: Optional[Config] = None, device="cpu"):
     # Every weight comes from the checkpoint: do not load (or download) ImageNet weights first.
     cfg = copy.deepcopy(cfg)
     cfg.model.backbone.pretrained = None
+    # An SVD-compressed checkpoint (detkit compress) has factorised fc layers: their shape is
+    # the checkpoint's, whichever config the user passes for data and evaluation.
+    stored_svd = (((state.get("config") or {}).get("model") or {}).get("roi_head") or {}).get("svd")
+    if stored_svd and not cfg.model.roi_head.svd:
+        cfg.model.roi_head.svd = {str(k): int(v) for k, v in stored_svd.items()}
+        logger.info("%s is SVD-compressed: %s", path, ", ".join(f"{k} rank {v}" for k, v in stored_svd.items()))
     model = build_model(cfg.model, len(class_names), cfg.data.input)
     load_model_state(model, state["model"], str(path))
     model.to(device).eval()

@@ -15,6 +15,11 @@ Shapes: N images, R proposals of one image.
   images, written atomically, also on Ctrl-C / SIGTERM / errors); a rerun with the same
   settings computes only the missing images. The final file is written atomically, then the
   partial folder is removed.
+- Distributed (torchrun, ``detkit.engine.distributed``): rank 0 reads the partial run and
+  decides which images are left; each rank computes its share of them (Selective Search
+  still in ``workers`` processes per rank, the RPN on its own GPU) and hands its results to
+  rank 0 in rounds of ``flush_every`` images, which rank 0 writes as chunks; rank 0 alone
+  writes, so a restarted job (any number of processes) resumes from those chunks.
 """
 
 from __future__ import annotations
@@ -23,13 +28,15 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import re
+import shlex
 import signal
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -39,12 +46,14 @@ from detkit.data.build import dataset_transforms
 from detkit.data.io import read_image_array
 from detkit.data.loader import build_test_loader
 from detkit.data.proposal_files import PROPOSAL_FILE_VERSION, ProposalTable, load_proposals, save_proposals
+from detkit.engine import distributed
 from detkit.engine.inference import device_from_config
 from detkit.engine.predictor import model_from_checkpoint
-from detkit.errors import ProposalFileError, SelectiveSearchError, UsageError
+from detkit.errors import ConfigError, ProposalFileError, SelectiveSearchError, UsageError
 from detkit.evaluation.recall import format_recall, plot_recall, recall_summary
 from detkit.modeling.proposals.rpn import RPN
 from detkit.modeling.proposals.selective_search import selective_search
+from detkit.schema import Config
 
 logger = logging.getLogger("detkit")
 
@@ -218,7 +227,12 @@ def _ss_task(task) -> Tuple[str, np.ndarray, np.ndarray, float]:
     return image_id, boxes, scores, time.perf_counter() - start
 
 
-def _run_selective_search(records, job: "ProposalJob", partial: PartialRun) -> float:
+# add(image_id, boxes, scores): where a computed image goes (the partial run, or the round
+# gatherer of a distributed dump).
+AddResult = Callable[[str, np.ndarray, np.ndarray], None]
+
+
+def _run_selective_search(records, job: "ProposalJob", add: AddResult) -> float:
     """-> seconds of Selective Search per image (summed over workers)."""
     tasks = [(str(r.image_id), r.file_name, job.mode, job.max_proposals, job.min_size, job.seed) for r in records]
     pool = None
@@ -243,10 +257,9 @@ def _run_selective_search(records, job: "ProposalJob", partial: PartialRun) -> f
             dynamic_ncols=True,
         )
         for image_id, boxes, scores, sec in bar:
-            partial.add(image_id, boxes, scores)
+            add(image_id, boxes, scores)
             seconds += sec
     finally:
-        partial.flush()
         if pool is not None:
             pool.terminate()
             pool.join()
@@ -254,49 +267,46 @@ def _run_selective_search(records, job: "ProposalJob", partial: PartialRun) -> f
 
 
 # -- RPN over a dataset ----------------------------------------------------------------------
-def _run_rpn(records, dataset, model, device, job: "ProposalJob", partial: PartialRun) -> float:
+def _run_rpn(records, dataset, model, device, job: "ProposalJob", add: AddResult) -> float:
     """-> seconds per image (backbone + RPN, data loading excluded)."""
     indices = [dataset.id_to_index[r.image_id] for r in records]
     loader = build_test_loader(
         dataset, 1, job.workers if job.workers > 1 else 0, model.size_divisibility, indices=indices
     )
     seconds = 0.0
-    try:
-        with torch.no_grad():
-            for images, _ in tqdm(
-                loader,
-                total=len(indices),
-                desc="rpn",
-                unit="img",
-                disable=None if job.progress else True,
-                dynamic_ncols=True,
-            ):
-                images = images.to(device)
-                start = time.perf_counter()
-                features = model.backbone(images.tensor)
-                proposals, _ = model.proposal_generator(images, features)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                seconds += time.perf_counter() - start
-                for i, (props, image_id) in enumerate(zip(proposals, images.image_ids)):
-                    geometry = images.geometry(i)
-                    oh, ow = geometry.orig_size
-                    boxes = geometry.invert(props.boxes).float().cpu().numpy()
-                    # float rounding of the rescale may step a clipped box past the border
-                    np.clip(boxes[:, 0::2], 0, ow, out=boxes[:, 0::2])
-                    np.clip(boxes[:, 1::2], 0, oh, out=boxes[:, 1::2])
-                    partial.add(str(image_id), boxes, props.scores.float().cpu().numpy())
-    finally:
-        partial.flush()
+    with torch.no_grad():
+        for images, _ in tqdm(
+            loader,
+            total=len(indices),
+            desc="rpn",
+            unit="img",
+            disable=None if job.progress else True,
+            dynamic_ncols=True,
+        ):
+            images = images.to(device)
+            start = time.perf_counter()
+            features = model.backbone(images.tensor)
+            proposals, _ = model.proposal_generator(images, features)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds += time.perf_counter() - start
+            for i, (props, image_id) in enumerate(zip(proposals, images.image_ids)):
+                geometry = images.geometry(i)
+                oh, ow = geometry.orig_size
+                boxes = geometry.invert(props.boxes).float().cpu().numpy()
+                # float rounding of the rescale may step a clipped box past the border
+                np.clip(boxes[:, 0::2], 0, ow, out=boxes[:, 0::2])
+                np.clip(boxes[:, 1::2], 0, oh, out=boxes[:, 1::2])
+                add(str(image_id), boxes, props.scores.float().cpu().numpy())
     return seconds / max(len(indices), 1)
 
 
-def load_rpn_model(checkpoint, cfg=None, device: str = "auto", max_proposals: int = 2000):
+def load_rpn_model(checkpoint, cfg=None, device: Union[str, torch.device] = "auto", max_proposals: int = 2000):
     """-> (model in eval mode, torch device, the config's test transforms) for dumping the RPN
     proposals of a trained detector. ``cfg``: a Config that overrides the checkpoint's. The
     RPN keeps ``max_proposals`` per image after NMS (for this use only), and at least as
     many before NMS per level, or a single-level RPN could never reach the post-NMS count."""
-    dev = device_from_config(device, key="--device")
+    dev = device if isinstance(device, torch.device) else device_from_config(device, key="--device")
     model, cfg, _ = model_from_checkpoint(checkpoint, cfg, dev)
     gen = model.proposal_generator
     if not isinstance(gen, RPN):
@@ -342,9 +352,17 @@ def compute_proposals(
     else:
         raise UsageError(f"unknown proposal method {job.method!r} (use {', '.join(METHODS)})")
 
-    partial = PartialRun(out, settings, job.flush_every, discard_mismatch=overwrite)
-    todo = [r for r in records if str(r.image_id) not in partial.results]
-    if len(todo) < len(records):
+    # The partial run lives on rank 0, which decides what is left to do (for every rank).
+    opened: List[PartialRun] = []
+
+    def plan() -> List[str]:
+        opened.append(PartialRun(out, settings, job.flush_every, discard_mismatch=overwrite))
+        return [str(r.image_id) for r in records if str(r.image_id) not in opened[0].results]
+
+    left = set(distributed.on_main(plan, f"reading {out.name}.partial"))
+    todo = [r for r in records if str(r.image_id) in left]
+    partial = opened[0] if opened else None
+    if partial is not None and len(todo) < len(records):
         logger.info(
             "resuming %s: %d of %d images done, %d to go",
             partial.dir,
@@ -356,20 +374,21 @@ def compute_proposals(
     sec_per_image = 0.0
     if todo:
         with _sigterm_as_interrupt():
-            if job.method == "selective_search":
-                sec_per_image = _run_selective_search(todo, job, partial)
-            else:
-                sec_per_image = _run_rpn(todo, dataset, model, device, job, partial)
+            sec_per_image = _compute(todo, dataset, model, device, job, partial)
         wall = time.perf_counter() - start
+        processes = distributed.world_size()
         logger.info(
-            "%d images in %.1f s (%.3f s/image of %s, %d worker%s)",
+            "%d images in %.1f s (%.3f s/image of %s, %d worker%s%s)",
             len(todo),
             wall,
             sec_per_image,
             job.method,
             job.workers,
             "s" if job.workers > 1 else "",
+            f" in each of {processes} processes" if processes > 1 else "",
         )
+    if partial is None:  # not rank 0: its images are in rank 0's chunks
+        return {}, {**meta, "version": PROPOSAL_FILE_VERSION}
     table = {str(r.image_id): partial.results[str(r.image_id)] for r in records}
     meta.update(num_images=len(table), created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     if todo:
@@ -380,6 +399,37 @@ def compute_proposals(
         "wrote %s: %d images, %.1f proposals/image", out, len(table), np.mean([len(b) for b, _ in table.values()])
     )
     return table, {**meta, "version": PROPOSAL_FILE_VERSION}
+
+
+def _compute(todo, dataset, model, device, job: ProposalJob, partial: Optional[PartialRun]) -> float:
+    """Proposals of ``todo`` into ``partial`` (rank 0's; None on the other ranks) -> compute
+    seconds per image. One process: straight into the partial run (a chunk every
+    ``flush_every`` images or FLUSH_SECONDS). Several: this rank's share, handed to rank 0
+    in rounds of ``flush_every`` images per rank, each round one chunk."""
+
+    def run(records, add: AddResult) -> float:
+        if job.method == "selective_search":
+            return _run_selective_search(records, job, add)
+        return _run_rpn(records, dataset, model, device, job, add)
+
+    if not distributed.is_distributed():
+        assert partial is not None
+        try:
+            return run(todo, partial.add)
+        finally:
+            partial.flush()
+
+    def write(results) -> None:  # rank 0, after each round: one chunk
+        assert partial is not None
+        for image_id, boxes, scores in results:
+            partial.add(image_id, boxes, scores)
+        partial.flush()
+
+    mine = distributed.shard(todo)
+    with distributed.RoundGatherer(len(todo), job.flush_every, write, "proposals") as gather:
+        seconds = run(mine, lambda image_id, boxes, scores: gather.add((image_id, boxes, scores)))
+    total = distributed.all_reduce_sum([seconds * len(mine)], "summing the proposal times")[0]
+    return total / len(todo)
 
 
 # -- recall of proposal files -----------------------------------------------------------------
@@ -443,3 +493,57 @@ def evaluate_proposal_files(
         written = plot_recall(curves, gt, plot)
         logger.info("wrote %s", written)
     return results
+
+
+# -- proposal files a config needs -----------------------------------------------------------
+def _split_of(path: Path, index: int, count: int) -> str:
+    """The split a proposal file is for: from a train / trainval / test / val word in its name,
+    else its place in the list ([train file, test file])."""
+    words = set(re.split(r"[^a-z]+", path.stem.lower()))
+    if words & {"test", "val"}:
+        return "test"
+    if words & {"train", "trainval"}:
+        return "train"
+    return "test" if count > 1 and index == count - 1 else "train"
+
+
+def proposal_command(config_path, cfg: Config, path, split: str) -> str:
+    """The ``detkit proposals`` command that writes ``path`` for ``split`` of the config, with
+    the settings of ``model.proposals.selective_search``; a file with ``rpn`` in its name gets
+    the RPN dump of a trained Faster R-CNN (its own config and checkpoint, named as placeholders)."""
+    ss = cfg.model.proposals.selective_search
+    if "rpn" in set(re.split(r"[^a-z]+", Path(path).stem.lower())):
+        return (
+            f"detkit proposals FASTER_RCNN_CONFIG --split {split} --method rpn --checkpoint "
+            f"FASTER_RCNN_RUN/model_final.pt --max-proposals {cfg.model.proposals.precomputed.max_proposals} "
+            f"--out {shlex.quote(str(path))}"
+        )
+    args = [
+        "detkit proposals",
+        shlex.quote(str(config_path)),
+        f"--split {split}",
+        f"--mode {ss.mode}",
+        f"--min-size {ss.min_size:g}",
+        f"--max-proposals {ss.max_proposals}",
+        "--workers 2",
+        f"--out {shlex.quote(str(path))}",
+    ]
+    return " ".join(args)
+
+
+def check_proposal_files(cfg: Config, config_path) -> None:
+    """With ``model.proposals.method: precomputed``: every file must exist; otherwise one
+    ConfigError line naming each missing file and the exact command that makes it."""
+    if cfg.model.proposals.method != "precomputed":
+        return
+    paths = cfg.model.proposals.precomputed.path
+    paths = [paths] if isinstance(paths, str) else list(paths or [])
+    missing = [(i, Path(p)) for i, p in enumerate(paths) if not Path(p).is_file()]
+    if not missing:
+        return
+    commands = " && ".join(proposal_command(config_path, cfg, p, _split_of(p, i, len(paths))) for i, p in missing)
+    names = ", ".join(str(p) for _, p in missing)
+    raise ConfigError(
+        f"model.proposals.precomputed.path: proposal file{'s' if len(missing) > 1 else ''} {names} not found; "
+        f"make {'them' if len(missing) > 1 else 'it'} with: {commands}"
+    )

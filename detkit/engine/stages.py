@@ -24,6 +24,11 @@ stage writes it with its optimizer state; after any other stage that changes the
 runner writes it (keeping the SGD stage's training state), so ``detkit eval`` and
 ``detkit demo`` find everything the finished pipeline needs in that one file (an R-CNN head
 keeps its SVM and box-regression weights as module buffers for this reason).
+
+Distributed runs (torchrun, ``detkit.engine.distributed``): every rank runs every stage;
+rank 0 alone decides from the run folder what is done and alone writes into it (run_state,
+model_final.pt, metrics, eval files); the evaluation is sharded across the ranks and scored
+on rank 0. A stage with per-image work shards it the same way (see that module's doc).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import torch
 from torch import nn
 
 from detkit.config import to_dict
+from detkit.engine import distributed
 from detkit.engine.checkpoint import (
     FINAL_NAME,
     atomic_write_text,
@@ -47,7 +53,7 @@ from detkit.engine.checkpoint import (
     save_run_checkpoint,
 )
 from detkit.engine.evaluate import evaluate_detections, write_evaluation
-from detkit.engine.inference import denormals_flushed, device_from_config, run_inference
+from detkit.engine.inference import amp_dtype, denormals_flushed, device_from_config, run_inference
 from detkit.engine.metrics import MetricsLog, detection_images
 from detkit.errors import CheckpointError, TrainingError
 from detkit.schema import Config
@@ -60,6 +66,19 @@ RUN_STATE = "run_state.json"
 _MODEL_ENTRIES = ("model", "config", "class_names", "stage", "format")
 # How many test images TensorBoard shows with their detections at each evaluation.
 TENSORBOARD_IMAGES = 4
+
+
+class _SilentMetricsLog(MetricsLog):
+    """The MetricsLog of ranks other than 0 in a distributed run: writes nothing."""
+
+    def log(self, record) -> None:
+        return None
+
+    def trim(self, last_iter: int) -> None:
+        return None
+
+    def add_images(self, tag, images, step) -> None:
+        return None
 
 
 @dataclass
@@ -88,12 +107,20 @@ class RunContext:
         self.class_names = list(self.class_names)
         if self.device is None:
             self.device = device_from_config(self.cfg.train.device)
-        self.metrics = MetricsLog(self.out_dir, tensorboard=self.cfg.train.tensorboard)
+        # Only rank 0 of a distributed run logs (the others' MetricsLog writes nothing).
+        metrics_class = MetricsLog if distributed.is_main() else _SilentMetricsLog
+        self.metrics = metrics_class(self.out_dir, tensorboard=self.cfg.train.tensorboard)
+
+    @property
+    def amp_dtype(self) -> Optional[torch.dtype]:
+        """The autocast dtype of mixed precision (``train.amp`` / ``train.amp_dtype``), or None."""
+        assert self.device is not None
+        return amp_dtype(self.device, self.cfg.train.amp, self.cfg.train.amp_dtype)
 
     @property
     def use_amp(self) -> bool:
-        """Mixed precision: on CUDA only, when the config asks for it."""
-        return bool(self.cfg.train.amp) and self.device is not None and self.device.type == "cuda"
+        """Mixed precision: on CUDA when the config asks for it (on the CPU with amp_dtype bf16)."""
+        return self.amp_dtype is not None
 
     def evaluate(self, dets: Dict, dataset) -> Dict:
         if self.evaluate_fn is not None:
@@ -103,8 +130,11 @@ class RunContext:
     def save_final(self, stage: str, training_state: Optional[Dict] = None) -> Path:
         """model_final.pt := the model now, config, class names, the stage that wrote it and
         the SGD stage's training state (``training_state``, or else the one already in
-        model_final.pt)."""
+        model_final.pt). Written by rank 0 only."""
         path = self.out_dir / FINAL_NAME
+        self.final_saved_by = stage
+        if not distributed.is_main():
+            return path
         if training_state is None:
             old = load_checkpoint(path) if path.is_file() else {}
             training_state = {k: v for k, v in old.items() if k not in _MODEL_ENTRIES}
@@ -116,19 +146,22 @@ class RunContext:
             "stage": stage,
         }
         save_run_checkpoint(path, state)
-        self.final_saved_by = stage
         return path
 
     def load_final(self) -> None:
         """Load the model state of model_final.pt (the state after the last finished stage
-        that changed the model)."""
+        that changed the model); rank 0 reads it and hands it to the other ranks."""
         path = self.out_dir / FINAL_NAME
-        if not path.is_file():
-            raise CheckpointError(
-                f"{path} is missing, but {RUN_STATE} records stages that changed the model as finished; "
-                "restore the file or start the run again in another folder"
-            )
-        load_model_state(self.model, load_checkpoint(path)["model"], str(path))
+
+        def read() -> Dict:
+            if not path.is_file():
+                raise CheckpointError(
+                    f"{path} is missing, but {RUN_STATE} records stages that changed the model as finished; "
+                    "restore the file or start the run again in another folder"
+                )
+            return load_checkpoint(path)["model"]
+
+        load_model_state(self.model, distributed.on_main(read, f"reading {path}"), str(path))
 
 
 class Stage(ABC):
@@ -175,11 +208,17 @@ def run_stages(stages: Sequence[Stage], run: RunContext) -> Dict[str, Any]:
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
         raise ValueError(f"stage names must be unique, got {names}")
-    finished = read_run_state(run.out_dir).get("finished", []) if run.resume else []
-    skip = 0
-    while skip < len(stages) and skip < len(finished) and finished[skip] == names[skip] and stages[skip].done(run):
-        skip += 1
-    run.out_dir.mkdir(parents=True, exist_ok=True)
+
+    def done_stages() -> int:  # from the run folder: rank 0 decides for every rank
+        finished = read_run_state(run.out_dir).get("finished", []) if run.resume else []
+        skip = 0
+        while skip < len(stages) and skip < len(finished) and finished[skip] == names[skip] and stages[skip].done(run):
+            skip += 1
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        return skip
+
+    skip = distributed.on_main(done_stages, "reading run_state.json")
+    main = distributed.is_main()
     try:
         with denormals_flushed(run.cfg.train.flush_denormal):
             if skip < len(stages) and any(s.changes_model for s in stages[:skip]):
@@ -189,14 +228,16 @@ def run_stages(stages: Sequence[Stage], run: RunContext) -> Dict[str, Any]:
                 stage.skip(run)
             for i in range(skip, len(stages)):
                 stage = stages[i]
-                write_run_state(run.out_dir, names, names[:i], running=stage.name)
+                if main:
+                    write_run_state(run.out_dir, names, names[:i], running=stage.name)
                 if len(stages) > 1:
                     logger.info("stage %d/%d: %s", i + 1, len(stages), stage.name)
                 run.final_saved_by = None
                 stage.run(run)
                 if stage.changes_model and run.final_saved_by != stage.name:
                     run.save_final(stage.name)
-                write_run_state(run.out_dir, names, names[: i + 1], running=None)
+                if main:
+                    write_run_state(run.out_dir, names, names[: i + 1], running=None)
     finally:
         run.metrics.close()
     return run.results
@@ -206,12 +247,14 @@ def run_stages(stages: Sequence[Stage], run: RunContext) -> Dict[str, Any]:
 def evaluate_on_test_set(run: RunContext, iteration: int) -> Optional[Dict]:
     """Detections, validation losses and the metric on ``run.test_set``; logs the
     evaluation record (and TensorBoard images). -> result with ``s_per_img`` and ``dets``,
-    or None without a test set."""
+    or None without a test set. In a distributed run every rank calls it and runs its share
+    of the images; rank 0 scores them and gets the result, the others None."""
     if run.test_set is None:
         return None
     assert run.device is not None
     # Evaluation (validation-loss sampling, a metric's own draws) must not move the training
     # RNG: a run with eval_period and a resumed run then see the random stream of a plain run.
+    distributed.sync_buffers(run.model)  # every rank evaluates the model rank 0 saves
     devices = [run.device] if run.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         dets, val_losses, sec_per_img = run_inference(
@@ -221,9 +264,12 @@ def evaluate_on_test_set(run: RunContext, iteration: int) -> Optional[Dict]:
             run.device,
             run.cfg.data.num_workers,
             compute_losses=True,
-            amp=run.use_amp,
+            amp=run.amp_dtype,
             progress=run.progress,
+            sharded=True,
         )
+        if not distributed.is_main():
+            return None
         result = run.evaluate(dets, run.test_set)
     record = {
         "iter": iteration,
@@ -253,13 +299,16 @@ class EvaluationStage(Stage):
         return (run.out_dir / "eval.json").is_file()
 
     def run(self, run: RunContext) -> None:
-        result = evaluate_on_test_set(run, run.cfg.train.max_iter)
-        if result is None:
+        if run.test_set is None:
             raise TrainingError("the evaluation stage needs a test set (data.test)")
+        result = evaluate_on_test_set(run, run.cfg.train.max_iter)
+        if result is None:  # a rank other than 0: its share is scored and written on rank 0
+            return
         if "train_minutes" in run.results:
             result["train_minutes"] = run.results["train_minutes"]
         write_evaluation(result, result.get("dets"), run.test_set, run.out_dir)
         run.results["evaluation"] = result
 
     def skip(self, run: RunContext) -> None:
-        run.results["evaluation"] = json.loads((run.out_dir / "eval.json").read_text(encoding="utf-8"))
+        if distributed.is_main():
+            run.results["evaluation"] = json.loads((run.out_dir / "eval.json").read_text(encoding="utf-8"))

@@ -14,6 +14,22 @@ the newest checkpoint; the hyperparameters come from the config the run is resum
 Data augmentation is seeded per sample from its place in the stream (detkit.data.loader), so
 a resumed run sees the augmentations of an uninterrupted one, with any number of workers.
 
+Distributed (torchrun; ``detkit.engine.distributed``): every rank trains a DDP copy of the
+model on its B = data.batch_size images of each global batch of B x W (the same images and
+augmentations one process sees with a batch of B x W); gradients are averaged, so
+``train.base_lr`` is the learning rate of the global batch. ``norm: syncbn`` layers become
+synchronised BatchNorm. Each rank draws its own random stream (RPN / RoI sampling) from
+``rank_seed``; a checkpoint keeps every rank's random state, the world size and the global
+batch. Resume works with any world size: with the same one it is exact; with another the
+data stream is the same iteration's of the new global batch (the same stream when the
+global batch is unchanged) and the other ranks' random streams start afresh (logged).
+Checkpoints, metrics and the progress bar are rank 0's; a non-finite loss or an unreadable
+batch on any rank is agreed on by all ranks, so they stop, or skip the step, together.
+
+Mixed precision (``train.amp``): bfloat16 autocast where the GPU supports it, else float16
+with a GradScaler (``detkit.engine.inference.amp_dtype``); on CUDA the batches come in
+pinned memory and, with ``train.channels_last``, the model and images are channels-last.
+
 A run folder holds:
     config.yaml      the resolved config
     metrics.jsonl    one JSON object per logged iteration / evaluation
@@ -26,13 +42,14 @@ A run folder holds:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Optional, cast
+from typing import Dict, Iterator, List, Optional, cast
 
 import numpy as np
 import torch
@@ -41,6 +58,7 @@ from tqdm import tqdm
 
 from detkit.config import to_dict
 from detkit.data.loader import SkippedImages, build_train_loader
+from detkit.engine import distributed
 from detkit.engine.checkpoint import (
     checkpoint_iteration,
     find_last_checkpoint,
@@ -48,7 +66,7 @@ from detkit.engine.checkpoint import (
     load_model_state,
     save_run_checkpoint,
 )
-from detkit.engine.inference import autocast_context, denormals_flushed
+from detkit.engine.inference import autocast_context, denormals_flushed, images_to, needs_grad_scaler
 from detkit.engine.stages import RunContext, Stage, evaluate_on_test_set
 from detkit.errors import TrainingError
 from detkit.schema import TrainConfig
@@ -124,6 +142,22 @@ def load_scaler_state(scaler: torch.amp.GradScaler, state: Optional[Dict]) -> No
         logger.info("the checkpoint has no GradScaler state (trained without AMP): the loss scale starts afresh")
 
 
+@contextlib.contextmanager
+def _unused_parameters_named(it: int) -> Iterator[None]:
+    """DDP's reducer refuses a trainable parameter that got no gradient (a branch the
+    iteration skipped), in the backward pass or at the next forward: one line that says
+    which setting allows it."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "find_unused_parameters" in str(exc) or "finished reduction" in str(exc):
+            raise TrainingError(
+                f"iteration {it + 1}: some trainable parameters received no gradient, which DDP cannot average; "
+                "set train.find_unused_parameters=true"
+            ) from None
+        raise
+
+
 class Trainer:
     """The SGD loop over ``run.model`` and ``run.train_set`` (see the module doc); ``stage``
     names the stage in model_final.pt."""
@@ -138,69 +172,139 @@ class Trainer:
             torch.set_num_threads(t.num_threads)
         assert run.device is not None
         self.device = run.device
-        self.use_amp = run.use_amp
-        seed_everything(t.seed)
+        self.amp_dtype = run.amp_dtype
+        self.use_amp = self.amp_dtype is not None
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self.main = self.rank == 0
+        seed_everything(distributed.rank_seed(t.seed, self.rank))
         self.model = run.model.to(self.device)
+        # Channels-last pays on CUDA (tensor cores); torch's CPU backward of some strided
+        # 1x1 convolutions crashes with it, so the CPU trains NCHW.
+        self.channels_last = bool(t.channels_last) and self.device.type == "cuda"
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        distributed.check_syncbn(self.model)
+        converted = distributed.convert_sync_batchnorm(self.model, self.device) if self.world_size > 1 else 0
+        if converted:
+            logger.info("norm: syncbn: %d BatchNorm layers synchronised over %d processes", converted, self.world_size)
         self.optimizer = build_optimizer(self.model, t)
         late = [step for step in t.steps if step > t.max_iter]
         if late and t.lr_schedule == "step":
             logger.warning("train.steps %s lie past max_iter %d and are ignored", late, t.max_iter)
         self.schedule = self._new_schedule()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(self.amp_dtype))
         self.skipped = SkippedImages("train", "another image of the same orientation takes its place")
         self.start_iter = 0
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.global_batch = run.cfg.data.batch_size * self.world_size
+        if self.main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         if run.resume:
             self._resume()
+        # After resume: DDP starts from rank 0's weights and buffers (broadcast when wrapped).
+        self.train_model = distributed.wrap_ddp(self.model, self.device, t.find_unused_parameters)
 
     def _new_schedule(self) -> LRSchedule:
         t = self.tcfg
         return LRSchedule(t.max_iter, t.warmup_iters, t.warmup_factor, t.lr_schedule, t.steps, t.gamma)
 
     # -- checkpoints -----------------------------------------------------------------------
+    def _rng_state(self) -> Dict:
+        """This process's random state. In a distributed run, every rank's (rank r at
+        ``ranks[r]``; a collective, so every rank calls it), rank 0's also at the top level."""
+        own = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            own["cuda"] = torch.cuda.get_rng_state(self.device)
+        elif torch.cuda.is_available():
+            own["cuda"] = torch.cuda.get_rng_state_all()  # type: ignore[assignment]
+        if self.world_size == 1:
+            return own
+        ranks = distributed.gather_to_main(own, "gathering the random states for a checkpoint")
+        return {**own, "ranks": ranks}
+
     def _training_state(self, iteration: int) -> Dict:
         return {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "iteration": iteration,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}),
-            },
+            "rng": self._rng_state(),
+            "world_size": self.world_size,
+            "global_batch": self.global_batch,
         }
 
     def save(self, iteration: int, final: bool = False) -> Path:
+        """A checkpoint (every rank calls it; rank 0 writes)."""
+        training_state = self._training_state(iteration)
         if final:
-            return self.run.save_final(self.stage, self._training_state(iteration))
+            return self.run.save_final(self.stage, training_state)
+        path = self.out_dir / f"model_{iteration:07d}.pt"
+        if not self.main:
+            return path
         state = {
-            **self._training_state(iteration),
+            **training_state,
             "model": self.model.state_dict(),
             "config": to_dict(self.cfg),
             "class_names": self.run.class_names,
             "stage": self.stage,
         }
-        return save_run_checkpoint(self.out_dir / f"model_{iteration:07d}.pt", state)
+        return save_run_checkpoint(path, state)
 
     def _resume(self) -> None:
-        path = find_last_checkpoint(self.out_dir)
+        def read():  # rank 0 reads the newest checkpoint and hands it to every rank
+            path = find_last_checkpoint(self.out_dir)
+            return (path, load_checkpoint(path)) if path is not None else (None, None)
+
+        path, state = distributed.on_main(read, "reading the checkpoint to resume from")
         if path is None:
             logger.info("no checkpoint in %s: starting from scratch", self.out_dir)
             self.run.metrics.trim(0)
             return
-        state = load_checkpoint(path)
         load_model_state(self.model, state["model"], str(path))
         if "optimizer" in state:
             self._load_training_state(state)
-        rng = state.get("rng", {})
-        if "torch" in rng:
-            torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(rng["cuda"])
         self.start_iter = int(state.get("iteration", 0))
+        self._restore_rng(state.get("rng", {}), int(state.get("world_size", 1)))
+        saved_batch = state.get("global_batch")
+        if saved_batch is not None and int(saved_batch) != self.global_batch:
+            logger.warning(
+                "resume: the global batch changes from %d to %d images (data.batch_size x %d processes): the "
+                "data stream is the new batch's from iteration %d on, and train.base_lr (for the global batch) "
+                "is used as configured",
+                saved_batch,
+                self.global_batch,
+                self.world_size,
+                self.start_iter,
+            )
         self.run.metrics.trim(self.start_iter)
         logger.info("resumed from %s at iteration %d", path, self.start_iter)
+
+    def _restore_rng(self, rng: Dict, saved_world: int) -> None:
+        """Every rank's random state when the world size is the one saved (exact resume);
+        otherwise rank 0 continues rank 0's and the other ranks start fresh streams."""
+        ranks = rng.get("ranks")
+        if saved_world == self.world_size and ranks:
+            own = ranks[self.rank]
+        elif self.rank == 0:
+            own = rng
+        else:
+            own = {}
+            seed_everything(distributed.rank_seed(self.tcfg.seed, self.rank, self.start_iter))
+        if saved_world != self.world_size and self.main:
+            logger.info(
+                "resume: %d processes now, %d before: ranks 1+ start new random streams (anchor / RoI sampling)",
+                self.world_size,
+                saved_world,
+            )
+        if "torch" in own:
+            torch.set_rng_state(own["torch"])
+        cuda = own.get("cuda")
+        if cuda is None:
+            return
+        if self.device.type == "cuda" and isinstance(cuda, torch.Tensor):
+            torch.cuda.set_rng_state(cuda, self.device)
+        elif isinstance(cuda, (list, tuple)) and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
 
     def _load_training_state(self, state: Dict) -> None:
         """Optimizer (momentum buffers), schedule position and loss scale from ``state``;
@@ -240,20 +344,29 @@ class Trainer:
             self._train()
 
     def _step(self, images, targets, it: int) -> Dict[str, torch.Tensor]:
-        images = images.to(self.device)
-        with autocast_context(self.device, self.use_amp):
-            _, losses = self.model(images, targets)
+        images = images_to(images, self.device, self.channels_last)
+        with distributed.collective(f"iteration {it + 1}"), _unused_parameters_named(it):
+            with autocast_context(self.device, self.amp_dtype):
+                _, losses = self.train_model(images, targets)
         total = cast(torch.Tensor, sum(losses.values()))
+        problem = None
         if not torch.isfinite(total):
-            last = find_last_checkpoint(self.out_dir)
             terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
+            problem = f"loss became {float(total.detach())} at iteration {it + 1} ({terms})"
+        # Every rank stops, before the update, when any rank's loss is not finite.
+        failure = distributed.first_failure(problem, f"checking the losses of iteration {it + 1}")
+        if failure is not None:
+            failed_rank, problem = failure
+            where = f" on rank {failed_rank}" if self.world_size > 1 else ""
+            last = distributed.on_main(lambda: find_last_checkpoint(self.out_dir))
             raise TrainingError(
-                f"loss became {float(total.detach())} at iteration {it + 1} ({terms}); stopped before the update. "
+                f"{problem}{where}; stopped before the update. "
                 f"Last good checkpoint: {last if last else 'none'}. Try a lower train.base_lr or "
                 "train.clip_grad_norm"
             )
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(total).backward()
+        with distributed.collective(f"the backward pass of iteration {it + 1}"), _unused_parameters_named(it):
+            self.scaler.scale(total).backward()
         if self.tcfg.clip_grad_norm:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.clip_grad_norm)
@@ -272,8 +385,19 @@ class Trainer:
             aspect_ratio_grouping=self.cfg.data.aspect_ratio_grouping,
             size_divisibility=cast(int, self.model.size_divisibility),
             start_batch=self.start_iter,
+            rank=self.rank,
+            world_size=self.world_size,
+            pin_memory=self.device.type == "cuda",
         )
-        self.model.train()
+        if self.main and self.world_size > 1:
+            logger.info(
+                "global batch %d = data.batch_size %d x %d processes; train.base_lr %g is for it",
+                self.global_batch,
+                self.cfg.data.batch_size,
+                self.world_size,
+                t.base_lr,
+            )
+        self.train_model.train()
         sums: Dict[str, float] = defaultdict(float)
         count, period_start, data_time = 0, time.perf_counter(), 0.0
         # disable=None: a bar only on a terminal; elsewhere (CI, nohup) and with --no-progress
@@ -283,7 +407,7 @@ class Trainer:
             initial=self.start_iter,
             desc=self.stage,
             dynamic_ncols=True,
-            disable=None if self.run.progress else True,
+            disable=None if self.run.progress and self.main else True,
         )
         data_iter = iter(loader)
         train_start = time.perf_counter()
@@ -293,8 +417,13 @@ class Trainer:
             data_time += time.perf_counter() - t0
             self.skipped.add(batch.skipped)
             images, targets = batch
-            if images is None:
-                logger.warning("iteration %d: no image of its batch could be read; the step is skipped", it + 1)
+            # A rank without images skips the step, and so must every other (DDP steps together).
+            skip = images is None
+            if self.world_size > 1:
+                skip = distributed.any_rank(skip, f"the start of iteration {it + 1}")
+            if skip:
+                if images is None:
+                    logger.warning("iteration %d: no image of its batch could be read; the step is skipped", it + 1)
                 self.scheduler.step()  # the schedule stays on the iteration count
             else:
                 for k, v in self._step(images, targets, it).items():
@@ -305,7 +434,13 @@ class Trainer:
             if count and (done % max(t.log_period, 1) == 0 or done == t.max_iter):
                 elapsed = time.perf_counter() - period_start
                 record = {"iter": done, "lr": self.optimizer.param_groups[0]["lr"]}
-                record.update({k: v / count for k, v in sums.items()})
+                means = {k: v / count for k, v in sums.items()}
+                if self.world_size > 1:  # the losses of the global batch: the mean over the ranks
+                    keys = sorted(means)  # the same order on every rank
+                    totals = distributed.all_reduce_sum([means[k] for k in keys], "averaging the logged losses")
+                    averaged = dict(zip(keys, totals))
+                    means = {k: averaged[k] / self.world_size for k in means}
+                record.update(means)
                 record["s_per_iter"] = elapsed / count
                 record["data_s_per_iter"] = data_time / count
                 record["eta_s"] = record["s_per_iter"] * (t.max_iter - done)
@@ -333,7 +468,7 @@ class Trainer:
                         logger.info(message)
                     else:
                         bar.write(message)
-                self.model.train()
+                self.train_model.train()
         bar.close()
         # Wall time of this session's iterations, periodic evaluations included.
         train_minutes = (time.perf_counter() - train_start) / 60

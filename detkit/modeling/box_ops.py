@@ -67,8 +67,18 @@ class BoxCoder:
         return boxes.reshape(deltas.shape[0], -1)
 
 
+def at_most(k: int, x: Tensor, dim: int):
+    """min(k, x.shape[dim]), e.g. a top-k count on a level that may hold fewer entries. An
+    int; while tracing for export a 0-dim tensor, so that the exported graph takes the
+    minimum for each input size instead of freezing the traced input's."""
+    if torch.jit.is_tracing():
+        return torch._shape_as_tensor(x)[dim].clamp(max=k)
+    return min(k, x.shape[dim])
+
+
 def clip_boxes(boxes: Tensor, size: Tuple[int, int]) -> Tensor:
-    """Clamp (..., 4) xyxy boxes into an image of ``size`` = (h, w)."""
+    """Clamp (..., 4) xyxy boxes into an image of ``size`` = (h, w) (ints, or 0-dim tensors
+    while tracing for export)."""
     h, w = size
     x = boxes[..., 0::2].clamp(min=0, max=w)
     y = boxes[..., 1::2].clamp(min=0, max=h)

@@ -8,10 +8,13 @@ Nothing here is filled by import side effects: to add a backbone, add a line to
 
 Parts of the ImageNet network that a region head continues are handed over here, visibly:
 a body builder returns the body and a ``HandOver`` (ResNet's / the tiny net's ``layer4`` for
-the Res5 head, VGG-16's fc6/fc7 weights for the Fast R-CNN head), and ``build_model`` passes
-it to the head builder. Values the schema accepts but a part cannot work with (anchor levels
-that do not match the backbone's maps, frozen stages beyond the body, a Res5 head on FPN) are
-``ConfigError``s naming the key, raised before anything is built.
+the Res5 head, VGG-16's and AlexNet's fc6/fc7 weights for the Fast R-CNN, R-CNN and SPP-net
+heads), and ``build_model`` passes it to the head builder. R-CNN's head runs the whole
+network per warped region: for ``roi_head.name: rcnn`` the body goes into the head and the
+detector's backbone is the image itself (``ImageInput``). Values the schema accepts but a
+part cannot work with (anchor levels that do not match the backbone's maps, frozen stages
+beyond the body, a Res5 head on FPN) are ``ConfigError``s naming the key, raised before
+anything is built.
 """
 
 from __future__ import annotations
@@ -23,19 +26,23 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from torch import Tensor, nn
 
-from detkit.errors import ConfigError
+from detkit.errors import ConfigError, ExportError
+from detkit.modeling.backbones.alexnet import AlexNetBody, alexnet_fc_state, torchvision_alexnet
 from detkit.modeling.backbones.common import Body
 from detkit.modeling.backbones.fpn import FPN
+from detkit.modeling.backbones.image import ImageInput
 from detkit.modeling.backbones.resnet import ResNetBody, SingleMap, stage_out_channels, torchvision_resnet
 from detkit.modeling.backbones.tiny import TinyResNet, TinyResNetBody
 from detkit.modeling.backbones.vgg import VGGBody, torchvision_vgg16, vgg16_fc_state
 from detkit.modeling.box_ops import BalancedSampler, BoxCoder, Matcher
 from detkit.modeling.detector import Detector
 from detkit.modeling.heads.base import RoIHeadBase
+from detkit.modeling.heads.compress import compress_layers
 from detkit.modeling.heads.fast_rcnn import FastRCNNHead, FastRCNNPredictor, MLPBoxHead
+from detkit.modeling.heads.rcnn_svm import ClassicHead, RCNNHead, SPPHead
 from detkit.modeling.heads.res5 import Res5Head
 from detkit.modeling.interfaces import Backbone, ProposalGenerator
-from detkit.modeling.poolers import RoIPooler
+from detkit.modeling.poolers import RoIPooler, SPPPooler, WarpPooler
 from detkit.modeling.proposals.anchors import AnchorGenerator
 from detkit.modeling.proposals.precomputed import PrecomputedProposals
 from detkit.modeling.proposals.rpn import RPN, RPNHead
@@ -52,12 +59,16 @@ class HandOver:
 
     res5: the ResNet stage after C4 (torchvision's / the tiny net's ``layer4``), for the
         Res5 head; None when the body uses it itself (FPN) or nobody asked for it.
-    fc_state: VGG-16's ImageNet fc6/fc7 weights under ``MLPBoxHead``'s names; None without
-        pretrained weights.
+    fc_state: VGG-16's / AlexNet's ImageNet fc6/fc7 weights under ``MLPBoxHead``'s names;
+        None without pretrained weights.
+
+    body: the whole conv network, for a head that runs it on every region itself (R-CNN);
+        None for the others (the detector's backbone runs it once per image).
     """
 
     res5: Optional[nn.Module] = None
     fc_state: Optional[Dict[str, Tensor]] = None
+    body: Optional[Body] = None
 
 
 BodyBuilder = Callable[[BackboneConfig, Sequence[str], bool], Tuple[Body, HandOver]]
@@ -84,6 +95,12 @@ def _tiny_body(cfg: BackboneConfig, outs: Sequence[str], res5: bool) -> Tuple[Bo
     return body, HandOver(res5=net.layer4 if res5 else None)
 
 
+def _alexnet_body(cfg: BackboneConfig, outs: Sequence[str], res5: bool) -> Tuple[Body, HandOver]:
+    net = torchvision_alexnet(cfg.pretrained)
+    body = AlexNetBody(net, cfg.norm, frozen_stages=cfg.frozen_stages)
+    return body, HandOver(fc_state=alexnet_fc_state(net) if cfg.pretrained else None)
+
+
 BACKBONES: Dict[str, BodyBuilder] = {
     "resnet18": _resnet_body,
     "resnet34": _resnet_body,
@@ -91,6 +108,7 @@ BACKBONES: Dict[str, BodyBuilder] = {
     "resnet101": _resnet_body,
     "vgg16": _vgg_body,
     "tiny": _tiny_body,
+    "alexnet": _alexnet_body,
 }
 # Backbones whose stage after C4 is a residual stage a Res5 head can run per region.
 RES5_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "tiny")
@@ -110,6 +128,15 @@ def build_backbone(cfg: BackboneConfig, res5: bool = False) -> Tuple[Backbone, H
     return SingleMap(body, size_divisibility=16), hand_over
 
 
+def build_crop_network(cfg: BackboneConfig) -> Tuple[Body, HandOver]:
+    """R-CNN's network: the body of ``cfg`` with its single map (conv5 / C4), to run on
+    warped regions inside the head; the hand-over carries it as ``body``."""
+    check_backbone_config(cfg)
+    body, hand_over = BACKBONES[cfg.name](cfg, SINGLE_MAP, False)
+    hand_over.body = body
+    return body, hand_over
+
+
 def backbone_outputs(cfg: BackboneConfig) -> List[str]:
     """The names of the maps the configured backbone gives, without building it."""
     if cfg.fpn:
@@ -121,6 +148,15 @@ def check_backbone_config(cfg: BackboneConfig) -> None:
     """The backbone values that need to know the body (the rest is checked by the schema)."""
     if cfg.name == "vgg16":
         top, what = 5, "conv blocks 1..k"
+    elif cfg.name == "alexnet":
+        top, what = 5, "conv1..convk"
+        if cfg.fpn:
+            raise ConfigError("model.backbone.fpn: alexnet gives one map (conv5, stride 16); set fpn: false")
+        if cfg.pretrained and cfg.norm != "none":
+            raise ConfigError(
+                f"model.backbone.pretrained: AlexNet's ImageNet weights have no normalisation layers: use "
+                f"norm: none with them, or norm: {cfg.norm} from scratch (pretrained: null)"
+            )
     else:  # the stem + layer1..3 (C4) or layer1..4 (FPN)
         top, what = 1 + (len(FPN_INPUTS) if cfg.fpn else 3), "the stem and layer1..layer(k-1)"
     # Checked here, not in the schema: a checkpoint's stored config may name weights that
@@ -246,6 +282,21 @@ def _roi_matcher(cfg: ModelConfig) -> Matcher:
     return Matcher([h.bg_iou_thresh_lo, h.fg_iou_thresh], labels, allow_low_quality_matches=False)
 
 
+def _load_fc_state(box_head: nn.Module, hand_over: HandOver, network: str) -> None:
+    """The ImageNet fc6/fc7 of the backbone network into ``box_head`` when they have its shape."""
+    if hand_over.fc_state is None:
+        return
+    shapes = {k: tuple(v.shape) for k, v in box_head.state_dict().items()}
+    if shapes == {k: tuple(v.shape) for k, v in hand_over.fc_state.items()}:
+        box_head.load_state_dict(hand_over.fc_state)
+    else:
+        logger.info(
+            "%s's fc6/fc7 weights not used: the box head has another shape (%s)",
+            {"vgg16": "VGG-16", "alexnet": "AlexNet"}.get(network, network),
+            ", ".join(f"{k} {v}" for k, v in shapes.items() if k.endswith("weight")),
+        )
+
+
 def build_fast_rcnn_head(cfg: ModelConfig, backbone: Backbone, num_classes: int, hand_over: HandOver) -> FastRCNNHead:
     """Pooler + MLP box head ("fc6", "fc7") + FastRCNNPredictor. On a single C4 map this is
     the "C4 + 2fc" head (not the ResNet paper's, which is ``res5``)."""
@@ -253,17 +304,10 @@ def build_fast_rcnn_head(cfg: ModelConfig, backbone: Backbone, num_classes: int,
     features = _pooled_features(cfg, backbone)
     pooler = _pooler(cfg, backbone, features)
     box_head = MLPBoxHead(backbone.out_channels * h.pooler_resolution**2, h.fc_dims, h.dropout)
-    if hand_over.fc_state is not None:
-        # VGG-16's ImageNet fc6/fc7 initialise the Fast R-CNN head (Fast R-CNN sec. 2.2) when
-        # the head has their shape (7x7x512 conv5 RoIs, two 4096-wide layers).
-        shapes = {k: tuple(v.shape) for k, v in box_head.state_dict().items()}
-        if shapes == {k: tuple(v.shape) for k, v in hand_over.fc_state.items()}:
-            box_head.load_state_dict(hand_over.fc_state)
-        else:
-            logger.info(
-                "VGG-16's fc6/fc7 weights not used: the box head has another shape (%s)",
-                ", ".join(f"{k} {v}" for k, v in shapes.items() if k.endswith("weight")),
-            )
+    # VGG-16's ImageNet fc6/fc7 initialise the Fast R-CNN head (Fast R-CNN sec. 2.2) when the
+    # head has their shape (7x7x512 conv5 RoIs, two 4096-wide layers).
+    _load_fc_state(box_head, hand_over, cfg.backbone.name)
+    apply_svd(cfg, box_head, from_weights=hand_over.fc_state is not None)
     return FastRCNNHead(
         pooler,
         box_head,
@@ -280,6 +324,20 @@ def build_fast_rcnn_head(cfg: ModelConfig, backbone: Backbone, num_classes: int,
         detections_per_img=h.detections_per_img,
         min_box_size=h.min_box_size,
     )
+
+
+def apply_svd(cfg: ModelConfig, box_head: nn.Module, from_weights: bool = False) -> None:
+    """``model.roi_head.svd`` ({"fc6": 1024, "fc7": 256}): the box head's named fully
+    connected layers become truncated-SVD pairs (Fast R-CNN sec. 3.1, ``heads.compress``).
+    from_weights: factorise the layers' current weights (ImageNet fc6/fc7 handed over);
+    otherwise only the structure is built, for loading a compressed checkpoint. Every head
+    builder with fc layers calls this on its box head."""
+    if not cfg.roi_head.svd:
+        return
+    try:
+        compress_layers(box_head, cfg.roi_head.svd, from_weights=from_weights)
+    except ExportError as exc:
+        raise ConfigError(f"model.roi_head.svd: {exc}") from None
 
 
 def build_res5_head(cfg: ModelConfig, backbone: Backbone, num_classes: int, hand_over: HandOver) -> Res5Head:
@@ -308,18 +366,86 @@ def build_res5_head(cfg: ModelConfig, backbone: Backbone, num_classes: int, hand
     )
 
 
+def _classic_head_args(cfg: ModelConfig) -> dict:
+    """The keyword arguments R-CNN's and SPP-net's heads share (``ClassicHead``)."""
+    h = cfg.roi_head
+    return dict(
+        matcher=_roi_matcher(cfg),
+        sampler=BalancedSampler(h.batch_size_per_image, h.positive_fraction),
+        svm_features=h.svm.features,
+        topk_per_class=h.svm.topk_per_class,
+        region_batch=h.region_batch,
+        add_gt_as_proposals=h.add_gt_as_proposals,
+        score_thresh=h.score_thresh,
+        nms_thresh=h.nms_thresh,
+        detections_per_img=h.detections_per_img,
+        min_box_size=h.min_box_size,
+    )
+
+
+def build_rcnn_head(cfg: ModelConfig, backbone: Backbone, num_classes: int, hand_over: HandOver) -> RCNNHead:
+    """Warp (``WarpPooler``) -> the network's conv layers (the hand-over's ``body``) ->
+    conv5 max-pooled to pooler_resolution (pool5) -> fc6 / fc7 -> (K + 1)-way classifier, SVMs,
+    box regressors (R-CNN sec. 2.1-2.3); AlexNet's ImageNet fc6 / fc7 when they fit."""
+    h = cfg.roi_head
+    body = hand_over.body
+    if body is None:  # build_model hands it over; a hand-made call may not
+        body = build_crop_network(cfg.backbone)[0]
+    (name,) = body.out_features
+    pool5_dim = body.out_channels_per_feature[name] * h.pooler_resolution**2
+    box_head = MLPBoxHead(pool5_dim, h.fc_dims, h.dropout)
+    _load_fc_state(box_head, hand_over, cfg.backbone.name)
+    apply_svd(cfg, box_head, from_weights=hand_over.fc_state is not None)
+    return RCNNHead(
+        WarpPooler(h.warp_size, h.warp_context),
+        body,
+        box_head,
+        num_classes,
+        pool_size=h.pooler_resolution,
+        **_classic_head_args(cfg),
+    )
+
+
+def build_spp_head(cfg: ModelConfig, backbone: Backbone, num_classes: int, hand_over: HandOver) -> SPPHead:
+    """SPP pooler {6, 3, 2, 1} on the backbone's conv5 -> fc6 / fc7 -> (K + 1)-way classifier,
+    SVMs, box regressors (SPP-net sec. 4.1-4.2)."""
+    h = cfg.roi_head
+    (feature,) = _pooled_features(cfg, backbone)  # check_roi_head_config: one map
+    pooler = SPPPooler(h.spp_levels, stride=backbone.out_strides[feature])
+    box_head = MLPBoxHead(backbone.out_channels * pooler.num_bins, h.fc_dims, h.dropout)
+    _load_fc_state(box_head, hand_over, cfg.backbone.name)
+    apply_svd(cfg, box_head, from_weights=hand_over.fc_state is not None)
+    return SPPHead(pooler, feature, backbone.out_channels, box_head, num_classes, **_classic_head_args(cfg))
+
+
 ROI_HEADS: Dict[str, Callable[[ModelConfig, Backbone, int, HandOver], RoIHeadBase]] = {
     "fast_rcnn": build_fast_rcnn_head,
     "res5": build_res5_head,
+    "rcnn": build_rcnn_head,
+    "spp": build_spp_head,
 }
+# The heads fine-tuned and then given SVMs and box regressors by the offline stages.
+CLASSIC_HEADS = ("rcnn", "spp")
+
+
+def is_classic_head(head: nn.Module) -> bool:
+    """Whether the offline stages (feature cache, SVMs, box regression) apply to ``head``."""
+    return isinstance(head, ClassicHead)
 
 
 def check_roi_head_config(cfg: ModelConfig) -> None:
+    if cfg.roi_head.svd and cfg.roi_head.name == "res5":
+        raise ConfigError("model.roi_head.svd: the res5 head has no fully connected layers to factorise")
     if cfg.roi_head.name == "res5" and (cfg.backbone.fpn or cfg.backbone.name not in RES5_BACKBONES):
         raise ConfigError(
             f"model.roi_head.name: res5 runs the ResNet stage after C4 per region: it needs a ResNet or tiny "
             f"backbone with the single C4 map (model.backbone.fpn: false), got {cfg.backbone.name} with "
             f"fpn: {str(cfg.backbone.fpn).lower()}"
+        )
+    if cfg.roi_head.name in CLASSIC_HEADS and cfg.backbone.fpn:
+        raise ConfigError(
+            f"model.roi_head.name: {cfg.roi_head.name} pools one conv5 map (R-CNN / SPP-net have no FPN): set "
+            "model.backbone.fpn: false"
         )
 
 
@@ -345,9 +471,18 @@ def build_model(cfg: ModelConfig, num_classes: int, input_cfg: Optional[InputCon
     """num_classes: foreground classes K. input_cfg: the data pipeline's input settings
     (proposal generators that look at raw pixels need its normalisation); default ImageNet's."""
     check_model_config(cfg)
-    backbone, hand_over = build_backbone(cfg.backbone, res5=cfg.roi_head.name == "res5")
+    if cfg.roi_head.name == "rcnn":
+        # R-CNN runs the network on every warped region inside the head; the detector's
+        # backbone is the image itself (an RPN, if configured, then looks at raw pixels: RPN
+        # proposals for R-CNN come from a trained detector's file, `detkit proposals --method rpn`).
+        _, hand_over = build_crop_network(cfg.backbone)
+        backbone: Backbone = ImageInput()
+    else:
+        backbone, hand_over = build_backbone(cfg.backbone, res5=cfg.roi_head.name == "res5")
     proposal_generator = build_proposal_generator(cfg, backbone, input_cfg)
     roi_head = build_roi_head(cfg, backbone, num_classes, hand_over)
+    # Multi-scale testing: every head here is a RoIHeadBase, which predicts per pyramid level.
+    test_scales = list(input_cfg.test_scales) if input_cfg is not None else []
     return Detector(
         backbone,
         proposal_generator,
@@ -355,6 +490,7 @@ def build_model(cfg: ModelConfig, num_classes: int, input_cfg: Optional[InputCon
         cfg.loss_weights,
         cfg.train_difficult,
         channels_last_inference=cfg.channels_last_inference,
+        test_scales=test_scales,
     )
 
 

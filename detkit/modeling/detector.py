@@ -15,18 +15,27 @@ given, also in eval mode (validation loss); their keys are namespaced by the par
 here and nowhere else.
 Targets are in network-input pixels (the data transforms scaled them); ``difficult``
 boxes are removed from them before any loss unless ``train_difficult`` is set.
+
+Multi-scale testing (``test_scales``, Fast R-CNN sec. 5.2): in eval mode the backbone also
+runs on the input rescaled to each smaller scale (``modeling.pyramid``) and the RoI head
+predicts each proposal at its scale; proposals come from the input's own (largest) scale.
+Profiling: while ``part_times`` holds a ``PartTimes``, eval-mode forwards add the seconds
+spent in the three parts (features, proposals, head) to it.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, cast
 
 import torch
 from torch import Tensor, nn
 
 from detkit.modeling.backbones.common import keep_frozen_bn_in_eval
+from detkit.modeling.heads.base import RoIHeadBase
 from detkit.modeling.interfaces import Backbone, ProposalGenerator, RoIHead, check_implements
+from detkit.modeling.pyramid import build_pyramid, pyramid_factors
+from detkit.modeling.timing import PartClock, PartTimes
 from detkit.structures import Detections, ImageList, Target
 
 
@@ -44,7 +53,9 @@ def map_to_original(detections: List[Detections], images: ImageList) -> List[Det
 class Detector(nn.Module):
     """backbone, proposal_generator, roi_head: modules implementing the interfaces of the same
     names (TypeError otherwise). loss_weights: loss name -> factor (missing: 1).
-    train_difficult: keep difficult boxes in the training targets."""
+    train_difficult: keep difficult boxes in the training targets.
+    test_scales: shorter sides of the test-time image pyramid (two or more; the input is at
+    the largest); the RoI head must accept ``pyramid=`` (``heads.base.RoIHeadBase`` does)."""
 
     def __init__(
         self,
@@ -54,6 +65,7 @@ class Detector(nn.Module):
         loss_weights: Optional[Dict[str, float]] = None,
         train_difficult: bool = False,
         channels_last_inference: bool = False,
+        test_scales: Sequence[int] = (),
     ):
         super().__init__()
         check_implements(backbone, Backbone, "backbone")
@@ -68,6 +80,11 @@ class Detector(nn.Module):
         # the CPU). Training stays NCHW: torch's CPU backward of some strided 1x1 convolutions
         # crashes on channels-last inputs (e.g. 12 -> 24 channels).
         self.channels_last_inference = channels_last_inference
+        # One scale is the plain single-scale path (bit for bit the same detections).
+        self.test_factors = pyramid_factors(test_scales) if len(test_scales) > 1 else []
+        if self.test_factors and not isinstance(roi_head, RoIHeadBase):
+            raise TypeError(f"test_scales: the RoI head {type(roi_head).__name__} does not predict per pyramid level")
+        self.part_times: Optional[PartTimes] = None
 
     @property
     def size_divisibility(self) -> int:
@@ -97,17 +114,33 @@ class Detector(nn.Module):
     ) -> Tuple[List[Detections], Dict[str, Tensor]]:
         """-> (detections per image in original pixels; [] in training mode), losses."""
         targets = self._training_targets(targets, images.tensor.device)
+        clock = PartClock(None if self.training else self.part_times, images.tensor.device)
         x = images.tensor
         if self.channels_last_inference and not self.training:
             x = x.contiguous(memory_format=torch.channels_last)
         features = self.backbone(x)
+        pyramid = None
+        if self.test_factors and not self.training:
+            channels_last = self.channels_last_inference
+            pyramid = build_pyramid(
+                self.backbone, images, features, self.test_factors, self.size_divisibility, channels_last
+            )
+        clock.lap("features")
         proposals, proposal_losses = self.proposal_generator(images, features, targets)
         proposals = [p.detach() for p in proposals]
-        detections, head_losses = self.roi_head(images, features, proposals, targets)
+        clock.lap("proposals")
+        if pyramid is None:
+            detections, head_losses = self.roi_head(images, features, proposals, targets)
+        else:  # a RoIHeadBase (checked in __init__): it predicts per pyramid level
+            head = cast(RoIHeadBase, self.roi_head)
+            detections, head_losses = head(images, features, proposals, targets, pyramid=pyramid)
         losses = {**proposal_losses, **head_losses}
         for name in losses:
             if name in self.loss_weights:
                 losses[name] = losses[name] * self.loss_weights[name]
         if not self.training:
             detections = map_to_original(detections, images)
+        clock.lap("head")
+        if clock.times is not None:
+            clock.times.images += len(images)
         return detections, losses

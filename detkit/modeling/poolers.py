@@ -119,8 +119,9 @@ class _SparseRoIAlignFn(torch.autograd.Function):
     def backward(ctx, grad):
         (coo,) = ctx.saved_tensors
         n, c, h, w = ctx.shape
-        g = grad.permute(0, 2, 3, 1).reshape(-1, c)
-        grad_feature = (_csr(coo.t()) @ g).view(n, h, w, c).permute(0, 3, 1, 2)
+        g = grad.permute(0, 2, 3, 1).reshape(-1, c).to(coo.dtype)
+        with torch.autocast(grad.device.type, enabled=False):  # float32 sparse product (see sparse_roi_align)
+            grad_feature = (_csr(coo.t()) @ g).view(n, h, w, c).permute(0, 3, 1, 2)
         return grad_feature, None, None, None, None, None
 
 
@@ -132,6 +133,19 @@ def sparse_roi_align(
         raise ValueError("sparse_roi_align needs a fixed sampling_ratio > 0")
     if rois.shape[0] == 0:
         return feature.new_zeros((0, feature.shape[1], output_size, output_size))
+    if feature.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled(feature.device.type):
+        # MKL's sparse products take float32 / float64 only: under autocast (a bfloat16 map
+        # on the CPU) the map is pooled in float32, autocast off, and handed back in its dtype.
+        with torch.autocast(feature.device.type, enabled=False):
+            pooled = _SparseRoIAlignFn.apply(
+                feature.float(),
+                rois.float(),
+                float(spatial_scale),
+                int(output_size),
+                int(sampling_ratio),
+                bool(aligned),
+            )
+        return pooled.to(feature.dtype)
     return _SparseRoIAlignFn.apply(
         feature, rois, float(spatial_scale), int(output_size), int(sampling_ratio), bool(aligned)
     )
@@ -139,7 +153,7 @@ def sparse_roi_align(
 
 def boxes_to_rois(boxes: List[Tensor]) -> Tensor:
     """[(R_i, 4)] -> (R, 5) rows (batch index, x1, y1, x2, y2), the layout of torchvision.ops."""
-    rois = [torch.cat([b.new_full((b.shape[0], 1), i), b], dim=1) for i, b in enumerate(boxes)]
+    rois = [torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)]
     return torch.cat(rois, 0) if rois else torch.zeros((0, 5))
 
 
@@ -232,13 +246,21 @@ class RoIPooler(nn.Module):
         c = features[0].shape[1]
         # Every RoI is written by exactly one level below, so no zero fill is needed.
         out = features[0].new_empty((rois.shape[0], c, self.output_size, self.output_size))
+        # While tracing (export) every level is pooled, also an empty one: a skipped level
+        # would be left out of the graph for every later input.
+        tracing = torch.jit.is_tracing()
         written = 0
         for level, (feature, scale) in enumerate(zip(features, self.scales)):
             idx = torch.nonzero(levels == level).squeeze(1)
-            written += idx.numel()
-            if idx.numel():
+            if tracing:
+                # scatter, not out[idx] = ...: the tracer records the latter with the traced
+                # level's RoI count as a constant shape.
+                pooled = self._pool(feature, rois[idx], scale).to(out.dtype)
+                out = out.scatter(0, idx.view(-1, 1, 1, 1).expand_as(pooled), pooled)
+            elif idx.numel():
+                written += idx.numel()
                 out[idx] = self._pool(feature, rois[idx], scale).to(out.dtype)
-        assert written == rois.shape[0], f"{rois.shape[0] - written} RoIs got no pyramid level"
+        assert tracing or written == rois.shape[0], f"{rois.shape[0] - written} RoIs got no pyramid level"
         return out
 
     def extra_repr(self) -> str:

@@ -182,6 +182,11 @@ def test_full_config_and_split(shapes, tmp_path):
     out = tmp_path / "train.npz"
     assert main(ss_args(cfg, out, "--split", "train", "--mode", "single")) == 0
     assert list(load_proposals(out)[0]) == ["train_00000", "train_00001"]
+    # key=value overrides apply to a full config's data, as in detkit train
+    other = tmp_path / "test.npz"
+    assert main(ss_args(cfg, other, "--split", "train", "--mode", "single", "data.train.split=test")) == 0
+    ids = list(load_proposals(other)[0])
+    assert ids and all(i.startswith("test_") for i in ids)
 
 
 @pytest.mark.parametrize(
@@ -193,6 +198,7 @@ def test_full_config_and_split(shapes, tmp_path):
         (["--reuse"], "--reuse: "),
         (["--method", "rpn", "--checkpoint", "nowhere.pt"], "checkpoint not found: nowhere.pt"),
         (["--out", "x.txt"], "use a .npz or .json file name"),
+        (["data.test.split=train"], "is a dataset YAML: key=value overrides need a full config"),
     ],
 )
 def test_bad_arguments(shapes, tmp_path, capsys, extra, message):

@@ -10,6 +10,7 @@ import torch
 
 from detkit.data.dataset import DetectionDataset
 from detkit.data.loader import (
+    Batch,
     Collate,
     GroupedBatchSampler,
     LoadedSample,
@@ -259,3 +260,64 @@ def test_batches_pickle_with_what_was_skipped():
     again = pickle.loads(pickle.dumps(batch))
     images, targets = again
     assert images.image_ids == ["a"] and again.skipped == [("x.png", "cannot decode image: x.png")]
+
+
+# -- distributed training: the ranks' shares of one global stream -------------------------------------
+def test_ranks_split_each_global_batch_and_keep_its_augmentation_draws():
+    """With W ranks of batch B each, rank r reads positions [rB, (r+1)B) of the global batch
+    a single process reads with batch W x B, with the same per-sample draws: the ranks'
+    streams are disjoint, together they are the single process's stream, and they only
+    depend on the seed and the global batch (so a resume on another world size with the
+    same global batch continues the same stream)."""
+    dataset = _Draws(n=12)
+    single = _stream(build_train_loader(dataset, 4, seed=2, size_divisibility=1), 5)
+    ranks = [
+        _stream(build_train_loader(dataset, 2, seed=2, size_divisibility=1, rank=r, world_size=2), 5) for r in (0, 1)
+    ]
+    for b in range(5):
+        ids = ranks[0][b][0] + ranks[1][b][0]
+        assert ids == single[b][0] and len(set(ranks[0][b][0]) & set(ranks[1][b][0])) == 0
+        assert ranks[0][b][1] + ranks[1][b][1] == single[b][1]  # the same flips / scales
+    # a rank resumed at batch 3 continues its own share
+    resumed = _stream(
+        build_train_loader(dataset, 2, seed=2, size_divisibility=1, start_batch=3, rank=1, world_size=2), 2
+    )
+    assert resumed == ranks[1][3:5]
+    # 4 ranks of 1 image: the same global stream again
+    fours = [
+        _stream(build_train_loader(dataset, 1, seed=2, size_divisibility=1, rank=r, world_size=4), 2) for r in range(4)
+    ]
+    assert [sum((fours[r][b][0] for r in range(4)), []) for b in range(2)] == [single[0][0], single[1][0]]
+
+
+def test_test_loader_shards_whole_batches(tmp_path):
+    dataset = make_dataset(tmp_path, [L, L, P, L, L, L, P, P])
+    shards = [
+        [images.image_ids for images, _ in build_test_loader(dataset, batch_size=2, size_divisibility=0, shard=(r, 2))]
+        for r in (0, 1)
+    ]
+    # the one-process batches [im0 im1] [im2] [im3 im4] [im5] [im6 im7], dealt out in turn
+    assert shards == [[["im0", "im1"], ["im3", "im4"], ["im6", "im7"]], [["im2"], ["im5"]]]
+    with pytest.raises(ValueError, match="rank outside"):
+        build_test_loader(dataset, shard=(2, 2))
+
+
+def test_the_loaders_pin_memory_step_keeps_a_batch(monkeypatch):
+    """DataLoader(pin_memory=True) hands every batch to torch's pin_memory(), which would
+    turn a tuple subclass into a plain tuple and lose ``skipped``; Batch pins its images
+    itself. (Pinning needs a GPU: a stand-in marks the tensors it was asked to pin.)"""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    pinned = []
+
+    def fake_pin(tensor, *args, **kwargs):
+        pinned.append(tensor)
+        return tensor.clone()
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    batch = Collate(1)([item(4, 4, "a"), LoadedSample(None, None, [("x.png", "cannot decode image: x.png")])])
+    out = pin_memory(batch)
+    assert isinstance(out, Batch) and out.skipped == batch.skipped
+    assert len(pinned) == 1 and pinned[0] is batch[0].tensor  # the image tensor, once
+    assert torch.equal(out[0].tensor, batch[0].tensor) and out[0].image_ids == ["a"] and out[1] == batch[1]
+    assert pin_memory(Collate(1)([LoadedSample(None, None, [])]))[0] is None  # nothing to pin

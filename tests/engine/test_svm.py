@@ -173,3 +173,76 @@ def test_box_regression_uses_only_regions_above_the_overlap_threshold():
     reg = fit_box_regressors(x, boxes, gt, np.ones(10, np.int64), overlaps, 1)
     assert reg.samples == [5]
     np.testing.assert_allclose(reg.bias[0], [0.1, 0.1, 0.0, 0.0], atol=1e-6)  # constant shift learnt
+
+
+def test_hard_negatives_are_those_scored_above_minus_one(monkeypatch):
+    """After the first image, an image gives only the negatives the current SVM scores above
+    -1 (hard_thresh -1.0001: the margin violators), and none twice. The SVM is fixed here (score
+    = the first feature) so that the scores are known."""
+    import detkit.engine.svm as svm
+
+    monkeypatch.setattr(svm, "fit_svm", lambda x_pos, x_neg, settings: (np.array([1.0, 0.0], np.float32), 0.0))
+    first = ImageFeatures(
+        np.array([[5.0, 0], [-3.0, 0], [-0.5, 0]], np.float32), np.array([[1.0], [0.0], [0.0]]), np.array([1, 0, 0])
+    )
+    scores = [-0.99, -1.0, -1.01, -2.0, 0.5, 3.0]
+    second = ImageFeatures(np.array([[s, 1.0] for s in scores], np.float32), np.zeros((6, 1)), np.zeros(6, np.int64))
+    added = []
+    original = _NegativeCache.add
+
+    def spy(self, x, keys):
+        added.append([k for k in keys])
+        return original(self, x, keys)
+
+    monkeypatch.setattr(_NegativeCache, "add", spy)
+    images = [first, second]
+    train_svms(lambda i: images[i], 2, 1, SVMSettings(max_passes=2, evict_thresh=-5.0))
+    # image 0 (first): all its negatives; image 1: scored > -1.0001 -> -0.99, -1.0, 0.5, 3.0
+    assert added[0] == [(0, 1), (0, 2)]
+    assert added[1] == [(1, 0), (1, 1), (1, 4), (1, 5)]
+    # pass 2: the same hard negatives again are not added twice (the cache knows them)
+    new_per_call = []
+
+    def count(self, x, keys):
+        n = original(self, x, keys)
+        new_per_call.append(n)
+        return n
+
+    monkeypatch.setattr(_NegativeCache, "add", count)
+    models = train_svms(lambda i: images[i], 2, 1, SVMSettings(max_passes=2, evict_thresh=-5.0))
+    assert new_per_call == [2, 4, 0, 0] and models[1].hard_per_pass == [6, 0]  # pass 2 adds nothing new
+
+
+def test_hard_negative_cache_stays_within_its_memory_cap(monkeypatch):
+    """max_negatives bounds the cache of a class: after every fit it holds at most that many
+    (the hardest); between fits it grows by at most retrain_limit plus one image's negatives.
+    The data here has far more negatives than the cap, so the bound is what keeps it small."""
+    rng = np.random.default_rng(7)
+    images = []
+    for _ in range(12):
+        n = 80
+        feats = np.concatenate([[[3.0, 0.0]], rng.normal(0, 1.0, (n, 2))]).astype(np.float32)
+        overlaps = np.concatenate([[[1.0]], np.zeros((n, 1))])
+        images.append(ImageFeatures(feats, overlaps, np.array([1] + [0] * n)))
+    settings = SVMSettings(
+        C=1.0, max_negatives=60, retrain_limit=50, max_passes=2, evict_thresh=-50.0, hard_thresh=-49.0
+    )
+    sizes_after_fit, sizes = [], []
+    original_refit_keep, original_add = _NegativeCache.bound, _NegativeCache.add
+
+    def bound(self, scores):
+        original_refit_keep(self, scores)
+        sizes_after_fit.append(len(self.keys))
+
+    def add(self, x, keys):
+        out = original_add(self, x, keys)
+        sizes.append(len(self.keys))
+        return out
+
+    monkeypatch.setattr(_NegativeCache, "bound", bound)
+    monkeypatch.setattr(_NegativeCache, "add", add)
+    models = train_svms(lambda i: images[i], len(images), 1, settings)
+    assert sizes_after_fit and max(sizes_after_fit) == settings.max_negatives  # the cap is reached and held
+    assert max(sizes) <= settings.max_negatives + settings.retrain_limit + 80
+    assert sum(len(im.features) - 1 for im in images) > 4 * settings.max_negatives  # far more than kept
+    assert models[1].negatives <= settings.max_negatives

@@ -10,7 +10,7 @@ import torchvision
 from torch import nn
 
 from detkit.errors import BackboneError
-from detkit.modeling.backbones.common import load_pretrained, norm_layer
+from detkit.modeling.backbones.common import SyncableBatchNorm2d, load_pretrained, norm_layer
 from detkit.modeling.backbones.fpn import FPN
 from detkit.modeling.backbones.resnet import ResNetBody, SingleMap, stage_out_channels, torchvision_resnet
 from detkit.modeling.backbones.tiny import TinyResNet, TinyResNetBody
@@ -174,7 +174,6 @@ def test_vgg_and_tiny_frozen_stages():
         (lambda: TinyResNetBody(out_features=("c1",)), "among"),
         (lambda: TinyResNet(norm="none"), "normalisation"),
         (lambda: TinyResNetBody(TinyResNet(num_stages=3)), "output c5 needs stage layer4, the net has 3"),
-        (lambda: norm_layer("syncbn"), r"norm: syncbn needs distributed training \(torchrun\), not available yet"),
         (lambda: load_pretrained(nn.Linear(1, 1), "/nonexistent/weights.pth"), "not found"),
     ],
 )
@@ -185,6 +184,10 @@ def test_bad_options_raise_backbone_error(make, match):
 
 def test_norm_layers():
     assert norm_layer("bn") is nn.BatchNorm2d and norm_layer("none") is None
+    # syncbn: BatchNorm with the same state dict (checkpoints move between bn and syncbn);
+    # a distributed run's trainer synchronises it (tests/engine/test_distributed.py)
+    assert norm_layer("syncbn") is SyncableBatchNorm2d and issubclass(SyncableBatchNorm2d, nn.BatchNorm2d)
+    assert TinyResNet(norm="syncbn").state_dict().keys() == TinyResNet(norm="bn").state_dict().keys()
     assert isinstance(norm_layer("frozen_bn")(8), torchvision.ops.FrozenBatchNorm2d)
     assert norm_layer("gn")(16).num_groups == 4 and norm_layer("gn")(256).num_groups == 32
 

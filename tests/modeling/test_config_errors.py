@@ -45,14 +45,7 @@ TINY_C4 = {"name": "tiny", "fpn": False}
         ({"roi_head": {"sampling_ratio": -1}}, "model.roi_head: sampling_ratio: must be >= 0 (0 = adaptive)"),
         ({"roi_head": {"dropout": 1.0}}, "model.roi_head: dropout: must be in [0, 1)"),
         ({"roi_head": {"detections_per_img": 0}}, "model.roi_head: detections_per_img: must be >= 1"),
-        (
-            {"backbone": {"norm": "syncbn"}},
-            "model.backbone: norm: syncbn needs distributed training (torchrun), not available yet",
-        ),
-        (
-            {"backbone": {"fpn_norm": "syncbn"}},
-            "model.backbone: fpn_norm: syncbn needs distributed training (torchrun), not available yet",
-        ),
+        ({"backbone": {"name": "vgg16", "norm": "syncbn"}}, "model.backbone: norm: syncbn is not available for vgg16"),
         ({"backbone": {"norm": "none"}}, "model.backbone: norm: none: resnet50 needs a normalisation layer"),
         ({"backbone": {"name": "vgg16", "norm": "gn"}}, "model.backbone: norm: gn is not available for vgg16"),
         ({"backbone": {"name": "tiny", "tiny_widths": [8, 16, 32]}}, "model.backbone: tiny_widths: 4 positive"),

@@ -19,15 +19,20 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from detkit.errors import BackboneError
 
-SYNCBN_UNAVAILABLE = "norm: syncbn needs distributed training (torchrun), not available yet"
+
+class SyncableBatchNorm2d(nn.BatchNorm2d):
+    """``norm: syncbn``: a BatchNorm2d (same parameters, buffers and state dict) that the
+    trainer of a distributed run replaces by a synchronised one, which normalises over the
+    batch of every process (``detkit.engine.distributed.convert_sync_batchnorm``). On one
+    process (evaluation, demo) it is plain BatchNorm; training it on one process is refused
+    there, since it would silently be plain BatchNorm."""
 
 
 def norm_layer(kind: str) -> Optional[Callable[[int], nn.Module]]:
     """bn: BatchNorm that trains (needed to train from scratch); frozen_bn: fixed statistics
     and affine (only sensible with pretrained weights, as in the papers); gn: GroupNorm with
-    32 groups (or fewer for narrow layers), batch-size independent. syncbn is refused until
-    detkit trains on several processes: on one process torch's SyncBatchNorm silently acts
-    as plain BatchNorm."""
+    32 groups (or fewer for narrow layers), batch-size independent; syncbn: BatchNorm whose
+    statistics a distributed run synchronises across processes (``SyncableBatchNorm2d``)."""
     if kind == "bn":
         return nn.BatchNorm2d
     if kind == "frozen_bn":
@@ -37,10 +42,10 @@ def norm_layer(kind: str) -> Optional[Callable[[int], nn.Module]]:
         # layers; always a group count that divides c.
         return lambda c: nn.GroupNorm(max(g for g in range(1, max(1, min(32, c // 4)) + 1) if c % g == 0), c)
     if kind == "syncbn":
-        raise BackboneError(SYNCBN_UNAVAILABLE)
+        return SyncableBatchNorm2d
     if kind == "none":
         return None
-    raise BackboneError(f"unknown norm '{kind}' (use bn, frozen_bn, gn or none)")
+    raise BackboneError(f"unknown norm '{kind}' (use bn, frozen_bn, gn, syncbn or none)")
 
 
 _FROZEN = "_detkit_frozen"
@@ -57,6 +62,11 @@ def freeze(modules: Iterable[nn.Module]) -> None:
                 sub.track_running_stats = True
                 # A marker read by keep_frozen_bn_in_eval (setattr: not a parameter or buffer).
                 setattr(sub, _FROZEN, True)
+
+
+def is_frozen_norm(module: nn.Module) -> bool:
+    """Whether ``freeze`` fixed this normalisation layer (its statistics never change)."""
+    return bool(getattr(module, _FROZEN, False))
 
 
 def keep_frozen_bn_in_eval(module: nn.Module) -> None:

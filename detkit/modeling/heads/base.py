@@ -36,13 +36,14 @@ detections whenever the module is in eval mode.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
 from detkit.modeling.box_ops import BalancedSampler, BoxCoder, Matcher, clip_boxes, nonempty, pairwise_iou
+from detkit.modeling.pyramid import PyramidLevel, pyramid_predict
 from detkit.structures import Detections, ImageList, Proposals, Target
 
 
@@ -171,8 +172,12 @@ class RoIHeadBase(nn.Module, ABC):
                 f"{type(self).__name__}: expected {per_region} box values and {k} class scores per region, "
                 f"got {boxes_all.shape[1]} and {scores_all.shape[1]}"
             )
+        # One image needs no split: the exported graph (one image) then keeps the number of
+        # regions dynamic instead of the traced image's count.
+        box_chunks = (boxes_all,) if len(counts) == 1 else boxes_all.split(counts)
+        score_chunks = (scores_all,) if len(counts) == 1 else scores_all.split(counts)
         results = []
-        for boxes, scores, size in zip(boxes_all.split(counts), scores_all.split(counts), image_sizes):
+        for boxes, scores, size in zip(box_chunks, score_chunks, image_sizes):
             boxes = clip_boxes(boxes.view(-1, boxes.shape[1] // 4, 4), size)
             if boxes.shape[1] == 1:  # one box for every class
                 boxes = boxes.expand(-1, k, 4)
@@ -191,9 +196,12 @@ class RoIHeadBase(nn.Module, ABC):
         features: Dict[str, Tensor],
         proposals: List[Proposals],
         targets: Optional[List[Target]] = None,
+        pyramid: Optional[Sequence[PyramidLevel]] = None,
     ) -> Tuple[List[Detections], Dict[str, Tensor]]:
         """Losses on a sampled mini-batch whenever targets are given (also in eval mode: a
-        validation loss); detections on all proposals in eval mode ([] in training)."""
+        validation loss); detections on all proposals in eval mode ([] in training).
+        ``pyramid``: multi-scale testing (``modeling.pyramid``): in eval mode each proposal is
+        predicted at its pyramid level; losses stay at the single scale of ``features``."""
         boxes = [p.boxes for p in proposals]
         assert not any(b.requires_grad for b in boxes), "proposals must be detached before the RoI head"
         losses: Dict[str, Tensor] = {}
@@ -203,6 +211,9 @@ class RoIHeadBase(nn.Module, ABC):
             losses = self.losses(class_outputs, deltas, labels, box_targets)
         detections: List[Detections] = []
         if not self.training:
-            class_outputs, deltas = self.predict(images, features, boxes)
+            if pyramid is None:
+                class_outputs, deltas = self.predict(images, features, boxes)
+            else:
+                class_outputs, deltas = pyramid_predict(self.predict, pyramid, boxes)
             detections = self.inference(class_outputs, deltas, boxes, images.image_sizes)
         return detections, losses

@@ -80,11 +80,14 @@ class AnchorGenerator(nn.Module):
     def num_anchors_per_location(self) -> List[int]:
         return [len(s) * len(r) for s, r in zip(self.sizes, self.aspect_ratios)]
 
-    def grid_anchors(self, level: int, height: int, width: int, stride_y: int, stride_x: int) -> Tensor:
-        """(H * W * A, 4) anchors of one level in input pixels."""
+    def grid_anchors(self, level: int, height, width, stride_y, stride_x) -> Tensor:
+        """(H * W * A, 4) anchors of one level in input pixels. Sizes and strides are ints,
+        or 0-dim tensors while tracing for export (then nothing is cached: the exported graph
+        computes the grid of each input size)."""
         base: Tensor = getattr(self, f"cell_anchors_{level}")
+        tracing = torch.jit.is_tracing()
         key = (level, height, width, stride_y, stride_x, base.device)
-        cached = self._cache.get(key)
+        cached = None if tracing else self._cache.get(key)
         if cached is not None:
             return cached
         shifts_x = (torch.arange(width, device=base.device, dtype=torch.float32) + self.offset) * stride_x
@@ -92,6 +95,8 @@ class AnchorGenerator(nn.Module):
         sy, sx = torch.meshgrid(shifts_y, shifts_x, indexing="ij")
         shifts = torch.stack([sx, sy, sx, sy], dim=-1).reshape(-1, 1, 4)
         anchors = (shifts + base.to(torch.float32)[None]).reshape(-1, 4)
+        if tracing:
+            return anchors
         if len(self._cache) > 64:  # many input sizes (multi-scale training): keep it bounded
             self._cache.clear()
         self._cache[key] = anchors
@@ -104,7 +109,9 @@ class AnchorGenerator(nn.Module):
             raise ValueError(f"AnchorGenerator has {len(self.strides)} levels, got {len(features)} feature maps")
         out = []
         for i, f in enumerate(features):
-            h, w = int(f.shape[-2]), int(f.shape[-1])
+            # While tracing (export) the sizes stay 0-dim tensors: int() would freeze the
+            # traced input's grid into the graph.
+            h, w = (f.shape[-2], f.shape[-1]) if torch.jit.is_tracing() else (int(f.shape[-2]), int(f.shape[-1]))
             if self.strides_from_input:
                 sy, sx = input_size[0] // h, input_size[1] // w
             else:

@@ -24,7 +24,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
-from detkit.modeling.box_ops import BalancedSampler, BoxCoder, Matcher, clip_boxes, nonempty, pairwise_iou, smooth_l1
+from detkit.modeling.box_ops import (
+    BalancedSampler,
+    BoxCoder,
+    Matcher,
+    at_most,
+    clip_boxes,
+    nonempty,
+    pairwise_iou,
+    smooth_l1,
+)
 from detkit.modeling.proposals.anchors import AnchorGenerator
 from detkit.structures import ImageList, Proposals, Target
 
@@ -134,15 +143,15 @@ class RPN(nn.Module):
         num_images = logits[0].shape[0]
         boxes_per_level, scores_per_level, level_ids = [], [], []
         for level, (anc, lg, dl) in enumerate(zip(anchors, logits, deltas)):
-            k = min(pre_k, lg.shape[1])
+            k = at_most(pre_k, lg, 1)  # a level of a small image may have fewer anchors
             top_logits, idx = lg.detach().float().topk(k, dim=1)
             batch = torch.arange(num_images, device=lg.device)[:, None]
             sel_deltas = dl.detach().float()[batch, idx]  # (N, k, 4); float even under AMP
             sel_anchors = anc[idx]  # (N, k, 4)
             decoded = self.box_coder.decode(sel_deltas.reshape(-1, 4), sel_anchors.reshape(-1, 4))
-            boxes_per_level.append(decoded.view(num_images, k, 4))
+            boxes_per_level.append(decoded.view(num_images, -1, 4))
             scores_per_level.append(top_logits)
-            level_ids.append(torch.full((k,), level, dtype=torch.int64, device=lg.device))
+            level_ids.append(torch.full_like(idx[0], level))
         boxes_all = torch.cat(boxes_per_level, 1)
         scores_all = torch.sigmoid(torch.cat(scores_per_level, 1))
         levels = torch.cat(level_ids)
