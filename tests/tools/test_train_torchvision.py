@@ -1,0 +1,99 @@
+"""tools/train_torchvision.py and tools/torchvision_baseline.py: torchvision trains on
+detkit's own data stream, the tiny backbone builds, the settings torchvision cannot follow
+are listed, and run folders are never overwritten."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision_baseline import build_torchvision_model, recipe_deviations, set_torchvision_mode
+from train_torchvision import build_torchvision_train_loader, prepare_out_dir, torchvision_train_transforms
+
+from detkit.data.build import build_datasets
+from detkit.data.io import read_image
+from detkit.data.loader import build_train_loader
+from detkit.errors import TrainingError
+from detkit.schema import load_run_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tiny_shapes(tmp_path, *extra):
+    shapes = ["num_train=8", "num_test=2", "image_size=[64,96]", "object_size=[12,32]", "seed=3"]
+    sets = [f"data.{s}.root={tmp_path / 'shapes'}" for s in ("train", "test")]
+    sets += [f"data.{s}.shapes.{kv}" for s in ("train", "test") for kv in shapes]
+    sets += ["data.input.min_size_train=[80]", "data.input.max_size=128", "data.input.min_size_test=80"]
+    sets += ["data.batch_size=2", "train.seed=5", *extra]
+    return load_run_config(str(ROOT / "configs/parity/shapes_large.yaml"), sets)
+
+
+def test_torchvision_trains_on_detkits_stream_same_images_and_flips(tmp_path):
+    cfg = tiny_shapes(tmp_path)
+    dk_set, _, _ = build_datasets(cfg, need_test=False)
+    tv_set, _, _ = build_datasets(cfg, need_test=False)
+    tv_set.transforms = torchvision_train_transforms(cfg)
+    dk_batches = iter(build_train_loader(dk_set, 2, seed=5, size_divisibility=32))
+    tv_batches = iter(build_torchvision_train_loader(cfg, tv_set))
+    flips = []
+    for _ in range(8):
+        _, dk_targets = next(dk_batches)
+        tv_images, tv_targets, failed = next(tv_batches)
+        assert failed == [] and len(tv_images) == len(dk_targets) == 2
+        for image, tv_t, dk_t in zip(tv_images, tv_targets, dk_targets):
+            assert tv_t.image_id == dk_t.image_id
+            assert tv_t.geometry.flipped == dk_t.geometry.flipped
+            # torchvision gets the original pixels, mirrored when detkit's copy is (it resizes
+            # and normalises itself); the boxes agree in original-image pixels.
+            raw = read_image(tv_set.records[tv_set.id_to_index[tv_t.image_id]].file_name)
+            assert torch.equal(image, raw.flip(-1) if dk_t.geometry.flipped else raw)
+            assert tv_t.geometry.size == dk_t.geometry.orig_size
+            torch.testing.assert_close(
+                dk_t.geometry.invert(dk_t.boxes), tv_t.geometry.invert(tv_t.boxes), atol=1e-3, rtol=0
+            )
+            flips.append(dk_t.geometry.flipped)
+    assert any(flips) and not all(flips)  # both cases were compared
+
+
+def test_tiny_backbone_builds_with_torchvisions_fpn_and_heads():
+    cfg = load_run_config(str(ROOT / "configs/parity/shapes_one_class.yaml"))
+    torch.manual_seed(0)
+    model = build_torchvision_model(cfg, 1)
+    body = model.backbone.body
+    assert [getattr(body, f"layer{i}")[-1].conv2.out_channels for i in range(1, 5)] == [24, 48, 96, 192]
+    assert model.backbone.out_channels == 64
+    assert model.roi_heads.box_predictor.cls_score.out_features == 2  # background + circle
+    assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 128
+    set_torchvision_mode(model, False)
+    assert model.transform.min_size == (160,)
+    with torch.no_grad():
+        out = model([torch.rand(3, 96, 128)])[0]
+    assert set(out) == {"boxes", "scores", "labels"}
+
+
+def test_settings_torchvision_cannot_follow_are_listed():
+    bccd = load_run_config(str(ROOT / "configs/parity/bccd_val.yaml"))
+    devs = recipe_deviations(bccd)
+    assert any(d.startswith("box-head smooth-L1 beta: detkit 1, torchvision 1/9") for d in devs)
+    shapes = load_run_config(str(ROOT / "configs/parity/shapes_overlap.yaml"))
+    assert [d.split(":")[0] for d in recipe_deviations(shapes)] == ["P6 anchor stride"]
+    changed = load_run_config(
+        str(ROOT / "configs/parity/shapes_overlap.yaml"),
+        ["model.anchors.strides_from_input=true", "model.roi_head.aligned=true", "model.loss_weights={loss_cls: 2.0}"],
+    )
+    assert [d.split(":")[0] for d in recipe_deviations(changed)] == ["RoIAlign aligned", "loss weights"]
+
+
+def test_restart_replaces_only_an_interrupted_run(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("x: 1\n")
+    (out / "metrics.jsonl").write_text('{"iter": 2}\n')
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(TrainingError, match="already holds a run"):
+        prepare_out_dir(out, restart=False)
+    prepare_out_dir(out, restart=True)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    (out / "eval.json").write_text("{}")
+    with pytest.raises(TrainingError, match="finished run"):
+        prepare_out_dir(out, restart=True)
+    assert (out / "eval.json").read_text() == "{}"
