@@ -109,12 +109,15 @@ class Recipe:
     """configs: family -> config file under configs/; backbone: model.backbone keys every
     stage gets; selective_search: mode / min_size / max_proposals of the shared files;
     svd_fraction: layer -> rank as a fraction of its output width (the paper keeps 1024 of
-    fc6's 4096 and 256 of fc7's 4096 singular values, sec. 3.1 / Table 4)."""
+    fc6's 4096 and 256 of fc7's 4096 singular values, sec. 3.1 / Table 4); family_settings:
+    family -> dotted keys a stage keeps from its own recipe over the dataset config's and the
+    shared settings (an input scale or a proposal cap that is part of that paper's recipe)."""
 
     configs: Dict[str, str]
     backbone: Dict[str, Any]
     selective_search: Dict[str, Any]
     svd_fraction: Dict[str, float] = field(default_factory=lambda: {"fc6": 1024 / 4096, "fc7": 256 / 4096})
+    family_settings: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
 
 RECIPES: Dict[str, Recipe] = {
@@ -128,6 +131,12 @@ RECIPES: Dict[str, Recipe] = {
         },
         backbone={"name": "tiny", "tiny_widths": [24, 48, 96, 192], "norm": "bn", "pretrained": None},
         selective_search={"mode": "fast", "min_size": 8.0, "max_proposals": 2000},
+        # SPP-net pools conv5 (stride 16) of the whole image: at the dataset's 160 px a 16-64 px
+        # shape spans 1-4 cells for a 6 x 6 pyramid level, so its recipe upscales to 256 px (as
+        # SPP-net upscaled VOC's ~375 px images to 688 px, sec. 4.2; configs/spp/shapes.yaml).
+        family_settings={
+            "spp": {"data.input.min_size_train": [256], "data.input.max_size": 410, "data.input.min_size_test": 256}
+        },
     ),
     # The BCCD recipes for a 2-core CPU (ResNet-18 from scratch, 384 px).
     "bccd": Recipe(
@@ -139,6 +148,12 @@ RECIPES: Dict[str, Recipe] = {
         },
         backbone={"name": "resnet18", "norm": "bn", "pretrained": None},
         selective_search={"mode": "fast", "min_size": 20.0, "max_proposals": 2000},
+        # R-CNN runs the network on every region, SPP-net's SVMs cache every region: on a CPU
+        # their configs use the files' first 500 proposals per image (configs/rcnn/bccd_alexnet.yaml)
+        family_settings={
+            family: {"model.proposals.precomputed.max_proposals": 500, "model.roi_head.svm.max_proposals": 500}
+            for family in ("rcnn", "spp")
+        },
     ),
 }
 
@@ -441,6 +456,7 @@ class Comparison:
                     "model.proposals.selective_search.max_proposals": int(ss["max_proposals"]),
                 }
             )
+        settings.update(self.recipe.family_settings.get(spec.family or "", {}))
         return settings
 
     def train_stage(self, spec: StageSpec) -> None:

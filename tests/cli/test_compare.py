@@ -85,6 +85,9 @@ def test_every_stage_has_a_row_and_the_files_are_written(compared):
         assert cfg.train.max_iter == 2 and cfg.test.metric == "voc" and cfg.test.extra_metrics == ["voc07"]
     assert rows["fast_rcnn_svd"]["svd"] == {"fc6": 8, "fc7": 2}  # 32 / 4, 32 / 16
     assert rows["fast_rcnn_svd"]["params"] < rows["fast_rcnn"]["params"]
+    # SPP-net keeps its recipe's upscaled input (Recipe.family_settings), the others take the data's
+    spp = load_config(out / "configs" / "spp.yaml", Config)
+    assert spp.data.input.min_size_test == 256 and fast.data.input.min_size_test == 96
     # the row's mAP is the run's own evaluation
     run_eval = json.loads((out / "faster_rcnn" / "eval.json").read_text())
     assert rows["faster_rcnn"]["mAP_voc"] == run_eval["mAP"]
