@@ -97,9 +97,16 @@ TINY_MODEL = {
 }
 
 
-def _model(test_scales=()):
+# SPP-net's own multi-scale testing (sec. 3.1.2): the spatial pyramid head on the same pyramid
+SPP_MODEL = {
+    **TINY_MODEL,
+    "roi_head": {"name": "spp", "fc_dims": [16, 16], "score_thresh": 0.0, "spp_levels": [3, 2, 1]},
+}
+
+
+def _model(test_scales=(), spec=None):
     torch.manual_seed(0)
-    model = build_model(from_dict(ModelConfig, TINY_MODEL), 3, InputConfig(test_scales=list(test_scales)))
+    model = build_model(from_dict(ModelConfig, spec or TINY_MODEL), 3, InputConfig(test_scales=list(test_scales)))
     return model.eval()
 
 
@@ -151,9 +158,15 @@ def test_a_pyramid_whose_regions_stay_at_the_largest_scale_changes_nothing():
     _same(ref, out)
 
 
-def test_a_large_region_is_predicted_from_the_smaller_scale():
-    model = _model([240, 480])
+@pytest.mark.parametrize("spec", [TINY_MODEL, SPP_MODEL], ids=["fast_rcnn", "spp"])
+def test_a_large_region_is_predicted_from_the_smaller_scale(spec):
+    model = _model([240, 480], spec)
     head = model.roi_head
+    if spec is SPP_MODEL:  # SVMs and box regressors "fitted" (random): the scores and deltas SPP-net tests with
+        g = torch.Generator().manual_seed(5)
+        head.svms.set(torch.randn(head.svms.weight.shape, generator=g), torch.randn(3, generator=g), 0.5)
+        w = head.box_regressor.weight
+        head.box_regressor.set(0.01 * torch.randn(w.shape, generator=g), torch.zeros(3, 4), 0.5)
     images = ImageList(torch.randn(1, 3, 480, 480, generator=torch.Generator().manual_seed(3)), [(480, 480)])
     boxes = [torch.tensor([[0.0, 0.0, 448.0, 448.0], [100.0, 100.0, 200.0, 200.0]])]
     # 448^2 * 0.25 = 224^2 exactly -> level 0.5; 100^2 -> level 1
