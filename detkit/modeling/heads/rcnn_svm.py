@@ -55,71 +55,59 @@ from detkit.structures import BACKGROUND, Detections, ImageList
 LAYERS = ("pool5", "fc7")
 
 
-class LinearSVMs(nn.Module):
+class _FittedLinear(nn.Module):
+    """Weights fitted outside autograd (scikit-learn) kept as buffers, so they travel in the
+    state dict / checkpoint: weight, bias, the feature ``scale`` and ``fitted`` (False until
+    ``set``). ``what`` names them in the shape error."""
+
+    weight: Tensor
+    bias: Tensor
+    scale: Tensor
+    fitted: Tensor
+
+    def __init__(self, weight_shape: Tuple[int, ...], bias_shape: Tuple[int, ...], what: str):
+        super().__init__()
+        self.what = what
+        self.register_buffer("weight", torch.zeros(weight_shape))
+        self.register_buffer("bias", torch.zeros(bias_shape))
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def set(self, weight, bias, scale: float) -> None:
+        weight, bias = torch.as_tensor(weight), torch.as_tensor(bias)
+        if tuple(weight.shape) != tuple(self.weight.shape) or tuple(bias.shape) != tuple(self.bias.shape):
+            raise ValueError(
+                f"{self.what} weights {tuple(weight.shape)} / biases {tuple(bias.shape)} do not fit "
+                f"{tuple(self.weight.shape)} / {tuple(self.bias.shape)}"
+            )
+        self.weight.copy_(weight)
+        self.bias.copy_(bias)
+        self.scale.fill_(float(scale))
+        self.fitted.fill_(True)
+
+
+class LinearSVMs(_FittedLinear):
     """K linear SVMs as buffers: scores (R, K) = (x * scale) @ weight.T + bias.
 
     scale: the factor that brought the training features to a mean L2 norm of 20 (R-CNN's
     rcnn_scale_features.m), applied to test features alike. A class without an SVM (no
     positives in training) has bias -inf: it never fires. ``fitted`` is False until ``set``."""
 
-    weight: Tensor
-    bias: Tensor
-    scale: Tensor
-    fitted: Tensor
-
     def __init__(self, num_classes: int, dim: int):
-        super().__init__()
-        self.register_buffer("weight", torch.zeros(num_classes, dim))
-        self.register_buffer("bias", torch.zeros(num_classes))
-        self.register_buffer("scale", torch.ones(()))
-        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
-
-    @torch.no_grad()
-    def set(self, weight, bias, scale: float) -> None:
-        weight, bias = torch.as_tensor(weight), torch.as_tensor(bias)
-        if tuple(weight.shape) != tuple(self.weight.shape) or tuple(bias.shape) != tuple(self.bias.shape):
-            raise ValueError(
-                f"SVM weights {tuple(weight.shape)} / biases {tuple(bias.shape)} do not fit "
-                f"{tuple(self.weight.shape)} / {tuple(self.bias.shape)}"
-            )
-        self.weight.copy_(weight)
-        self.bias.copy_(bias)
-        self.scale.fill_(float(scale))
-        self.fitted.fill_(True)
+        super().__init__((num_classes, dim), (num_classes,), "SVM")
 
     def forward(self, x: Tensor) -> Tensor:
         return (x.float() * self.scale) @ self.weight.t() + self.bias
 
 
-class LinearBoxRegressor(nn.Module):
+class LinearBoxRegressor(_FittedLinear):
     """K class-specific linear box regressors as buffers: deltas (R, 4K) with block k - 1 =
     (x * scale) @ weight[k - 1] + bias[k - 1], the raw (dx, dy, dw, dh) of R-CNN appendix C.
     A class fitted on no regions has zero weights and bias: its boxes are not moved."""
 
-    weight: Tensor
-    bias: Tensor
-    scale: Tensor
-    fitted: Tensor
-
     def __init__(self, num_classes: int, dim: int):
-        super().__init__()
-        self.register_buffer("weight", torch.zeros(num_classes, dim, 4))
-        self.register_buffer("bias", torch.zeros(num_classes, 4))
-        self.register_buffer("scale", torch.ones(()))
-        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
-
-    @torch.no_grad()
-    def set(self, weight, bias, scale: float) -> None:
-        weight, bias = torch.as_tensor(weight), torch.as_tensor(bias)
-        if tuple(weight.shape) != tuple(self.weight.shape) or tuple(bias.shape) != tuple(self.bias.shape):
-            raise ValueError(
-                f"box regression weights {tuple(weight.shape)} / biases {tuple(bias.shape)} do not fit "
-                f"{tuple(self.weight.shape)} / {tuple(self.bias.shape)}"
-            )
-        self.weight.copy_(weight)
-        self.bias.copy_(bias)
-        self.scale.fill_(float(scale))
-        self.fitted.fill_(True)
+        super().__init__((num_classes, dim, 4), (num_classes, 4), "box regression")
 
     def forward(self, x: Tensor) -> Tensor:
         k, d, _ = self.weight.shape
