@@ -44,6 +44,7 @@ from parity_runs import (  # noqa: E402
     cell,
     exclusive,
     failed_runs,
+    finish_report,
     launch_subprocess,
     load_recipe,
     machine,
@@ -296,12 +297,7 @@ def run(args, launcher: Callable = launch_subprocess, echo: Callable[[str], None
                 if not args.report_only:
                     write()
         write()
-    echo(Path(str(report) + ".md").read_text(encoding="utf-8"))
-    echo(f"written: {report}.md, {report}.json")
-    if runner.failed:
-        echo(f"{len(runner.failed)} run(s) failed: {', '.join(runner.failed)} (see their suite.log)")
-        return 1
-    return 0
+    return finish_report(report, runner.failed, echo)
 
 
 def main(argv=None) -> int:

@@ -477,3 +477,13 @@ def write_report(prefix: Path, markdown: str, data: Dict) -> List[Path]:
     os.replace(tmp, md)
     _write_json(js, data)
     return [md, js]
+
+
+def finish_report(report: Path, failed: Sequence[str], echo: Callable[[str], None]) -> int:
+    """Prints the written report and the failed runs -> the exit status (1 if any failed)."""
+    echo(Path(str(report) + ".md").read_text(encoding="utf-8"))
+    echo(f"written: {report}.md, {report}.json")
+    if failed:
+        echo(f"{len(failed)} run(s) failed: {', '.join(failed)} (see their suite.log)")
+        return 1
+    return 0

@@ -45,6 +45,7 @@ from parity_runs import (  # noqa: E402
     cell,
     exclusive,
     failed_runs,
+    finish_report,
     launch_subprocess,
     load_recipe,
     machine,
@@ -71,7 +72,7 @@ class Regime:
     s_per_img: Dict[str, float]
 
 
-# Costs measured on this project's 2-vCPU machine on 2026-12-01 (shapes: 40-iteration runs;
+# Costs measured on this project's 2-vCPU machine on 2026-11-30 (shapes: 40-iteration runs;
 # BCCD: the README's 600-iteration runs) with other jobs running now and then: rough guides.
 REGIMES: Dict[str, Regime] = {
     "shapes_large": Regime(
@@ -424,12 +425,7 @@ def run_suite(args, launcher: Callable = launch_subprocess, echo: Callable[[str]
                 if not args.report_only:
                     write(results)
         write(results)
-    echo((Path(str(report) + ".md")).read_text(encoding="utf-8"))
-    echo(f"written: {report}.md, {report}.json")
-    if runner.failed:
-        echo(f"{len(runner.failed)} run(s) failed: {', '.join(runner.failed)} (see their suite.log)")
-        return 1
-    return 0
+    return finish_report(report, runner.failed, echo)
 
 
 def main(argv=None) -> int:
