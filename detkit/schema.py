@@ -575,6 +575,11 @@ class ModelConfig:
     # results up to float rounding. false: torchvision's layout, bit for bit. (Not used in
     # training: torch 2.14's CPU backward of some strided 1x1 convolutions crashes with it.)
     channels_last_inference: bool = True
+    # BatchNorm with fixed statistics is folded into the convolution before it
+    # (``modeling.fold``): at inference every BN in eval mode, in training frozen BN
+    # (frozen_bn, frozen stages). One pass less over every normalised activation; equal
+    # results up to float rounding. false: conv and BN run apart (torchvision, bit for bit).
+    fold_batchnorm: bool = True
 
     def __post_init__(self):
         import difflib

@@ -2,6 +2,7 @@
 
     python tools/benchmark.py [--cases r50_fpn bccd denormal] [--threads 2] [--images 4] [--steps 4]
                               [--denormal-iters 40] [--device cpu|cuda] [--amp] [--json OUT]
+                              [--variant KEY=VALUE ...]
 
 Cases:
     r50_fpn  torchvision's fasterrcnn_resnet50_fpn settings (800 px shorter side, frozen BN,
@@ -15,6 +16,13 @@ Cases:
              slowed from 2.5 to 5.7 s/iter after ~20 iterations), so it runs --denormal-iters
              iterations and compares the step times past the first 20 (ratio off / on: > 1
              means flushing pays), next to the first 10; not part of the default cases.
+
+``--variant KEY=VALUE ...`` adds a third model to the r50_fpn and bccd cases: detkit with
+these config overrides (e.g. ``model.fold_batchnorm=false``: one speed lever switched off),
+timed in the same rotation; its ratio to detkit says what the lever contributes.
+
+detkit's inference is timed on what ``detkit eval`` / ``demo`` run: ``engine.inference.
+inference_model`` (BatchNorm folded where the config asks for it).
 
 Inputs are BCCD test images (640x480) with their boxes (synthetic images if ../shared is
 absent). Each measurement alternates torchvision and detkit (A B A B ...) so that load from
@@ -37,6 +45,7 @@ import sys
 import time
 from datetime import date
 from pathlib import Path
+from typing import Dict, List, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -74,6 +83,7 @@ def _case_config(name: str):
         # Timing, not bit-for-bit parity: detkit's default (sparse) CPU RoIAlign.
         cfg.model.roi_head.cpu_sparse_roi_align = True
         cfg.model.channels_last_inference = True
+        cfg.model.fold_batchnorm = True
         return cfg, 90
     if name == "bccd":
         cfg = load_config(ROOT / "configs/faster_rcnn/bccd_r18_fpn.yaml", Config)
@@ -92,16 +102,27 @@ def _timeit(fn, device=None):
     return time.perf_counter() - t
 
 
-def run_case(name: str, images, n_images: int, steps: int, warmup: int, device: str = "cpu", amp: bool = False):
+def run_case(
+    name: str,
+    images,
+    n_images: int,
+    steps: int,
+    warmup: int,
+    device: str = "cpu",
+    amp: bool = False,
+    variant: Sequence[str] = (),
+):
     import contextlib
 
     import torch
     from torchvision_baseline import build_torchvision_model, set_torchvision_mode
 
+    from detkit.config import apply_overrides, from_dict, to_dict
     from detkit.data.build import dataset_transforms
     from detkit.engine.convert import map_torchvision_state
-    from detkit.engine.inference import amp_dtype, autocast_context
+    from detkit.engine.inference import amp_dtype, autocast_context, inference_model
     from detkit.modeling.build import build_model
+    from detkit.schema import Config
     from detkit.structures import ImageList, Target
 
     dev = torch.device(device)
@@ -112,6 +133,13 @@ def run_case(name: str, images, n_images: int, steps: int, warmup: int, device: 
     dk.load_state_dict(map_torchvision_state(tv.state_dict()))
     tv.to(dev)
     dk.to(dev)
+    # detkit with some levers switched off (--variant), the same weights
+    dv = None
+    if variant:
+        vcfg = from_dict(Config, apply_overrides(to_dict(cfg), list(variant)))
+        dv = build_model(vcfg.model, k)
+        dv.load_state_dict(map_torchvision_state(tv.state_dict()))
+        dv.to(dev)
     dtype = amp_dtype(dev, amp)  # None: float32
     autocast = (lambda: autocast_context(dev, dtype)) if dtype is not None else contextlib.nullcontext
     test_tf = dataset_transforms(cfg.data.input, train=False)
@@ -126,35 +154,45 @@ def run_case(name: str, images, n_images: int, steps: int, warmup: int, device: 
         with torch.no_grad(), autocast():
             tv([tensors_dev[i]])
 
-    def dk_infer(i):
+    def dk_infer(net, i):
         with torch.no_grad(), autocast():
             empty = Target(torch.zeros((0, 4), device=dev), torch.zeros(0, dtype=torch.long, device=dev))
             t, target = test_tf(tensors_dev[i], empty)
-            dk(ImageList.from_tensors([t], dk.size_divisibility, geometries=[target.geometry]))
+            net(ImageList.from_tensors([t], net.size_divisibility, geometries=[target.geometry]))
 
     set_torchvision_mode(tv, False)
-    dk.eval()
-    tv_inf, dk_inf = [], []
+    detkits = {"detkit": dk} if dv is None else {"detkit": dk, "variant": dv}
+    nets = {}
+    for key, model in detkits.items():
+        model.eval()
+        nets[key] = inference_model(model)  # what detkit eval / demo run
+    tv_inf: List[float] = []
+    inf: Dict[str, List[float]] = {key: [] for key in nets}
     for i in range(warmup):
         tv_infer(i % len(images))
-        dk_infer(i % len(images))
+        for net in nets.values():
+            dk_infer(net, i % len(images))
     for i in range(n_images):
         j = i % len(images)
         tv_inf.append(_timeit(lambda j=j: tv_infer(j), dev))
-        dk_inf.append(_timeit(lambda j=j: dk_infer(j), dev))
+        for key, net in nets.items():
+            inf[key].append(_timeit(lambda net=net, j=j: dk_infer(net, j), dev))
+    del nets
 
     # Training steps: batch of 2 images, SGD step included.
-    tv_opt = torch.optim.SGD([p for p in tv.parameters() if p.requires_grad], lr=1e-5, momentum=0.9)
-    dk_opt = torch.optim.SGD([p for p in dk.parameters() if p.requires_grad], lr=1e-5, momentum=0.9)
     set_torchvision_mode(tv, True)
-    dk.train()
     batch = [0, 1]
     tv_targets = [
         {"boxes": torch.as_tensor(images[i][1]).to(dev), "labels": torch.as_tensor(images[i][2]).to(dev)} for i in batch
     ]
-    # float16 gradients need loss scaling (bfloat16 and float32 do not): the same for both
+    # float16 gradients need loss scaling (bfloat16 and float32 do not): the same for all
+    tv_opt = torch.optim.SGD([p for p in tv.parameters() if p.requires_grad], lr=1e-5, momentum=0.9)
     tv_scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
-    dk_scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
+    opts = {
+        key: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-5, momentum=0.9)
+        for key, m in detkits.items()
+    }
+    scalers = {key: torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16) for key in detkits}
 
     def tv_step():
         with autocast():
@@ -164,7 +202,8 @@ def run_case(name: str, images, n_images: int, steps: int, warmup: int, device: 
         tv_scaler.step(tv_opt)
         tv_scaler.update()
 
-    def dk_step():
+    def dk_step(key):
+        model, opt, scaler = detkits[key], opts[key], scalers[key]
         with autocast():
             pairs = [
                 train_tf(
@@ -173,20 +212,26 @@ def run_case(name: str, images, n_images: int, steps: int, warmup: int, device: 
                 )
                 for i in batch
             ]
-            il = ImageList.from_tensors([p[0] for p in pairs], dk.size_divisibility)
-            _, losses = dk(il, [p[1] for p in pairs])
-        dk_opt.zero_grad()
-        dk_scaler.scale(sum(losses.values())).backward()
-        dk_scaler.step(dk_opt)
-        dk_scaler.update()
+            il = ImageList.from_tensors([p[0] for p in pairs], model.size_divisibility)
+            _, losses = model(il, [p[1] for p in pairs])
+        opt.zero_grad()
+        scaler.scale(sum(losses.values())).backward()
+        scaler.step(opt)
+        scaler.update()
 
+    for model in detkits.values():
+        model.train()
     for _ in range(warmup):
         tv_step()
-        dk_step()
-    tv_tr, dk_tr = [], []
+        for key in detkits:
+            dk_step(key)
+    tv_tr: List[float] = []
+    tr: Dict[str, List[float]] = {key: [] for key in detkits}
     for _ in range(steps):
         tv_tr.append(_timeit(tv_step, dev))
-        dk_tr.append(_timeit(dk_step, dev))
+        for key in detkits:
+            tr[key].append(_timeit(lambda key=key: dk_step(key), dev))
+    dk_inf, dk_tr = inf["detkit"], tr["detkit"]
     med = statistics.median
     res = {
         "case": name,
@@ -203,6 +248,13 @@ def run_case(name: str, images, n_images: int, steps: int, warmup: int, device: 
         "device": str(dev),
         "amp": str(dtype).replace("torch.", "") if dtype is not None else None,
     }
+    if dv is not None:
+        res["variant"] = list(variant)
+        res["variant_infer_s_per_img"] = med(inf["variant"])
+        res["variant_train_s_per_step"] = med(tr["variant"])
+        # > 1: the levers the variant switches off save time
+        res["variant_over_detkit_infer"] = med(inf["variant"]) / med(dk_inf)
+        res["variant_over_detkit_train"] = med(tr["variant"]) / med(dk_tr)
     return res
 
 
@@ -350,6 +402,9 @@ def main():
     p.add_argument("--json", help="write the results here")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both models run (default cpu)")
     p.add_argument("--amp", action="store_true", help="both under autocast (bf16 where the GPU has it, else fp16)")
+    p.add_argument(
+        "--variant", nargs="+", default=[], metavar="KEY=VALUE", help="also time detkit with these config overrides"
+    )
     args = p.parse_args()
     import torch
 
@@ -373,7 +428,7 @@ def main():
                 flush=True,
             )
             continue
-        r = run_case(case, images, args.images, args.steps, args.warmup, args.device, args.amp)
+        r = run_case(case, images, args.images, args.steps, args.warmup, args.device, args.amp, args.variant)
         results.append(r)
         print(
             f"{case:8s} {r['input']}: inference torchvision {r['torchvision_infer_s_per_img']:.3f} s/img, "
@@ -382,6 +437,13 @@ def main():
             f"detkit {r['detkit_train_s_per_step']:.3f} s/step (ratio {r['train_ratio']:.2f})",
             flush=True,
         )
+        if args.variant:
+            print(
+                f"{case:8s} detkit with {' '.join(args.variant)}: inference {r['variant_infer_s_per_img']:.3f} s/img "
+                f"(x{r['variant_over_detkit_infer']:.2f} of detkit's), training {r['variant_train_s_per_step']:.3f} "
+                f"s/step (x{r['variant_over_detkit_train']:.2f})",
+                flush=True,
+            )
     report = {
         "date": date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"

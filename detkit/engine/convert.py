@@ -53,6 +53,7 @@ def torchvision_r50_fpn_config() -> Config:
     h.pooler, h.pooler_resolution, h.sampling_ratio, h.aligned = "roi_align", 7, 2, False
     h.cpu_sparse_roi_align = False  # torchvision's own kernel: the same detections bit for bit
     cfg.model.channels_last_inference = False  # and torchvision's memory layout
+    cfg.model.fold_batchnorm = False  # and its unfolded frozen BatchNorm
     h.fc_dims = [1024, 1024]
     h.batch_size_per_image, h.positive_fraction, h.bg_iou_thresh_lo = 512, 0.25, 0.0
     h.score_thresh, h.nms_thresh, h.detections_per_img, h.min_box_size = 0.05, 0.5, 100, 1e-2

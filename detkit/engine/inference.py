@@ -29,6 +29,8 @@ from tqdm import tqdm
 from detkit.data.loader import SkippedImages, build_test_loader
 from detkit.engine import distributed
 from detkit.errors import ConfigError
+from detkit.modeling.detector import Detector
+from detkit.modeling.fold import M, folded_copy
 from detkit.structures import ImageList
 
 logger = logging.getLogger("detkit")
@@ -114,6 +116,21 @@ def images_to(images: ImageList, device: torch.device, channels_last: bool = Fal
     return replace(images, tensor=tensor)
 
 
+def inference_model(model: M) -> M:
+    """The network inference runs for ``model``: for a Detector with
+    ``fold_batchnorm``, an eval-mode copy with its fixed BatchNorm folded into the
+    convolutions (``modeling.fold``; ``model`` itself is left as it is, so training and its
+    checkpoints go on unchanged); otherwise ``model``."""
+    if isinstance(model, Detector) and model.fold_batchnorm:
+        was_training = model.training
+        model.eval()  # BatchNorm folds only with its running statistics
+        try:
+            return folded_copy(model)
+        finally:
+            model.train(was_training)
+    return model
+
+
 @torch.no_grad()
 def run_inference(
     model,
@@ -138,6 +155,7 @@ def run_inference(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
+    net = inference_model(model)
     shard = (distributed.rank(), distributed.world_size()) if sharded else (0, 1)
     loader = build_test_loader(
         dataset,
@@ -163,7 +181,7 @@ def run_inference(
                 continue
             images = images_to(images, device)
             with autocast_context(device, amp):
-                detections, losses = model(images, targets if compute_losses else None)
+                detections, losses = net(images, targets if compute_losses else None)
             assert images.image_ids is not None  # the test loader names every image
             for det, image_id in zip(detections, images.image_ids):
                 dets[image_id] = {

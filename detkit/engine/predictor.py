@@ -16,7 +16,7 @@ import torch
 from detkit.config import from_dict
 from detkit.data.build import dataset_transforms
 from detkit.engine.checkpoint import load_checkpoint, load_model_state
-from detkit.engine.inference import denormals_flushed, device_from_config
+from detkit.engine.inference import denormals_flushed, device_from_config, inference_model
 from detkit.errors import CheckpointError
 from detkit.modeling.build import build_model
 from detkit.schema import Config
@@ -56,7 +56,8 @@ def model_from_checkpoint(path, cfg: Optional[Config] = None, device="cpu"):
 
 class Predictor:
     def __init__(self, model, cfg: Config, class_names: Sequence[str], device="cpu"):
-        self.model = model.eval()
+        # eval mode; BatchNorm folded into the convolutions when the model asks for it (a copy).
+        self.model = inference_model(model.eval())
         self.cfg = cfg
         self.class_names = list(class_names)
         self.device = torch.device(device)

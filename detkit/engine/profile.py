@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from detkit.data.loader import build_test_loader
-from detkit.engine.inference import autocast_context
+from detkit.engine.inference import autocast_context, inference_model
 from detkit.errors import UsageError
 from detkit.modeling.timing import PartTimes
 
@@ -67,9 +67,11 @@ def profile_detectors(
     try:
         for model, _ in entries.values():
             model.eval()
+        # What run_inference runs (BatchNorm folded where the model asks for it).
+        nets = {name: inference_model(model) for name, (model, _) in entries.items()}
         for i, batches in enumerate(zip(*loaders.values())):
             for name, (images, _) in zip(loaders, batches):
-                model = entries[name][0]
+                model = nets[name]
                 images = images.to(device)
                 if i == 0:  # untimed warm-up
                     with autocast_context(device, amp):

@@ -36,6 +36,7 @@ from detkit.modeling.backbones.tiny import TinyResNet, TinyResNetBody
 from detkit.modeling.backbones.vgg import VGGBody, torchvision_vgg16, vgg16_fc_state
 from detkit.modeling.box_ops import BalancedSampler, BoxCoder, Matcher
 from detkit.modeling.detector import Detector
+from detkit.modeling.fold import fold_frozen_batchnorm
 from detkit.modeling.heads.base import RoIHeadBase
 from detkit.modeling.heads.compress import compress_layers
 from detkit.modeling.heads.fast_rcnn import FastRCNNHead, FastRCNNPredictor, MLPBoxHead
@@ -483,15 +484,19 @@ def build_model(cfg: ModelConfig, num_classes: int, input_cfg: Optional[InputCon
     roi_head = build_roi_head(cfg, backbone, num_classes, hand_over)
     # Multi-scale testing: every head here is a RoIHeadBase, which predicts per pyramid level.
     test_scales = list(input_cfg.test_scales) if input_cfg is not None else []
-    return Detector(
+    detector = Detector(
         backbone,
         proposal_generator,
         roi_head,
         cfg.loss_weights,
         cfg.train_difficult,
         channels_last_inference=cfg.channels_last_inference,
+        fold_batchnorm=cfg.fold_batchnorm,
         test_scales=test_scales,
     )
+    if cfg.fold_batchnorm:  # frozen BatchNorm rides in the conv before it (training too)
+        fold_frozen_batchnorm(detector)
+    return detector
 
 
 def model_summary(model: nn.Module) -> str:

@@ -55,7 +55,9 @@ class Detector(nn.Module):
     names (TypeError otherwise). loss_weights: loss name -> factor (missing: 1).
     train_difficult: keep difficult boxes in the training targets.
     test_scales: shorter sides of the test-time image pyramid (two or more; the input is at
-    the largest); the RoI head must accept ``pyramid=`` (``heads.base.RoIHeadBase`` does)."""
+    the largest); the RoI head must accept ``pyramid=`` (``heads.base.RoIHeadBase`` does).
+    channels_last_inference / fold_batchnorm: speed settings (see ``detkit.schema.ModelConfig``);
+    a frozen BatchNorm is folded for training by the builder (``modeling.fold``)."""
 
     def __init__(
         self,
@@ -66,6 +68,7 @@ class Detector(nn.Module):
         train_difficult: bool = False,
         channels_last_inference: bool = False,
         test_scales: Sequence[int] = (),
+        fold_batchnorm: bool = False,
     ):
         super().__init__()
         check_implements(backbone, Backbone, "backbone")
@@ -80,6 +83,9 @@ class Detector(nn.Module):
         # the CPU). Training stays NCHW: torch's CPU backward of some strided 1x1 convolutions
         # crashes on channels-last inputs (e.g. 12 -> 24 channels).
         self.channels_last_inference = channels_last_inference
+        # Read by the inference entry points (``engine.inference.inference_model``), which run
+        # a copy with BatchNorm folded into the convolutions (``modeling.fold``).
+        self.fold_batchnorm = fold_batchnorm
         # One scale is the plain single-scale path (bit for bit the same detections).
         self.test_factors = pyramid_factors(test_scales) if len(test_scales) > 1 else []
         if self.test_factors and not isinstance(roi_head, RoIHeadBase):

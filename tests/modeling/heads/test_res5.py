@@ -14,6 +14,7 @@ from detkit.data.shapes import render_shapes_image
 from detkit.data.transforms import Normalize
 from detkit.errors import ConfigError
 from detkit.modeling.build import build_model
+from detkit.modeling.fold import FoldedNorm, FrozenNormConv2d
 from detkit.modeling.heads.res5 import Res5Head
 from detkit.schema import ModelConfig
 from detkit.structures import ImageList, Proposals, Target
@@ -88,7 +89,11 @@ def test_resnet50_res5_is_torchvision_layer4_with_stride_two():
     # torchvision's bottleneck strides its 3x3 conv (detectron2 / MSRA: the 1x1, STRIDE_IN_1X1)
     assert head.res5[0].conv1.stride == (1, 1) and head.res5[0].conv2.stride == (2, 2)
     assert head.predictor.cls_score.in_features == 2048
-    assert isinstance(head.res5[0].bn1, torchvision.ops.FrozenBatchNorm2d)  # BN fixed, as the paper
+    # BN fixed, as the paper: folded into the conv before it (modeling.fold), or kept apart
+    assert isinstance(head.res5[0].bn1, FoldedNorm) and isinstance(head.res5[0].conv1, FrozenNormConv2d)
+    cfg.fold_batchnorm = False
+    head = build_model(cfg, num_classes=20).roi_head
+    assert isinstance(head.res5[0].bn1, torchvision.ops.FrozenBatchNorm2d)
 
 
 def test_pretrained_layer4_is_handed_to_the_head(tmp_path):
