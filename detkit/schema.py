@@ -572,8 +572,8 @@ class ModelConfig:
     loss_weights: Dict[str, float] = field(default_factory=dict)
     train_difficult: bool = False  # train on difficult / crowd boxes too (metrics ignore them either way)
     # Inference on channels-last images: ~25 % faster convolutions on the CPU (oneDNN); equal
-    # results up to float rounding. false: torchvision's layout, bit for bit. (Not used in
-    # training: torch 2.14's CPU backward of some strided 1x1 convolutions crashes with it.)
+    # results up to float rounding. false: torchvision's layout, bit for bit. (Training:
+    # train.channels_last.)
     channels_last_inference: bool = True
     # BatchNorm with fixed statistics is folded into the convolution before it
     # (``modeling.fold``): at inference every BN in eval mode, in training frozen BN
@@ -613,8 +613,8 @@ class TrainConfig:
     # auto: bfloat16 where the GPU supports it, else float16 with a gradient scaler; bf16 / fp16
     # force one (bf16 also enables bfloat16 autocast on the CPU)
     amp_dtype: Literal["auto", "bf16", "fp16"] = "auto"
-    # CUDA: channels-last images and weights in training (faster tensor-core convolutions);
-    # the CPU trains NCHW (see model.channels_last_inference)
+    # channels-last images and weights in training: tensor-core convolutions on CUDA, oneDNN's
+    # on the CPU (where strided 1x1 convolutions stay NCHW: detkit.modeling.layout says why)
     channels_last: bool = True
     num_threads: int = 0  # CPU threads for torch; 0 = torch's default
     # Treat subnormal floats (< 1.2e-38) as zero on the CPU, in training and evaluation: many

@@ -122,6 +122,7 @@ def run_case(
     from detkit.engine.convert import map_torchvision_state
     from detkit.engine.inference import amp_dtype, autocast_context, inference_model
     from detkit.modeling.build import build_model
+    from detkit.modeling.layout import to_channels_last
     from detkit.schema import Config
     from detkit.structures import ImageList, Target
 
@@ -134,7 +135,7 @@ def run_case(
     tv.to(dev)
     dk.to(dev)
     # detkit with some levers switched off (--variant), the same weights
-    dv = None
+    dv, vcfg = None, cfg
     if variant:
         vcfg = from_dict(Config, apply_overrides(to_dict(cfg), list(variant)))
         dv = build_model(vcfg.model, k)
@@ -213,13 +214,19 @@ def run_case(
                 for i in batch
             ]
             il = ImageList.from_tensors([p[0] for p in pairs], model.size_divisibility)
+            if layouts[key]:
+                il = ImageList(il.tensor.contiguous(memory_format=torch.channels_last), il.image_sizes)
             _, losses = model(il, [p[1] for p in pairs])
         opt.zero_grad()
         scaler.scale(sum(losses.values())).backward()
         scaler.step(opt)
         scaler.update()
 
-    for model in detkits.values():
+    # the trainer's layout (train.channels_last: modeling.layout)
+    layouts = {"detkit": cfg.train.channels_last, "variant": vcfg.train.channels_last if dv is not None else False}
+    for key, model in detkits.items():
+        if layouts[key]:
+            to_channels_last(model, dev)
         model.train()
     for _ in range(warmup):
         tv_step()

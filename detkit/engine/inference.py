@@ -16,6 +16,7 @@ and so the same mAP, as one process computes. Mixed precision: ``amp_dtype`` /
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import time
 from collections import defaultdict
@@ -30,7 +31,8 @@ from detkit.data.loader import SkippedImages, build_test_loader
 from detkit.engine import distributed
 from detkit.errors import ConfigError
 from detkit.modeling.detector import Detector
-from detkit.modeling.fold import M, folded_copy
+from detkit.modeling.fold import M, fold_batchnorm, has_foldable
+from detkit.modeling.layout import cpu_weights_in_nchw
 from detkit.structures import ImageList
 
 logger = logging.getLogger("detkit")
@@ -117,18 +119,27 @@ def images_to(images: ImageList, device: torch.device, channels_last: bool = Fal
 
 
 def inference_model(model: M) -> M:
-    """The network inference runs for ``model``: for a Detector with
-    ``fold_batchnorm``, an eval-mode copy with its fixed BatchNorm folded into the
-    convolutions (``modeling.fold``; ``model`` itself is left as it is, so training and its
-    checkpoints go on unchanged); otherwise ``model``."""
-    if isinstance(model, Detector) and model.fold_batchnorm:
-        was_training = model.training
-        model.eval()  # BatchNorm folds only with its running statistics
-        try:
-            return folded_copy(model)
-        finally:
-            model.train(was_training)
-    return model
+    """The network inference runs for ``model``: for a Detector, an eval-mode copy with its
+    fixed BatchNorm folded into the convolutions (``fold_batchnorm``: ``modeling.fold``) and
+    its CPU weights in NCHW (``modeling.layout.cpu_weights_in_nchw``: a model trained
+    channels-last evaluates as its checkpoint does); ``model`` itself is left as it is, so
+    training and its checkpoints go on unchanged. ``model`` itself when there is nothing
+    to change."""
+    if not isinstance(model, Detector):
+        return model
+    was_training = model.training
+    model.eval()  # BatchNorm folds only with its running statistics
+    try:
+        fold = model.fold_batchnorm and has_foldable(model)
+        if not fold and not cpu_weights_in_nchw(model, dry_run=True):
+            return model
+        twin = copy.deepcopy(model)
+    finally:
+        model.train(was_training)
+    if fold:
+        fold_batchnorm(twin)
+    cpu_weights_in_nchw(twin)
+    return twin
 
 
 @torch.no_grad()

@@ -28,7 +28,8 @@ batch on any rank is agreed on by all ranks, so they stop, or skip the step, tog
 
 Mixed precision (``train.amp``): bfloat16 autocast where the GPU supports it, else float16
 with a GradScaler (``detkit.engine.inference.amp_dtype``); on CUDA the batches come in
-pinned memory and, with ``train.channels_last``, the model and images are channels-last.
+pinned memory. With ``train.channels_last`` the model and images are channels-last (on the
+CPU too, strided 1x1 convolutions excepted: ``detkit.modeling.layout``).
 
 A run folder holds:
     config.yaml      the resolved config
@@ -69,6 +70,7 @@ from detkit.engine.checkpoint import (
 from detkit.engine.inference import autocast_context, denormals_flushed, images_to, needs_grad_scaler
 from detkit.engine.stages import RunContext, Stage, evaluate_on_test_set
 from detkit.errors import TrainingError
+from detkit.modeling.layout import to_channels_last
 from detkit.schema import TrainConfig
 
 logger = logging.getLogger("detkit")
@@ -178,11 +180,13 @@ class Trainer:
         self.main = self.rank == 0
         seed_everything(distributed.rank_seed(t.seed, self.rank))
         self.model = run.model.to(self.device)
-        # Channels-last pays on CUDA (tensor cores); torch's CPU backward of some strided
-        # 1x1 convolutions crashes with it, so the CPU trains NCHW.
-        self.channels_last = bool(t.channels_last) and self.device.type == "cuda"
+        # Channels-last images and weights (tensor cores on CUDA, oneDNN on the CPU, where the
+        # strided 1x1 convolutions stay NCHW: modeling.layout says why).
+        self.channels_last = bool(t.channels_last)
         if self.channels_last:
-            self.model.to(memory_format=torch.channels_last)
+            routed = to_channels_last(self.model, self.device)
+            if routed:
+                logger.info("channels-last training; %d strided 1x1 convolutions kept in NCHW", routed)
         distributed.check_syncbn(self.model)
         converted = distributed.convert_sync_batchnorm(self.model, self.device) if self.world_size > 1 else 0
         if converted:

@@ -80,8 +80,8 @@ class Detector(nn.Module):
         self.loss_weights = dict(loss_weights or {})
         self.train_difficult = train_difficult
         # In eval mode the backbone gets channels-last images (faster oneDNN convolutions on
-        # the CPU). Training stays NCHW: torch's CPU backward of some strided 1x1 convolutions
-        # crashes on channels-last inputs (e.g. 12 -> 24 channels).
+        # the CPU). Training takes the layout the trainer gives it (train.channels_last,
+        # ``modeling.layout``).
         self.channels_last_inference = channels_last_inference
         # Read by the inference entry points (``engine.inference.inference_model``), which run
         # a copy with BatchNorm folded into the convolutions (``modeling.fold``).

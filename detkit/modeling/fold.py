@@ -216,11 +216,16 @@ def fold_batchnorm(module: nn.Module) -> int:
 M = TypeVar("M", bound=nn.Module)
 
 
+def has_foldable(model: nn.Module) -> bool:
+    """Whether ``fold_batchnorm`` would change ``model`` (a fixed BatchNorm after a conv, or
+    a training-time fold)."""
+    return bool(conv_norm_pairs(model)) or any(isinstance(m, FrozenNormConv2d) for m in model.modules())
+
+
 def folded_copy(model: M) -> M:
-    """``model`` itself when it has nothing to fold (no fixed BatchNorm, no training-time
-    fold), else a deep copy with every fixed
-    BatchNorm folded (``fold_batchnorm``); the copy is in eval mode like an inference model."""
-    if not conv_norm_pairs(model) and not any(isinstance(m, FrozenNormConv2d) for m in model.modules()):
+    """``model`` itself when it has nothing to fold (``has_foldable``), else a deep copy
+    with every fixed BatchNorm folded (``fold_batchnorm``)."""
+    if not has_foldable(model):
         return model
     twin = copy.deepcopy(model)
     fold_batchnorm(twin)
