@@ -39,13 +39,33 @@ from torch import Tensor, nn
 from torchvision.ops import roi_align, roi_pool
 
 
+def _axis_samples(start: Tensor, bin_size: Tensor, size: int, sr: int, length: int):
+    """One axis of torchvision's RoIAlign sampling (its CPU kernel's arithmetic): per RoI,
+    bin p and sample i, the sample coordinate start + p * bin + (i + 0.5) * bin / sr
+    -> (low, high, frac, valid), each (R, S, sr): the two neighbouring pixels, the weight of
+    ``high`` and whether the sample lies within [-1, length]."""
+    p = torch.arange(size, dtype=start.dtype, device=start.device)[None, :, None]
+    i = torch.arange(sr, dtype=start.dtype, device=start.device)[None, None, :]
+    c = start[:, None, None] + p * bin_size[:, None, None] + (i + 0.5) * bin_size[:, None, None] / sr
+    valid = (c >= -1.0) & (c <= length)
+    c = c.clamp(min=0)
+    low = c.long()
+    cap = low >= length - 1
+    low = torch.where(cap, torch.full_like(low, length - 1), low)
+    high = torch.where(cap, low, low + 1)
+    c = torch.where(cap, low.to(c.dtype), c)
+    return low, high, c - low, valid
+
+
 def _bilinear_entries(rois: Tensor, scale: float, size: int, sr: int, aligned: bool, height: int, width: int):
     """Sparse bilinear weights of torchvision's RoIAlign (same arithmetic as its CPU kernel).
 
-    rois (R, 5) -> (rows, cols, weights): output bin r * S * S + py * S + px takes
-    weight * F[col] for col = n * H * W + y * W + x (sr x sr samples x 4 corners per bin).
+    rois (R, 5) -> (cols, weights), each (R * S * S * 4 * sr * sr,): output bin
+    r * S * S + py * S + px takes weight * F[col] for col = n * H * W + y * W + x from its
+    4 * sr * sr consecutive entries (sr x sr samples x 4 corners). Bilinear sampling is
+    separable, so y and x are computed per (RoI, bin, sample) along their own axis and
+    only combined at the end.
     """
-    r = rois.shape[0]
     offset = 0.5 if aligned else 0.0
     batch = rois[:, 0].long()
     x1 = rois[:, 1] * scale - offset
@@ -54,39 +74,19 @@ def _bilinear_entries(rois: Tensor, scale: float, size: int, sr: int, aligned: b
     rh = rois[:, 4] * scale - offset - y1
     if not aligned:  # the legacy (Fast R-CNN) RoIAlign forces at least 1x1 regions
         rw, rh = rw.clamp(min=1.0), rh.clamp(min=1.0)
-    bw, bh = rw / size, rh / size
-    p = torch.arange(size, dtype=rois.dtype, device=rois.device)[None, :, None]
-    i = torch.arange(sr, dtype=rois.dtype, device=rois.device)[None, None, :]
-    ys = y1[:, None, None] + p * bh[:, None, None] + (i + 0.5) * bh[:, None, None] / sr  # (R, S, sr)
-    xs = x1[:, None, None] + p * bw[:, None, None] + (i + 0.5) * bw[:, None, None] / sr
-    shape = (r, size, size, sr, sr)  # (roi, py, px, iy, ix): bins stay contiguous
-    y = ys[:, :, None, :, None].expand(shape)
-    x = xs[:, None, :, None, :].expand(shape)
-    valid = (y >= -1.0) & (y <= height) & (x >= -1.0) & (x <= width)
-    y, x = y.clamp(min=0), x.clamp(min=0)
-    y_low, x_low = y.long(), x.long()
-    y_cap, x_cap = y_low >= height - 1, x_low >= width - 1
-    y_low = torch.where(y_cap, torch.full_like(y_low, height - 1), y_low)
-    x_low = torch.where(x_cap, torch.full_like(x_low, width - 1), x_low)
-    y_high = torch.where(y_cap, y_low, y_low + 1)
-    x_high = torch.where(x_cap, x_low, x_low + 1)
-    y = torch.where(y_cap, y_low.to(y.dtype), y)
-    x = torch.where(x_cap, x_low.to(x.dtype), x)
-    ly, lx = y - y_low, x - x_low
+    y_low, y_high, ly, y_valid = _axis_samples(y1, rh / size, size, sr, height)
+    x_low, x_high, lx, x_valid = _axis_samples(x1, rw / size, size, sr, width)
+    r = rois.shape[0]
+    # (roi, py, px, iy, ix): y varies along py / iy, x along px / ix; bins stay contiguous
+    y_low, y_high, ly, y_valid = (t.view(r, size, 1, sr, 1) for t in (y_low, y_high, ly, y_valid))
+    x_low, x_high, lx, x_valid = (t.view(r, 1, size, 1, sr) for t in (x_low, x_high, lx, x_valid))
     hy, hx = 1 - ly, 1 - lx
-    base = (batch * (height * width))[:, None, None, None, None]
-    cols = torch.stack(
-        [
-            base + y_low * width + x_low,
-            base + y_low * width + x_high,
-            base + y_high * width + x_low,
-            base + y_high * width + x_high,
-        ],
-        -1,
-    )
-    weights = torch.stack([hy * hx, hy * lx, ly * hx, ly * lx], -1) * (valid[..., None].to(rois.dtype) / (sr * sr))
-    rows = torch.arange(r * size * size, device=rois.device).view(r, size, size, 1, 1, 1).expand(cols.shape)
-    return rows.reshape(-1), cols.reshape(-1), weights.reshape(-1)
+    base = (batch * (height * width)).view(r, 1, 1, 1, 1)
+    row_low, row_high = base + y_low * width, base + y_high * width
+    cols = torch.stack([row_low + x_low, row_low + x_high, row_high + x_low, row_high + x_high], -1)
+    keep = (y_valid & x_valid).to(rois.dtype) / (sr * sr)
+    weights = torch.stack([hy * hx, hy * lx, ly * hx, ly * lx], -1) * keep[..., None]
+    return cols.reshape(-1), weights.reshape(-1)
 
 
 def _csr(coo: Tensor) -> Tensor:
@@ -114,17 +114,19 @@ class _SparseRoIAlignFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, feature, rois, scale, size, sr, aligned):
         n, c, h, w = feature.shape
-        rows, cols, weights = _bilinear_entries(rois, scale, size, sr, aligned, h, w)
+        cols, weights = _bilinear_entries(rois, scale, size, sr, aligned, h, w)
         weights = weights.to(feature.dtype)
         shape = (rois.shape[0] * size * size, n * h * w)
         flat = feature.permute(0, 2, 3, 1).reshape(n * h * w, c)
-        out = _row_major_csr(cols, weights, 4 * sr * sr, shape) @ flat
+        per_row = 4 * sr * sr
+        out = _row_major_csr(cols, weights, per_row, shape) @ flat
         out = out.view(rois.shape[0], size, size, c).permute(0, 3, 1, 2)
         if feature.requires_grad:  # backward needs W^T: built (and coalesced) only then
+            rows = torch.arange(shape[0], device=cols.device).repeat_interleave(per_row)
             coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), weights, shape, check_invariants=False)
             ctx.save_for_backward(coo)
             ctx.shape = (n, c, h, w)
-        return out.contiguous()
+        return out  # (R, C, S, S) with channels innermost: sparse_roi_align decides the layout
 
     @staticmethod
     def backward(ctx, grad):
@@ -137,9 +139,17 @@ class _SparseRoIAlignFn(torch.autograd.Function):
 
 
 def sparse_roi_align(
-    feature: Tensor, rois: Tensor, output_size: int, spatial_scale: float, sampling_ratio: int, aligned: bool = False
+    feature: Tensor,
+    rois: Tensor,
+    output_size: int,
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool = False,
+    contiguous: bool = True,
 ) -> Tensor:
-    """torchvision.ops.roi_align's result (fixed sampling_ratio > 0) with a fast CPU backward."""
+    """torchvision.ops.roi_align's result (fixed sampling_ratio > 0) with a fast CPU backward.
+    contiguous=False: the result may come with channels innermost (a caller that copies it
+    anyway, as the multi-level pooler does, saves a copy)."""
     if sampling_ratio <= 0:
         raise ValueError("sparse_roi_align needs a fixed sampling_ratio > 0")
     if rois.shape[0] == 0:
@@ -155,11 +165,12 @@ def sparse_roi_align(
                 int(output_size),
                 int(sampling_ratio),
                 bool(aligned),
-            )
-        return pooled.to(feature.dtype)
-    return _SparseRoIAlignFn.apply(
-        feature, rois, float(spatial_scale), int(output_size), int(sampling_ratio), bool(aligned)
-    )
+            ).to(feature.dtype)
+    else:
+        pooled = _SparseRoIAlignFn.apply(
+            feature, rois, float(spatial_scale), int(output_size), int(sampling_ratio), bool(aligned)
+        )
+    return pooled.contiguous() if contiguous else pooled
 
 
 def boxes_to_rois(boxes: List[Tensor]) -> Tensor:
@@ -231,12 +242,18 @@ class RoIPooler(nn.Module):
         # False: torchvision's kernel everywhere, for bit-for-bit agreement with torchvision.
         self.cpu_sparse = bool(cpu_sparse)
 
-    def _pool(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:
+    def _pool(self, feature: Tensor, rois: Tensor, scale: float, contiguous: bool = True) -> Tensor:
         if self.kind == "roi_pool":
             return roi_pool(feature, rois, self.output_size, scale)
         if self.cpu_sparse and feature.device.type == "cpu" and self.sampling_ratio > 0:
             return sparse_roi_align(
-                feature, rois.to(feature.dtype), self.output_size, scale, self.sampling_ratio, self.aligned
+                feature,
+                rois.to(feature.dtype),
+                self.output_size,
+                scale,
+                self.sampling_ratio,
+                self.aligned,
+                contiguous=contiguous,
             )
         return roi_align(feature, rois, self.output_size, scale, self.sampling_ratio, self.aligned)
 
@@ -270,7 +287,8 @@ class RoIPooler(nn.Module):
                 out = out.scatter(0, idx.view(-1, 1, 1, 1).expand_as(pooled), pooled)
             elif idx.numel():
                 written += idx.numel()
-                out[idx] = self._pool(feature, rois[idx], scale).to(out.dtype)
+                # copied into out here: the pooled levels need not be contiguous themselves
+                out[idx] = self._pool(feature, rois[idx], scale, contiguous=False).to(out.dtype)
         assert tracing or written == rois.shape[0], f"{rois.shape[0] - written} RoIs got no pyramid level"
         return out
 
