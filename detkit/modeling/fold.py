@@ -82,23 +82,29 @@ class FoldedNorm(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+def _conv_args(conv: nn.Conv2d, bias: bool) -> dict:
+    """The constructor arguments of a Conv2d like ``conv``, with weights on the meta device
+    (none allocated: the caller sets them)."""
+    return dict(
+        in_channels=conv.in_channels,
+        out_channels=conv.out_channels,
+        kernel_size=conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=bias,
+        padding_mode=conv.padding_mode,
+        device="meta",
+    )
+
+
 class FrozenNormConv2d(nn.Conv2d):
     """conv -> frozen BN as one convolution: (W * s, b * s + t) on every call, with W (and b)
     the original conv's parameters, still trained; (s, t) from ``norm``'s fixed state."""
 
     def __init__(self, conv: nn.Conv2d, norm: FoldedNorm):
-        super().__init__(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,  # type: ignore[arg-type]
-            conv.stride,  # type: ignore[arg-type]
-            conv.padding,  # type: ignore[arg-type]
-            conv.dilation,  # type: ignore[arg-type]
-            conv.groups,
-            conv.bias is not None,
-            conv.padding_mode,
-            device="meta",  # no weights allocated: the conv's own are taken below
-        )
+        super().__init__(**_conv_args(conv, bias=conv.bias is not None))
         self.weight = conv.weight
         self.bias = conv.bias
         # A plain reference, not a submodule: the norm's state stays under its own name.
@@ -177,18 +183,7 @@ def fold_batchnorm(module: nn.Module) -> int:
             if isinstance(child, FrozenNormConv2d):
                 with torch.no_grad():
                     s, t = child._norm[0].scale_shift()
-                    plain = nn.Conv2d(
-                        child.in_channels,
-                        child.out_channels,
-                        child.kernel_size,  # type: ignore[arg-type]
-                        child.stride,  # type: ignore[arg-type]
-                        child.padding,  # type: ignore[arg-type]
-                        child.dilation,  # type: ignore[arg-type]
-                        child.groups,
-                        True,
-                        child.padding_mode,
-                        device="meta",
-                    )
+                    plain = nn.Conv2d(**_conv_args(child, bias=True))
                     bias = t if child.bias is None else child.bias * s + t
                     plain.weight = nn.Parameter(child.weight * s.view(-1, 1, 1, 1), requires_grad=False)
                     plain.bias = nn.Parameter(bias, requires_grad=False)
