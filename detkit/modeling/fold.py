@@ -1,4 +1,5 @@
-"""Folding BatchNorm into the convolution before it, for inference.
+"""Folding BatchNorm into the convolution before it: at inference, and for frozen BatchNorm
+in training too.
 
 With fixed statistics (eval mode, or frozen BatchNorm) a BatchNorm layer is a per-channel
 affine map, so conv -> BN equals one convolution with rescaled weights and a bias:
@@ -9,8 +10,9 @@ affine map, so conv -> BN equals one convolution with rescaled weights and a bia
 
 (Ioffe & Szegedy 2015, sec. 3: "the normalization ... can be merged with the linear transform
 at inference"). It saves a read and a write of every normalised activation (two for
-torchvision's FrozenBatchNorm2d: a multiply and an add), about 10 % of an R50-FPN inference
-on the CPU; the outputs agree with the unfolded network up to float rounding.
+torchvision's FrozenBatchNorm2d: a multiply and an add): an R50-FPN on the CPU ran inference
+1.17x and training steps 1.10x faster (README, "Speed against torchvision"); the outputs
+agree with the unfolded network up to float rounding.
 
 Which conv feeds which BN is read from the structure, never guessed from names: the
 consecutive (Conv2d, BN) children of an ``nn.Sequential`` (VGG / AlexNet BN variants,
