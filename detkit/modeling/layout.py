@@ -1,8 +1,8 @@
 """Channels-last (NHWC) training, and the convolutions routed around it on the CPU.
 
 Channels-last tensors let oneDNN (CPU) and cuDNN (tensor cores) run convolutions without
-reordering activations: measured here, a ResNet-50-FPN training step on the CPU ran ~6 %
-faster, ResNet-18-FPN 2-4 % (tools/benchmark.py has the side-by-side figures).
+reordering activations: on this project's 2-core CPU a ResNet-50-FPN training step ran 1.07x
+faster, the ResNet-18-FPN BCCD recipe's no faster (README, "Speed against torchvision").
 
 One CPU kernel is unsafe with it: oneDNN's 1x1 convolution with stride > 1 computes its
 weight gradient from an NHWC source through a "reduce to unit stride" workspace that it
