@@ -2,7 +2,7 @@
 
 detkit data shapes --out DIR [--num-train N] [--num-test M] [--seed S] [--coco-json] [--overwrite]
                    [--image-size MIN MAX] [--object-size MIN MAX] [--classes NAME ...] ...
-detkit data check DATA_OR_CONFIG.yaml [--split train|test] [--no-decode] [--plots DIR]
+detkit data check DATA_OR_CONFIG.yaml [--split train|test|both] [--no-decode] [--plots DIR]
 detkit data browse DATA_OR_CONFIG.yaml --out DIR [--num N] [--split train|test] [--seed S]
 
 The flags of ``shapes`` are made from the fields of ``detkit.schema.ShapesConfig`` (name,
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 from detkit.cli.common import is_full_config, load_dataset_yaml, load_run_config
+from detkit.config import load_yaml
 from detkit.data.build import build_dataset
 from detkit.data.check import check_dataset, format_report
 from detkit.data.shapes import generate_shapes
@@ -44,13 +45,19 @@ def add_parser(sub) -> None:
     s.set_defaults(func=run_shapes)
     c = dsub.add_parser("check", help="validate a dataset and print statistics")
     c.add_argument("dataset", help="dataset YAML or full config")
-    c.add_argument("--split", default="test", choices=["train", "test"], help="which split of a full config")
+    c.add_argument(
+        "--split",
+        default="both",
+        choices=["train", "test", "both"],
+        help="which split of a full config (default both: train, then test with train's class list, as training "
+        "labels them; a bare dataset YAML is one split)",
+    )
     c.add_argument("--no-decode", action="store_true", help="skip decoding every image")
     c.add_argument(
         "--plots",
         metavar="DIR",
         help="also write histograms (objects per class, boxes per image, box sizes, aspect ratios) as PNGs; "
-        "with a full config, in network-input pixels against the configured anchors",
+        "with a full config, in network-input pixels against the configured anchors (both splits: DIR/train, DIR/test)",
     )
     c.set_defaults(func=run_check)
     add_browse_parser(dsub)
@@ -115,13 +122,27 @@ def run_shapes(args) -> int:
 
 
 def run_check(args) -> int:
-    ds_cfg, classes = load_dataset_yaml(args.dataset, which=args.split)
-    dataset = build_dataset(ds_cfg, classes)
-    report = check_dataset(dataset, decode_images=not args.no_decode, progress=sys.stderr.isatty())
-    print(format_report(report))
-    if args.plots:
-        write_check_plots(args.dataset, dataset, args.plots)
-    return 1 if report["errors"] else 0
+    """Checks one split, or with a full config and ``--split both`` (the default) its train and
+    its test split: a problem in the training data is what a user most needs to see before
+    training. The test split gets the train split's class list, as training labels it.
+    Returns 1 when any split has errors."""
+    splits = [args.split]
+    if args.split == "both":
+        splits = ["test"]  # a bare dataset YAML: its one split
+        if is_full_config(args.dataset):
+            data = load_yaml(args.dataset)[0]["data"] or {}
+            splits = [s for s in ("train", "test") if data.get(s)] or ["test"]
+    classes, errors = None, False
+    for i, split in enumerate(splits):
+        ds_cfg, configured = load_dataset_yaml(args.dataset, which=split)
+        dataset = build_dataset(ds_cfg, classes or configured)
+        classes = dataset.class_names
+        report = check_dataset(dataset, decode_images=not args.no_decode, progress=sys.stderr.isatty())
+        print(("\n" if i else "") + format_report(report))
+        if args.plots:
+            write_check_plots(args.dataset, dataset, str(Path(args.plots) / split) if len(splits) > 1 else args.plots)
+        errors = errors or bool(report["errors"])
+    return 1 if errors else 0
 
 
 # -- check --plots -------------------------------------------------------------------------

@@ -171,6 +171,15 @@ def parse_voc_xml(path: Path) -> Tuple[Optional[VocAnnotation], List[str]]:
     return ((root.findtext("filename") or "").strip(), size, objects), issues
 
 
+def case_variants(names: Sequence[str]) -> List[List[str]]:
+    """Groups of names that are equal ignoring letter case (``Dog`` / ``dog``): usually one
+    class typed two ways, which would train as two classes that compete for the same boxes."""
+    groups: Dict[str, List[str]] = {}
+    for n in names:
+        groups.setdefault(n.casefold(), []).append(n)
+    return [g for g in groups.values() if len(g) > 1]
+
+
 def load_voc(
     root=None,
     split: Optional[str] = None,
@@ -210,6 +219,13 @@ def load_voc(
             raise DatasetError(f"{ann}: no objects found, cannot infer classes (set classes)")
         classes = sorted(names)
         logger.info("%s: inferred %d classes: %s", label_name, len(classes), ", ".join(classes))
+        for group in case_variants(classes):
+            logger.warning(
+                "%s: class names that differ only in letter case: %s (kept as separate classes; "
+                "if they are one, fix the annotations)",
+                label_name,
+                ", ".join(group),
+            )
     classes = list(classes)
     if len(set(classes)) != len(classes):
         raise DatasetError(f"{label_name}: duplicate class names in {classes}")

@@ -202,9 +202,11 @@ def test_data_check_plots_against_anchors(run, tmp_path, capsys):
     plots = tmp_path / "plots"
     assert main(["data", "check", str(cfg), "--plots", str(plots), "--no-decode"]) == 0
     text = capsys.readouterr().out
-    assert "anchor fit (network-input pixels" in text
-    for name in ("objects_per_class", "boxes_per_image", "box_sizes", "aspect_ratios"):
-        assert (plots / f"{name}.png").read_bytes().startswith(b"\x89PNG")
+    # A run config: both splits, each against the anchors.
+    assert text.count("anchor fit (network-input pixels") == 2
+    for split in ("train", "test"):
+        for name in ("objects_per_class", "boxes_per_image", "box_sizes", "aspect_ratios"):
+            assert (plots / split / f"{name}.png").read_bytes().startswith(b"\x89PNG")
     # A bare dataset YAML: original pixels, no anchors to compare with.
     data = tmp_path / "data.yaml"
     data.write_text(

@@ -205,3 +205,42 @@ def test_cli_check_bccd_reports_the_two_zero_size_boxes(bccd_check):
     assert out[-2:] == ["problems fixed or skipped (1):", f"  - {line}"]
     # The loader's warning, once, on stderr (besides info lines and the progress bar).
     assert [e for e in err if e.startswith("warning:")] == [f"warning: {line}"]
+
+
+def test_cli_checks_both_splits_of_a_run_config_with_train_classes(small_voc, tmp_path, capsys):
+    # A separate test folder holding only dogs: inferred on its own its class list would be
+    # [dog]; checked as training labels it, it has train's [cat, dog] (cat: 0 objects).
+    write_xml(tmp_path / "ds2" / "annotations" / "d.xml", [("dog", (3, 3, 20, 20), 0)])
+    write_image(tmp_path / "ds2" / "images" / "d.jpg")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("data:\n  train: {format: voc, root: ds}\n  test: {format: voc, root: ds2}\n")
+    plots = tmp_path / "plots"
+    assert main(["data", "check", "--no-decode", str(cfg), "--plots", str(plots)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    heads = [line for line in out if line.startswith("dataset ")]
+    assert heads == [
+        "dataset ds:all: 3 images, 3 objects, 1 images without objects",
+        "dataset ds2:all: 1 images, 1 objects, 0 images without objects",
+    ]
+    test_table = out[out.index(heads[1]) + 1 : out.index(heads[1]) + 4]
+    expected = [["class", "objects", "difficult"], ["cat", "0", "0"], ["dog", "1", "0"]]
+    assert [line.split() for line in test_table] == expected
+    names = {split: sorted(p.name for p in (plots / split).glob("*.png")) for split in ("train", "test")}
+    assert names["train"] == names["test"] and len(names["test"]) == 4
+    # --split picks one.
+    assert main(["data", "check", "--no-decode", str(cfg), "--split", "test"]) == 0
+    heads = [line for line in capsys.readouterr().out.splitlines() if line.startswith("dataset ")]
+    assert heads == ["dataset ds2:all: 1 images, 1 objects, 0 images without objects"]
+
+
+def test_cli_check_of_a_run_config_with_errors_in_train_only_returns_1(small_voc, tmp_path, capsys):
+    write_undecodable_jpeg(small_voc / "images" / "b.jpg")
+    write_xml(tmp_path / "ds2" / "annotations" / "d.xml", [("dog", (3, 3, 20, 20), 0)])
+    write_image(tmp_path / "ds2" / "images" / "d.jpg")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("data:\n  train: {format: voc, root: ds}\n  test: {format: voc, root: ds2}\n")
+    assert main(["data", "check", str(cfg)]) == 1
+    out = capsys.readouterr().out
+    assert f"cannot decode image: {small_voc / 'images' / 'b.jpg'}" in out
+    assert out.rstrip().endswith("no problems found")  # the test split, checked after train
+    assert main(["data", "check", str(cfg), "--split", "test"]) == 0

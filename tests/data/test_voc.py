@@ -14,7 +14,7 @@ import pytest
 import detkit.data.voc as voc_mod
 from detkit.cli import main
 from detkit.data.build import DATASET_FORMATS, build_dataset
-from detkit.data.voc import load_voc
+from detkit.data.voc import case_variants, load_voc
 from detkit.errors import DatasetError, ImageReadError
 from detkit.schema import DatasetConfig
 
@@ -620,3 +620,22 @@ def test_cli_evaluate_iou_decides_true_and_false_positives(tmp_path):
     )
     # cat ranked: FP (0.95), TP (0.9): recall 1/2 at precision 1/2 -> AP 0.25.
     assert json.loads(out.read_text())["per_class"]["cat"] == pytest.approx(0.25, abs=1e-12)
+
+
+def test_case_variants_groups_names_equal_but_for_case():
+    assert case_variants(["Dog", "bird", "cat", "dog", "DOG"]) == [["Dog", "dog", "DOG"]]
+    assert case_variants(["RBC", "WBC", "Platelets"]) == []
+
+
+def test_inferred_classes_differing_only_in_case_are_warned_about(tmp_path, caplog):
+    ann, img = tmp_path / "annotations", tmp_path / "images"
+    for stem, name in (("a", "Dog"), ("b", "dog")):
+        write_xml(ann / f"{stem}.xml", [(name, (2, 2, 20, 20), 0)])
+        write_image(img / f"{stem}.jpg")
+    with caplog.at_level(logging.WARNING, logger="detkit"):
+        ds = load_voc(tmp_path)
+    assert ds.class_names == ["Dog", "dog"]
+    assert warnings_of(caplog) == [
+        f"{tmp_path.name}:all: class names that differ only in letter case: Dog, dog "
+        "(kept as separate classes; if they are one, fix the annotations)"
+    ]
