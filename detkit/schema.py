@@ -508,6 +508,9 @@ class RoIHeadConfig:
     box_weights: List[float] = field(default_factory=lambda: [10.0, 10.0, 5.0, 5.0])
     smooth_l1_beta: float = 1.0  # smooth-L1 beta of the head's box loss (0: plain L1)
     class_agnostic: bool = False  # one box regression for all classes instead of one per class
+    # the classifier / regressor's initial weights: gaussian (Fast R-CNN sec. 2.2: N(0, 0.01) /
+    # N(0, 0.001), zero biases) or pytorch (nn.Linear's uniform default, as torchvision keeps)
+    predictor_init: Literal["gaussian", "pytorch"] = "gaussian"
     add_gt_as_proposals: bool = True  # add the ground-truth boxes to the training regions
     # detections scoring lower are dropped (evaluation; the demo has its own); with SVMs the
     # scores are raw SVM margins (R-CNN's test sets no threshold: -.inf)

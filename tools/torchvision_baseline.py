@@ -155,6 +155,11 @@ def recipe_deviations(cfg: Config) -> List[str]:
         out.append(f"box-head dropout: detkit {h.dropout:g}, torchvision none")
     if h.class_agnostic:
         out.append("class-agnostic box regression: detkit yes, torchvision per class")
+    if h.predictor_init != "pytorch":
+        out.append(
+            f"box predictor init: detkit {h.predictor_init} (Fast R-CNN's N(0, 0.01) / N(0, 0.001)), torchvision "
+            "nn.Linear's uniform default; model.roi_head.predictor_init=pytorch follows torchvision"
+        )
     if not h.add_gt_as_proposals:
         out.append("ground truth as proposals: detkit no, torchvision always")
     weights = {k: v for k, v in m.loss_weights.items() if v != 1.0}

@@ -312,7 +312,7 @@ def build_fast_rcnn_head(cfg: ModelConfig, backbone: Backbone, num_classes: int,
     return FastRCNNHead(
         pooler,
         box_head,
-        FastRCNNPredictor(box_head.out_features, num_classes, h.class_agnostic),
+        FastRCNNPredictor(box_head.out_features, num_classes, h.class_agnostic, h.predictor_init),
         num_classes,
         BoxCoder(h.box_weights),
         _roi_matcher(cfg),
@@ -352,7 +352,7 @@ def build_res5_head(cfg: ModelConfig, backbone: Backbone, num_classes: int, hand
     return Res5Head(
         _pooler(cfg, backbone, features),
         res5,
-        FastRCNNPredictor(stage_out_channels(res5), num_classes, h.class_agnostic),
+        FastRCNNPredictor(stage_out_channels(res5), num_classes, h.class_agnostic, h.predictor_init),
         num_classes,
         BoxCoder(h.box_weights),
         _roi_matcher(cfg),

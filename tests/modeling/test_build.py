@@ -109,6 +109,10 @@ def test_fpn_wiring_follows_the_config():
     # bg_iou_thresh_lo 0 (the default): everything below 0.5 is background
     assert build_model(fpn_cfg(), 4).roi_head.matcher.labels == [0, 0, 1]
     assert build_model(fpn_cfg(), 4).roi_head.predictor.bbox_pred.out_features == 16
+    # predictor_init: the paper's zero biases by default, nn.Linear's uniform ones on request
+    assert build_model(fpn_cfg(), 4).roi_head.predictor.cls_score.bias.abs().sum() == 0
+    plain = build_model(fpn_cfg(roi_head={"predictor_init": "pytorch"}), 4).roi_head.predictor
+    assert plain.cls_score.bias.abs().sum() > 0
 
 
 def test_single_map_wiring():

@@ -75,10 +75,15 @@ def test_settings_torchvision_cannot_follow_are_listed():
     devs = recipe_deviations(bccd)
     assert any(d.startswith("box-head smooth-L1 beta: detkit 1, torchvision 1/9") for d in devs)
     shapes = load_run_config(str(ROOT / "configs/parity/shapes_overlap.yaml"))
-    assert [d.split(":")[0] for d in recipe_deviations(shapes)] == ["P6 anchor stride"]
+    assert [d.split(":")[0] for d in recipe_deviations(shapes)] == ["box predictor init", "P6 anchor stride"]
     changed = load_run_config(
         str(ROOT / "configs/parity/shapes_overlap.yaml"),
-        ["model.anchors.strides_from_input=true", "model.roi_head.aligned=true", "model.loss_weights={loss_cls: 2.0}"],
+        [
+            "model.anchors.strides_from_input=true",
+            "model.roi_head.predictor_init=pytorch",
+            "model.roi_head.aligned=true",
+            "model.loss_weights={loss_cls: 2.0}",
+        ],
     )
     assert [d.split(":")[0] for d in recipe_deviations(changed)] == ["RoIAlign aligned", "loss weights"]
 
@@ -97,3 +102,61 @@ def test_restart_replaces_only_an_interrupted_run(tmp_path):
     with pytest.raises(TrainingError, match="finished run"):
         prepare_out_dir(out, restart=True)
     assert (out / "eval.json").read_text() == "{}"
+
+
+# Loss names: detkit's -> torchvision's.
+LOSS_NAMES = {
+    "loss_rpn_cls": "loss_objectness",
+    "loss_rpn_box": "loss_rpn_box_reg",
+    "loss_cls": "loss_classifier",
+    "loss_box": "loss_box_reg",
+}
+
+
+def test_one_training_step_equals_torchvisions_when_sampling_takes_everything(tmp_path):
+    """The same weights, batch and recipe give the same four losses and the same gradients in
+    both frameworks. Sampling is the one random part of a step (which anchors and regions
+    enter the losses); with every anchor and region taken (batch sizes far above their
+    counts, positive fraction 1) nothing is left to chance, so what remains is the detection
+    logic itself: anchors, matching (low-quality matches, border boxes), encoding, proposal
+    selection, GT as proposals, RoIAlign level assignment, both losses and their
+    normalisation. P6 anchor strides follow torchvision's input-derived ones."""
+    from detkit.engine.convert import map_torchvision_state
+    from detkit.modeling.build import build_model
+
+    exhaustive = [
+        "model.proposals.rpn.batch_size_per_image=1000000",
+        "model.proposals.rpn.positive_fraction=1.0",
+        "model.roi_head.batch_size_per_image=1000000",
+        "model.roi_head.positive_fraction=1.0",
+        "model.anchors.strides_from_input=true",
+    ]
+    cfg = tiny_shapes(tmp_path, *exhaustive)
+    dk_set, _, classes = build_datasets(cfg, need_test=False)
+    tv_set, _, _ = build_datasets(cfg, need_test=False)
+    tv_set.transforms = torchvision_train_transforms(cfg)
+    images, targets = next(iter(build_train_loader(dk_set, 2, seed=5, size_divisibility=32)))
+    tv_images, tv_targets, _ = next(iter(build_torchvision_train_loader(cfg, tv_set)))
+    assert sum(len(t.boxes) for t in targets) >= 2
+
+    torch.manual_seed(0)
+    tv = build_torchvision_model(cfg, len(classes))
+    dk = build_model(cfg.model, len(classes))
+    dk.load_state_dict(map_torchvision_state(tv.state_dict()))
+    set_torchvision_mode(tv, True)
+    dk.train()
+    _, dk_losses = dk(images, targets)
+    tv_losses = tv(tv_images, [{"boxes": t.boxes, "labels": t.labels} for t in tv_targets])
+    assert set(LOSS_NAMES) == set(dk_losses)
+    for ours, theirs in LOSS_NAMES.items():
+        torch.testing.assert_close(dk_losses[ours], tv_losses[theirs], rtol=1e-4, atol=1e-6, msg=ours)
+    assert all(v > 0 for v in dk_losses.values())  # every term took part
+
+    sum(dk_losses.values()).backward()
+    sum(tv_losses.values()).backward()
+    tv_grads = map_torchvision_state({k: p.grad for k, p in tv.named_parameters() if p.grad is not None})
+    dk_grads = {k: p.grad for k, p in dk.named_parameters() if p.grad is not None}
+    assert set(dk_grads) == set(tv_grads) and len(dk_grads) > 20
+    for name, grad in dk_grads.items():
+        scale = tv_grads[name].abs().max().item()
+        torch.testing.assert_close(grad, tv_grads[name], rtol=1e-3, atol=1e-4 * max(scale, 1e-8), msg=name)

@@ -61,20 +61,29 @@ class MLPBoxHead(nn.Module):
 
 class FastRCNNPredictor(nn.Module):
     """cls_score: D -> K + 1 logits; bbox_pred: D -> 4K class-specific deltas (4 if agnostic).
-    num_classes: K foreground classes (background not included)."""
+    num_classes: K foreground classes (background not included).
 
-    def __init__(self, in_features: int, num_classes: int, class_agnostic: bool = False):
+    init: ``gaussian`` (Fast R-CNN sec. 2.2: weights from N(0, 0.01) for the classifier and
+    N(0, 0.001) for the regressor, zero biases; detectron2 and mmdetection do the same) or
+    ``pytorch`` (``nn.Linear``'s own: weights and biases uniform in +-1/sqrt(D), which is what
+    torchvision's FastRCNNPredictor keeps; for same-recipe comparisons)."""
+
+    INITS = ("gaussian", "pytorch")
+
+    def __init__(self, in_features: int, num_classes: int, class_agnostic: bool = False, init: str = "gaussian"):
         super().__init__()
+        if init not in self.INITS:
+            raise ValueError(f"FastRCNNPredictor init: one of {', '.join(self.INITS)}, got {init!r}")
         self.num_classes = int(num_classes)
         self.class_agnostic = bool(class_agnostic)
         self.cls_score = nn.Linear(in_features, num_classes + 1)
         self.bbox_pred = nn.Linear(in_features, 4 * (1 if class_agnostic else num_classes))
-        # Small initial outputs: uniform class scores, near-zero box deltas (the paper's
-        # N(0, 0.01) and N(0, 0.001)).
-        nn.init.normal_(self.cls_score.weight, std=0.01)
-        nn.init.normal_(self.bbox_pred.weight, std=0.001)
-        nn.init.zeros_(self.cls_score.bias)
-        nn.init.zeros_(self.bbox_pred.bias)
+        if init == "gaussian":
+            # Small initial outputs: uniform class scores, near-zero box deltas.
+            nn.init.normal_(self.cls_score.weight, std=0.01)
+            nn.init.normal_(self.bbox_pred.weight, std=0.001)
+            nn.init.zeros_(self.cls_score.bias)
+            nn.init.zeros_(self.bbox_pred.bias)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         return self.cls_score(x), self.bbox_pred(x)

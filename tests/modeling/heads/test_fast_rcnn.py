@@ -299,3 +299,22 @@ def test_mlp_head_and_predictor_shapes():
     assert logits.shape == (5, 4) and deltas.shape == (5, 12)  # K + 1 logits, 4K deltas
     _, deltas = FastRCNNPredictor(6, 3, class_agnostic=True)(torch.randn(5, 6))
     assert deltas.shape == (5, 4)
+
+
+def test_predictor_init_gaussian_and_pytorch():
+    torch.manual_seed(0)
+    d = 400
+    paper = FastRCNNPredictor(d, 20)
+    # Fast R-CNN sec. 2.2: N(0, 0.01) / N(0, 0.001), zero biases (21 x 400 / 80 x 400 draws).
+    assert abs(paper.cls_score.weight.std().item() - 0.01) < 0.0005
+    assert abs(paper.bbox_pred.weight.std().item() - 0.001) < 0.00005
+    assert paper.cls_score.bias.abs().sum() == 0 and paper.bbox_pred.bias.abs().sum() == 0
+    plain = FastRCNNPredictor(d, 20, init="pytorch")
+    # nn.Linear's default: U(-1/sqrt(d), 1/sqrt(d)) for weights and biases, std bound / sqrt(3).
+    bound = 1 / d**0.5
+    for layer in (plain.cls_score, plain.bbox_pred):
+        assert layer.weight.abs().max() <= bound and layer.bias.abs().max() <= bound
+        assert abs(layer.weight.std().item() - bound / 3**0.5) < 0.1 * bound / 3**0.5
+        assert layer.bias.abs().sum() > 0
+    with pytest.raises(ValueError, match="init: one of gaussian, pytorch, got 'xavier'"):
+        FastRCNNPredictor(d, 20, init="xavier")
