@@ -272,7 +272,8 @@ def build_report(
         f"{meta.get('date', '')}; {meta.get('machine', {}).get('cpus', '?')} CPUs "
         f"({meta.get('machine', {}).get('platform', '')}); torch {meta.get('machine', {}).get('torch', '?')}, "
         f"torchvision {meta.get('machine', {}).get('torchvision', '?')}; budget {meta.get('budget', 1):g} "
-        f"(share of each recipe's iterations); seeds {seeds}.",
+        f"(share of each recipe's iterations); seeds {seeds}."
+        + (f" Every run with `{' '.join(meta['set'])}` (--set)." if meta.get("set") else ""),
         "",
         "Cells: mean over seeds (min–max). VOC: VOC2010+ area mAP@0.5; VOC07: 11-point mAP@0.5. "
         "Training minutes: wall time of the training loop; test s/img: evaluation with image "
@@ -311,11 +312,10 @@ def build_report(
         common = devs if common is None else common & devs
     common = common or set()
     if common:
-        notes.append("Every regime: torchvision cannot follow " + "; ".join(sorted(common)) + ".")
+        notes += [f"Every regime: torchvision cannot follow the {d}." for d in sorted(common)]
     for regime in results:
         own = [d for d in deviations.get(regime, []) if d not in common]
-        if own:
-            notes.append(f"{regime}: torchvision cannot follow " + "; ".join(own) + ".")
+        notes += [f"{regime}: torchvision cannot follow the {d}." for d in own]
     if meta.get("failed"):
         notes.append(
             "Failed runs (left out of the table; the next start of the suite trains them again): "

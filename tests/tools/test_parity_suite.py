@@ -139,6 +139,21 @@ def test_table_from_recorded_runs(tmp_path, fake_trainer):
     assert data["spread"] == "max - min over seeds" and data["budget"] == 0.01
 
 
+def test_report_names_the_overrides_and_what_torchvision_cannot_follow(tmp_path, fake_trainer):
+    plain = suite(tmp_path, regimes=(ONE,))
+    assert run_suite(plain, fake_trainer(VALUES), echo=lambda s: None) == 0
+    text = (tmp_path / "runs" / "parity.md").read_text()
+    assert "(--set)" not in text
+    assert "- Every regime: torchvision cannot follow the box predictor init: detkit gaussian" in text
+    assert "- Every regime: torchvision cannot follow the P6 anchor stride" in text
+    sets = ["model.roi_head.predictor_init=pytorch", "model.anchors.strides_from_input=true"]
+    following = suite(tmp_path, "--out", str(tmp_path / "following"), "--set", *sets, regimes=(ONE,))
+    assert run_suite(following, fake_trainer(VALUES), echo=lambda s: None) == 0
+    text = (tmp_path / "following" / "parity.md").read_text()
+    assert f"Every run with `{' '.join(sets)}` (--set)." in text
+    assert "cannot follow" not in text  # nothing left that torchvision does otherwise
+
+
 def test_mean_spread_and_verdict_arithmetic():
     s = stats([0.25, None, 0.75])
     assert s == {"n": 2, "mean": 0.5, "min": 0.25, "max": 0.75, "spread": 0.5}
