@@ -4,7 +4,7 @@ machine's GPU does with detkit, in one JSON file.
     bash tools/gpu_check.sh [--out DIR] [--iters N] [--bench-images N] [--bench-steps N]
 
 1. BCCD: ``configs/faster_rcnn/bccd_r18_fpn.yaml`` trained for a fixed number of iterations
-   (the recipe's 600 by default) on the GPU with automatic mixed precision (bf16 where the
+   (the recipe's 450 by default) on the GPU with automatic mixed precision (bf16 where the
    GPU has it, else fp16 with a GradScaler), pinned-memory loaders with 4 workers and
    channels-last, then evaluated on BCCD test: s/iter (median of the logged periods after
    the first), training minutes, test mAP (VOC area and VOC07), test s/img.
@@ -125,7 +125,7 @@ def run_summary(out: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", help="output folder (default work_dirs/gpu_check_<time>)")
-    p.add_argument("--iters", type=int, default=600, help="BCCD training iterations (default: the recipe's 600)")
+    p.add_argument("--iters", type=int, default=450, help="BCCD training iterations (default: the recipe's 450)")
     p.add_argument("--bench-images", type=int, default=20, help="R50-FPN inference images per model")
     p.add_argument("--bench-steps", type=int, default=10, help="R50-FPN training steps per model")
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # plumbing check on the CPU

@@ -73,7 +73,7 @@ class Regime:
 
 
 # Costs measured on this project's 2-vCPU machine on 2026-11-30 (shapes: 40-iteration runs;
-# BCCD: the README's 600-iteration runs) with other jobs running now and then: rough guides.
+# BCCD: the README's recipe runs) with other jobs running now and then: rough guides.
 REGIMES: Dict[str, Regime] = {
     "shapes_large": Regime(
         "configs/parity/shapes_large.yaml",
@@ -107,9 +107,9 @@ REGIMES: Dict[str, Regime] = {
     ),
     "bccd_val": Regime(
         "configs/parity/bccd_val.yaml",
-        "BCCD recipe (R18-FPN, 384 px), train 205 -> val 87",
-        {"detkit": 1.63, "torchvision": 2.01},
-        {"detkit": 0.42, "torchvision": 0.59},
+        "BCCD recipe (R18-FPN, width 128, 384 px), train 205 -> val 87",
+        {"detkit": 1.37, "torchvision": 1.90},  # the recipe's runs of 2026-12-01
+        {"detkit": 0.26, "torchvision": 0.36},
     ),
 }
 # Process start, imports, dataset loading, checkpoints: seconds per run on top.

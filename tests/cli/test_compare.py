@@ -155,14 +155,14 @@ def test_a_stage_that_crashes_is_marked_and_the_others_go_on(compared, tmp_path,
 def test_composing_a_stage_config(tmp_path):
     data = tmp_path / "data.yaml"
     data.write_text(DATA.format(root=tmp_path / "shapes") + "test: {metric: voc07}\n")
-    base = CONFIG_ROOT / "faster_rcnn" / "bccd_r18_fpn.yaml"  # BCCD, 600 iterations, steps [480], warmup 200
+    base = CONFIG_ROOT / "faster_rcnn" / "bccd_r18_fpn.yaml"  # BCCD, 450 iterations, steps [360], warmup 150
     cfg = compose_stage_config(
         base, data, {"train.max_iter": 60, "model.backbone.name": "resnet34"}, ["data.batch_size=4"]
     )
     assert cfg.data.train.format == "shapes" and cfg.data.train.split == "train"  # the dataset replaced whole
     assert cfg.data.train.ann_dir is None and cfg.data.classes is None  # not BCCD's class list
     assert cfg.data.input.min_size_test == 96 and cfg.data.input.flip_prob == 0.5  # data keys set / kept
-    assert (cfg.train.max_iter, cfg.train.steps, cfg.train.warmup_iters) == (60, [48], 20)  # x 60 / 600
+    assert (cfg.train.max_iter, cfg.train.steps, cfg.train.warmup_iters) == (60, [48], 20)  # x 60 / 450
     assert cfg.train.num_threads == 1 and cfg.test.metric == "voc07"
     assert cfg.model.backbone.name == "resnet34" and cfg.model.backbone.fpn  # the layout stays the recipe's
     assert cfg.data.batch_size == 4  # command-line overrides last

@@ -34,13 +34,15 @@ def test_runs_train_on_train_score_on_val_with_budget_and_schedule(tmp_path):
         (1, named[1][0]),
     ]
     cfgs = [load_recipe(s.config, s.overrides) for s in specs[:2]]
-    # schedule 0.5 x budget 0.5 of 600 iterations, warmup 200, step at 480; schedule 1 x 0.5.
+    # schedule 0.5 x budget 0.5 of 450 iterations, warmup 150, step at 360 (112.5 and 37.5
+    # rounded half to even, as Python's round); schedule 1 x 0.5.
     assert [(c.train.max_iter, c.train.warmup_iters, c.train.steps) for c in cfgs] == [
-        (150, 50, [120]),
-        (300, 100, [240]),
+        (112, 38, [90]),
+        (225, 75, [180]),
     ]
     assert all((c.data.train.split, c.data.test.split) == ("train", "val") for c in cfgs)
-    assert specs[0].extra == ["train.checkpoint_period=38"] and {s.framework for s in specs} == {"detkit"}
+    # ceil(112 / 4): four checkpoints per run
+    assert specs[0].extra == ["train.checkpoint_period=28"] and {s.framework for s in specs} == {"detkit"}
 
 
 def test_default_candidates_are_the_box_beta_of_the_paper_and_of_torchvision(tmp_path):

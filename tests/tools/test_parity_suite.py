@@ -182,16 +182,16 @@ def test_budget_scales_each_recipe_and_bccd_uses_the_validation_split():
         == tv.overrides
         == [
             "train.num_threads=1",
-            "train.max_iter=150",
-            "train.warmup_iters=50",
-            "train.steps=[120]",
+            "train.max_iter=112",  # 0.25 x the recipe's 450 (112.5 rounded half to even)
+            "train.warmup_iters=38",  # 0.25 x 150
+            "train.steps=[90]",  # 0.25 x 360
             "train.seed=0",
         ]
     )
-    assert dk.extra == ["train.checkpoint_period=38"] and tv.extra == []
+    assert dk.extra == ["train.checkpoint_period=28"] and tv.extra == []  # ceil(112 / 4)
     cfg = parity_suite.load_recipe(dk.config, dk.overrides)
     assert (cfg.data.train.split, cfg.data.test.split) == ("train", "val")
-    assert cfg.train.max_iter == 150 and cfg.train.steps == [120] and cfg.model.roi_head.smooth_l1_beta == 1.0
+    assert cfg.train.max_iter == 112 and cfg.train.steps == [90] and cfg.model.roi_head.smooth_l1_beta == 1.0
     tiny = TrainConfig(max_iter=600, warmup_iters=50, steps=[480])
     assert scaled_schedule(tiny, 0.001) == ["train.max_iter=1", "train.warmup_iters=0", "train.steps=[1]"]
     assert scaled_schedule(tiny, 1) == []
