@@ -202,6 +202,8 @@ class InputConfig:
     max_size: int = 1333  # longer side at most this (train and test)
     min_size_test: int = 800  # shorter side at test time
     flip_prob: float = 0.5  # probability of a horizontal flip in training
+    # probability of a vertical flip in training (0: none); for data without an up and a down
+    vflip_prob: float = 0.0
     color_jitter: Optional[List[float]] = None  # brightness, contrast, saturation, hue
     # per-channel RGB mean subtracted (0..1 scale); ImageNet's by default
     pixel_mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
@@ -218,6 +220,8 @@ class InputConfig:
             all(s >= 1 for s in self.test_scales) and len(set(self.test_scales)) == len(self.test_scales),
             f"test_scales: distinct positive sizes, got {self.test_scales}",
         )
+        for key in ("flip_prob", "vflip_prob"):
+            _check(0.0 <= getattr(self, key) <= 1.0, f"{key}: a probability in [0, 1], got {getattr(self, key)}")
 
 
 @dataclass

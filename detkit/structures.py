@@ -99,7 +99,8 @@ class Geometry:
 
     orig_size: (h, w) of the original image; size: (h, w) of the network input after the
         transforms (before batch padding); flipped: mirrored horizontally AFTER resizing (the
-        order of ``detkit.data.transforms.build_transforms``).
+        order of ``detkit.data.transforms.build_transforms``); vflipped: mirrored vertically,
+        also after resizing (the two mirrors act on different axes, so their order is free).
 
     Each axis was scaled by size / orig_size (the resize floors each side, so the two axes'
     factors differ slightly). ``apply`` takes original boxes into the input, ``invert`` takes
@@ -110,6 +111,7 @@ class Geometry:
     orig_size: Tuple[int, int]
     size: Tuple[int, int]
     flipped: bool = False
+    vflipped: bool = False
 
     @staticmethod
     def identity(height: int, width: int) -> "Geometry":
@@ -122,12 +124,17 @@ class Geometry:
 
     def resized(self, height: int, width: int) -> "Geometry":
         """The record after resizing the current input to (height, width)."""
-        if self.flipped:
+        if self.flipped or self.vflipped:
             raise ValueError("Geometry: resizing after a flip is not supported (flip last)")
-        return Geometry(self.orig_size, (int(height), int(width)), self.flipped)
+        return Geometry(self.orig_size, (int(height), int(width)))
 
     def mirrored(self) -> "Geometry":
-        return Geometry(self.orig_size, self.size, not self.flipped)
+        """The record after a horizontal mirror of the current input."""
+        return Geometry(self.orig_size, self.size, not self.flipped, self.vflipped)
+
+    def mirrored_vertically(self) -> "Geometry":
+        """The record after a vertical mirror (upside down) of the current input."""
+        return Geometry(self.orig_size, self.size, self.flipped, not self.vflipped)
 
     def apply(self, boxes: torch.Tensor) -> torch.Tensor:
         """(R, 4) xyxy boxes in original pixels -> network-input pixels."""
@@ -136,6 +143,8 @@ class Geometry:
         out = boxes * boxes.new_tensor([sx, sy, sx, sy])
         if self.flipped:
             out = torch.stack([w - out[:, 2], out[:, 1], w - out[:, 0], out[:, 3]], dim=1)
+        if self.vflipped:
+            out = torch.stack([out[:, 0], h - out[:, 3], out[:, 2], h - out[:, 1]], dim=1)
         return out
 
     def invert(self, boxes: torch.Tensor) -> torch.Tensor:
@@ -144,6 +153,8 @@ class Geometry:
         oh, ow = self.orig_size
         if self.flipped:
             boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
+        if self.vflipped:
+            boxes = torch.stack([boxes[:, 0], h - boxes[:, 3], boxes[:, 2], h - boxes[:, 1]], dim=1)
         # The ratio orig / resized in float32, as torchvision's resize_boxes computes it, so
         # that converted torchvision models give bit-identical boxes.
         rw = torch.tensor(ow, dtype=torch.float32) / torch.tensor(w, dtype=torch.float32)

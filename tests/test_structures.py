@@ -16,9 +16,18 @@ def test_geometry_apply_scales_each_axis_then_mirrors():
     torch.testing.assert_close(g.mirrored().apply(box), torch.tensor([[135.0, 10.0, 285.0, 30.0]]))
 
 
-@pytest.mark.parametrize("flipped", [False, True])
-def test_geometry_invert_undoes_apply(flipped):
-    g = Geometry((371, 500), (799, 1078), flipped)
+def test_geometry_vertical_mirror_after_scaling():
+    # the same 100x200 -> 50x300 record, mirrored in height 50: y1' = 50 - y2, y2' = 50 - y1
+    g = Geometry((100, 200), (50, 300))
+    box = torch.tensor([[10.0, 20.0, 110.0, 60.0]])
+    torch.testing.assert_close(g.mirrored_vertically().apply(box), torch.tensor([[15.0, 20.0, 165.0, 40.0]]))
+    both = g.mirrored().mirrored_vertically()
+    torch.testing.assert_close(both.apply(box), torch.tensor([[135.0, 20.0, 285.0, 40.0]]))
+
+
+@pytest.mark.parametrize("flipped, vflipped", [(False, False), (True, False), (False, True), (True, True)])
+def test_geometry_invert_undoes_apply(flipped, vflipped):
+    g = Geometry((371, 500), (799, 1078), flipped, vflipped)
     box = torch.tensor([[3.5, 7.25, 100.0, 200.5], [0.0, 0.0, 500.0, 371.0]])
     torch.testing.assert_close(g.invert(g.apply(box)), box, rtol=1e-6, atol=1e-4)
 
@@ -36,8 +45,11 @@ def test_geometry_composes_resizes_and_refuses_resizing_after_a_flip():
     g = Geometry.identity(40, 60).resized(80, 120).resized(20, 30)
     assert g == Geometry((40, 60), (20, 30), False) and g.scale == (0.5, 0.5)
     assert g.mirrored().mirrored() == g
+    assert g.mirrored_vertically().mirrored_vertically() == g
     with pytest.raises(ValueError, match="after a flip"):
         g.mirrored().resized(10, 10)
+    with pytest.raises(ValueError, match="after a flip"):
+        g.mirrored_vertically().resized(10, 10)
 
 
 def test_imagelist_without_geometries_means_originals():

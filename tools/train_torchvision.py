@@ -53,13 +53,13 @@ class ListCollate:
 
 def torchvision_train_transforms(cfg):
     """detkit's training pipeline without resize and normalisation (torchvision's model does
-    both): the photometric jitter and the flip, in detkit's order, so that a sample draws the
+    both): the photometric jitter and the flips, in detkit's order, so that a sample draws the
     same random numbers as in detkit (with a single training size, where resizing draws none)."""
     from detkit.data.build import dataset_transforms
-    from detkit.data.transforms import ColorJitter, Compose, RandomHorizontalFlip
+    from detkit.data.transforms import ColorJitter, Compose, RandomHorizontalFlip, RandomVerticalFlip
 
     steps = dataset_transforms(cfg.data.input, train=True).transforms
-    return Compose([s for s in steps if isinstance(s, (ColorJitter, RandomHorizontalFlip))])
+    return Compose([s for s in steps if isinstance(s, (ColorJitter, RandomHorizontalFlip, RandomVerticalFlip))])
 
 
 def build_torchvision_train_loader(cfg, train_set):

@@ -96,6 +96,7 @@ def dataset_transforms(cfg: InputConfig, train: bool):
         max_size=cfg.max_size,
         min_size_test=min_size_test,
         flip_prob=cfg.flip_prob,
+        vflip_prob=cfg.vflip_prob,
         color_jitter=_color_jitter(cfg.color_jitter),
         mean=cfg.pixel_mean,
         std=cfg.pixel_std,

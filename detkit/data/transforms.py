@@ -61,7 +61,12 @@ def _moved(target: Target, step: Geometry) -> Target:
     boxes moved by it, and the step composed into the target's record."""
     h, w = step.orig_size
     geometry = target.geometry or Geometry.identity(h, w)
-    geometry = geometry.mirrored() if step.flipped else geometry.resized(*step.size)
+    if step.flipped:
+        geometry = geometry.mirrored()
+    elif step.vflipped:
+        geometry = geometry.mirrored_vertically()
+    else:
+        geometry = geometry.resized(*step.size)
     boxes = step.apply(target.boxes) if target.boxes.numel() else target.boxes
     return replace(target, boxes=boxes, geometry=geometry)
 
@@ -112,6 +117,25 @@ class RandomHorizontalFlip:
         return f"RandomHorizontalFlip(p={self.p})"
 
 
+class RandomVerticalFlip:
+    """Turn image and boxes upside down with probability ``p`` (recorded in
+    ``target.geometry``): for images without an up and a down (microscopy, aerial), as
+    mmdetection's ``RandomFlip(direction='vertical')``."""
+
+    def __init__(self, p: float = 0.5):
+        self.p = float(p)
+
+    def __call__(self, image, target):
+        if self.p > 0 and float(torch.rand(())) < self.p:
+            image = image.flip(-2)
+            if target is not None:
+                target = _moved(target, Geometry.identity(*image.shape[-2:]).mirrored_vertically())
+        return image, target
+
+    def __repr__(self) -> str:
+        return f"RandomVerticalFlip(p={self.p})"
+
+
 class ColorJitter:
     """Photometric jitter (boxes untouched), torchvision's implementation."""
 
@@ -145,11 +169,12 @@ def build_transforms(
     max_size: int = 1333,
     min_size_test: int = 800,
     flip_prob: float = 0.5,
+    vflip_prob: float = 0.0,
     color_jitter: Optional[Tuple[float, float, float, float]] = None,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> Compose:
-    """The standard detection pipeline: (jitter) -> normalize -> resize -> (flip).
+    """The standard detection pipeline: (jitter) -> normalize -> resize -> (flip) -> (vertical flip).
 
     Normalising before resizing is torchvision's order; bilinear resizing commutes with the
     per-channel affine normalisation, and doing it in the same order makes detkit's inputs
@@ -161,6 +186,8 @@ def build_transforms(
     ts.append(ResizeShortestEdge(min_size_train if train else [min_size_test], max_size))
     if train and flip_prob > 0:
         ts.append(RandomHorizontalFlip(flip_prob))
+    if train and vflip_prob > 0:
+        ts.append(RandomVerticalFlip(vflip_prob))
     return Compose(ts)
 
 

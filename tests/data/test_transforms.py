@@ -14,6 +14,7 @@ from detkit.data.transforms import (
     ColorJitter,
     Normalize,
     RandomHorizontalFlip,
+    RandomVerticalFlip,
     ResizeShortestEdge,
     build_transforms,
     resize_scale,
@@ -103,10 +104,39 @@ def test_horizontal_flip_of_image_and_box():
     assert t2.geometry.flipped is False
 
 
+def test_vertical_flip_of_image_and_box():
+    image = torch.arange(8, dtype=torch.float32).reshape(1, 4, 2).expand(3, 4, 2)
+    out, t = RandomVerticalFlip(1.0)(image, target([[0, 1, 2, 2], [1, 0, 2, 4]]))
+    assert out[0, :, 0].tolist() == [6, 4, 2, 0]
+    # y1' = H - y2, y2' = H - y1 with H = 4: rows [1, 2) map to [2, 3); x untouched.
+    assert t.boxes.tolist() == [[0, 2, 2, 3], [1, 0, 2, 4]]
+    assert t.geometry.vflipped is True and t.geometry.flipped is False
+    back, t2 = RandomVerticalFlip(1.0)(out, t)
+    assert torch.equal(back, image) and t2.boxes.tolist() == [[0, 1, 2, 2], [1, 0, 2, 4]]
+    assert t2.geometry.vflipped is False
+
+
+def test_both_flips_map_boxes_back_to_the_original_through_the_geometry():
+    # 40x60 original resized to 20x30, mirrored both ways: the record's invert lands on the
+    # original box whatever the flips.
+    image = torch.rand(3, 40, 60)
+    t = target([[6, 4, 18, 30]])
+    pipeline = [ResizeShortestEdge(20, 1000), RandomHorizontalFlip(1.0), RandomVerticalFlip(1.0)]
+    for step in pipeline:
+        image, t = step(image, t)
+    # resized: [3, 2, 9, 15]; mirrored in width 30: [21, 2, 27, 15]; in height 20: [21, 5, 27, 18]
+    assert t.boxes.tolist() == [[21, 5, 27, 18]]
+    assert t.geometry == Geometry((40, 60), (20, 30), True, True)
+    torch.testing.assert_close(t.geometry.invert(t.boxes), torch.tensor([[6.0, 4.0, 18.0, 30.0]]))
+    assert torch.equal(t.geometry.apply(torch.tensor([[6.0, 4.0, 18.0, 30.0]])), t.boxes)
+
+
 def test_flip_with_zero_probability_does_nothing():
     image = torch.rand(3, 4, 6)
     t = target([[1, 1, 2, 2]])
     out, t_out = RandomHorizontalFlip(0.0)(image, t)
+    assert out is image and t_out is t
+    out, t_out = RandomVerticalFlip(0.0)(image, t)
     assert out is image and t_out is t
 
 
@@ -135,6 +165,9 @@ def test_build_transforms_pipelines():
     train = build_transforms(True, min_size_train=(480, 512), flip_prob=0.5, color_jitter=(0.1, 0, 0, 0))
     assert [type(t) for t in train.transforms] == [ColorJitter, Normalize, ResizeShortestEdge, RandomHorizontalFlip]
     assert train.transforms[2].min_sizes == [480, 512]
+    both = build_transforms(True, flip_prob=0.5, vflip_prob=0.5)
+    assert [type(t) for t in both.transforms][-2:] == [RandomHorizontalFlip, RandomVerticalFlip]
+    assert build_transforms(False, vflip_prob=0.5).transforms[-1].__class__ is ResizeShortestEdge
     no_flip = build_transforms(True, flip_prob=0.0, color_jitter=(0, 0, 0, 0))
     assert [type(t) for t in no_flip.transforms] == [Normalize, ResizeShortestEdge]
 
@@ -169,3 +202,13 @@ def test_padded_batch_of_two_sizes_matches_torchvision():
     batch, _ = Collate(32)(items)
     assert batch.image_sizes == tv_images.image_sizes
     assert torch.equal(batch.tensor, tv_images.tensors)
+
+
+@pytest.mark.parametrize("key", ["flip_prob", "vflip_prob"])
+def test_flip_probabilities_outside_0_1_are_config_errors_naming_the_key(key):
+    from detkit.config import from_dict
+    from detkit.errors import ConfigError
+    from detkit.schema import Config
+
+    with pytest.raises(ConfigError, match=rf"^data.input: {key}: a probability in \[0, 1\], got 1.5"):
+        from_dict(Config, {"data": {"input": {key: 1.5}}})

@@ -28,7 +28,7 @@ def tiny_shapes(tmp_path, *extra):
 
 
 def test_torchvision_trains_on_detkits_stream_same_images_and_flips(tmp_path):
-    cfg = tiny_shapes(tmp_path)
+    cfg = tiny_shapes(tmp_path, "data.input.vflip_prob=0.5")
     dk_set, _, _ = build_datasets(cfg, need_test=False)
     tv_set, _, _ = build_datasets(cfg, need_test=False)
     tv_set.transforms = torchvision_train_transforms(cfg)
@@ -42,16 +42,19 @@ def test_torchvision_trains_on_detkits_stream_same_images_and_flips(tmp_path):
         for image, tv_t, dk_t in zip(tv_images, tv_targets, dk_targets):
             assert tv_t.image_id == dk_t.image_id
             assert tv_t.geometry.flipped == dk_t.geometry.flipped
+            assert tv_t.geometry.vflipped == dk_t.geometry.vflipped
             # torchvision gets the original pixels, mirrored when detkit's copy is (it resizes
             # and normalises itself); the boxes agree in original-image pixels.
             raw = read_image(tv_set.records[tv_set.id_to_index[tv_t.image_id]].file_name)
-            assert torch.equal(image, raw.flip(-1) if dk_t.geometry.flipped else raw)
+            raw = raw.flip(-1) if dk_t.geometry.flipped else raw
+            assert torch.equal(image, raw.flip(-2) if dk_t.geometry.vflipped else raw)
             assert tv_t.geometry.size == dk_t.geometry.orig_size
             torch.testing.assert_close(
                 dk_t.geometry.invert(dk_t.boxes), tv_t.geometry.invert(tv_t.boxes), atol=1e-3, rtol=0
             )
-            flips.append(dk_t.geometry.flipped)
-    assert any(flips) and not all(flips)  # both cases were compared
+            flips.append((dk_t.geometry.flipped, dk_t.geometry.vflipped))
+    for axis in (0, 1):  # both cases of both mirrors were compared
+        assert any(f[axis] for f in flips) and not all(f[axis] for f in flips)
 
 
 def test_tiny_backbone_builds_with_torchvisions_fpn_and_heads():
