@@ -29,6 +29,14 @@ absent). Each measurement alternates torchvision and detkit (A B A B ...) so tha
 elsewhere hits both alike; the report gives medians and the ratio detkit / torchvision
 (< 1: detkit faster). Not a test: timings go to stdout and --json.
 
+``--roofline`` adds what bounds the inference ratio on the CPU: the dense floating-point work
+of one inference of each model (convolutions and matrix products, counted by torch's FLOP
+formulas; RoIAlign, NMS and sparse products are not counted), the rate each model runs it at,
+and the machine's own float32 matrix-product rate (a 2048^3 ``torch.mm`` with the same
+threads, the fastest dense kernel this CPU runs: the compute roof). The goal ratio of issue 11
+(R18-FPN 0.70, R50-FPN 0.60) then needs detkit at ``gflop / (goal * torchvision's s/img)``
+GFLOP/s; above the roof, no lossless change reaches it.
+
 ``--device cuda`` runs both models on the GPU (timings wait for the GPU to finish); ``--amp``
 runs both under the same autocast (bfloat16 where the GPU has it, else float16), e.g. from
 tools/gpu_check.sh.
@@ -45,7 +53,7 @@ import sys
 import time
 from datetime import date
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -91,6 +99,61 @@ def _case_config(name: str):
     raise SystemExit(f"unknown case {name}")
 
 
+# issue 11's inference goals (ratio detkit / torchvision), for --roofline
+INFER_GOALS = {"bccd": 0.70, "r50_fpn": 0.60}
+
+
+def dense_gflop(fn: Callable[[], object]) -> float:
+    """GFLOP of the dense convolutions and matrix products ``fn`` runs (one multiply-add = 2
+    FLOP), by torch's FLOP formulas (``torch.utils.flop_counter``). Ops without a formula
+    (RoIAlign, NMS) count 0, and so do products with a sparse operand: the formulas read
+    shapes only and would count detkit's sparse RoIAlign as a dense product of its full size."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+    from torch.utils.flop_counter import flop_registry
+
+    class DenseFlops(TorchDispatchMode):
+        flops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            formula = flop_registry.get(func._overloadpacket)
+            operands = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+            if formula is not None and all(t.layout == torch.strided for t in operands):
+                self.flops += formula(*args, **kwargs, out_val=out)
+            return out
+
+    with DenseFlops() as counter:
+        fn()
+    return counter.flops / 1e9
+
+
+def matmul_gflops(n: int = 2048, reps: int = 7) -> float:
+    """The machine's float32 matrix-product rate (GFLOP/s, median of ``reps``) at the current
+    thread count: an (n, n) @ (n, n) ``torch.mm``, the best case for the CPU's FMA units."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)  # warm the kernel and the caches
+    times = [_timeit(lambda: torch.mm(a, b)) for _ in range(reps)]
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def roofline(gflop: float, detkit_s: float, torchvision_s: float, roof_gflops: float, goal: float) -> Dict:
+    """What an inference goal ratio asks of the CPU: detkit's rate now, the rate the goal
+    needs (the same work in ``goal * torchvision_s``), and both as a share of the roof."""
+    need = gflop / (goal * torchvision_s)
+    return {
+        "goal_ratio": goal,
+        "detkit_gflops": gflop / detkit_s,
+        "goal_gflops": need,
+        "detkit_share_of_roof": gflop / detkit_s / roof_gflops,
+        "goal_share_of_roof": need / roof_gflops,
+    }
+
+
 def _timeit(fn, device=None):
     import torch
 
@@ -111,7 +174,10 @@ def run_case(
     device: str = "cpu",
     amp: bool = False,
     variant: Sequence[str] = (),
+    roof_gflops: float = 0.0,
 ):
+    """One case; ``roof_gflops`` > 0 (the machine's matrix-product rate) adds the roofline
+    figures (see the module doc)."""
     import contextlib
 
     import torch
@@ -178,6 +244,14 @@ def run_case(
         tv_inf.append(_timeit(lambda j=j: tv_infer(j), dev))
         for key, net in nets.items():
             inf[key].append(_timeit(lambda net=net, j=j: dk_infer(net, j), dev))
+    # the dense work per image, averaged over the timed images (it varies with the detections)
+    gflop = {}
+    if roof_gflops > 0:
+        shown = range(min(n_images, len(images)))
+        net = nets["detkit"]
+        gflop["torchvision"] = statistics.mean(dense_gflop(lambda j=j: tv_infer(j)) for j in shown)
+        gflop["detkit"] = statistics.mean(dense_gflop(lambda j=j, net=net: dk_infer(net, j)) for j in shown)
+        del net
     del nets
 
     # Training steps: batch of 2 images, SGD step included.
@@ -255,6 +329,12 @@ def run_case(
         "device": str(dev),
         "amp": str(dtype).replace("torch.", "") if dtype is not None else None,
     }
+    if gflop:
+        res["torchvision_infer_gflop"] = gflop["torchvision"]
+        res["detkit_infer_gflop"] = gflop["detkit"]
+        res["torchvision_infer_gflops"] = gflop["torchvision"] / med(tv_inf)
+        res["roof_gflops"] = roof_gflops
+        res["roofline"] = roofline(gflop["detkit"], med(dk_inf), med(tv_inf), roof_gflops, INFER_GOALS[name])
     if dv is not None:
         res["variant"] = list(variant)
         res["variant_infer_s_per_img"] = med(inf["variant"])
@@ -409,6 +489,7 @@ def main():
     p.add_argument("--json", help="write the results here")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both models run (default cpu)")
     p.add_argument("--amp", action="store_true", help="both under autocast (bf16 where the GPU has it, else fp16)")
+    p.add_argument("--roofline", action="store_true", help="also the dense FLOPs and the CPU's matmul roof")
     p.add_argument(
         "--variant", nargs="+", default=[], metavar="KEY=VALUE", help="also time detkit with these config overrides"
     )
@@ -421,6 +502,12 @@ def main():
     torch.set_num_threads(args.threads)
     images, source = _load_images(max(args.images, 2))
     results = []
+    roof = 0.0
+    if args.roofline:
+        if args.device != "cpu":
+            raise SystemExit("benchmark.py: --roofline is a CPU measure (use --device cpu)")
+        roof = matmul_gflops()
+        print(f"roof: float32 2048^3 torch.mm at {args.threads} threads: {roof:.1f} GFLOP/s", flush=True)
     for case in args.cases:
         if case == "denormal":
             r = run_denormal_case(args.denormal_iters, args.threads)
@@ -435,7 +522,7 @@ def main():
                 flush=True,
             )
             continue
-        r = run_case(case, images, args.images, args.steps, args.warmup, args.device, args.amp, args.variant)
+        r = run_case(case, images, args.images, args.steps, args.warmup, args.device, args.amp, args.variant, roof)
         results.append(r)
         print(
             f"{case:8s} {r['input']}: inference torchvision {r['torchvision_infer_s_per_img']:.3f} s/img, "
@@ -444,6 +531,16 @@ def main():
             f"detkit {r['detkit_train_s_per_step']:.3f} s/step (ratio {r['train_ratio']:.2f})",
             flush=True,
         )
+        if roof:
+            rl = r["roofline"]
+            print(
+                f"{case:8s} dense work per image: torchvision {r['torchvision_infer_gflop']:.1f} GFLOP at "
+                f"{r['torchvision_infer_gflops']:.1f} GFLOP/s, detkit {r['detkit_infer_gflop']:.1f} GFLOP at "
+                f"{rl['detkit_gflops']:.1f} GFLOP/s ({rl['detkit_share_of_roof']:.0%} of the roof); the goal "
+                f"ratio {rl['goal_ratio']:.2f} needs {rl['goal_gflops']:.1f} GFLOP/s "
+                f"({rl['goal_share_of_roof']:.0%} of the roof)",
+                flush=True,
+            )
         if args.variant:
             print(
                 f"{case:8s} detkit with {' '.join(args.variant)}: inference {r['variant_infer_s_per_img']:.3f} s/img "
@@ -457,6 +554,7 @@ def main():
         + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
         "threads": args.threads,
         "images": source,
+        **({"roof_gflops_start": roof, "roof_gflops_end": matmul_gflops()} if roof else {}),
         "results": results,
     }
     if args.json:
