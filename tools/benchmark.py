@@ -32,10 +32,12 @@ elsewhere hits both alike; the report gives medians and the ratio detkit / torch
 ``--roofline`` adds what bounds the inference ratio on the CPU: the dense floating-point work
 of one inference of each model (convolutions and matrix products, counted by torch's FLOP
 formulas; RoIAlign, NMS and sparse products are not counted), the rate each model runs it at,
-and the machine's own float32 matrix-product rate (a 2048^3 ``torch.mm`` with the same
-threads, the fastest dense kernel this CPU runs: the compute roof). The goal ratio of issue 11
-(R18-FPN 0.70, R50-FPN 0.60) then needs detkit at ``gflop / (goal * torchvision's s/img)``
-GFLOP/s; above the roof, no lossless change reaches it.
+and the machine's compute roof with the same threads (the faster of a 4096^3 ``torch.mm`` and
+a channels-last 3x3 convolution with 256 channels: the densest kernels these models run,
+measured before and after the cases). The goal ratio of issue 11 (R18-FPN 0.70, R50-FPN 0.60)
+then needs detkit at ``gflop / (goal * torchvision's s/img)`` GFLOP/s: lossless changes keep
+the work, so a goal near or above the roof asks every operation to run as fast as the
+machine's fastest kernel.
 
 ``--device cuda`` runs both models on the GPU (timings wait for the GPU to finish); ``--amp``
 runs both under the same autocast (bfloat16 where the GPU has it, else float16), e.g. from
@@ -130,15 +132,28 @@ def dense_gflop(fn: Callable[[], object]) -> float:
     return counter.flops / 1e9
 
 
-def matmul_gflops(n: int = 2048, reps: int = 7) -> float:
-    """The machine's float32 matrix-product rate (GFLOP/s, median of ``reps``) at the current
-    thread count: an (n, n) @ (n, n) ``torch.mm``, the best case for the CPU's FMA units."""
+def _rate(fn: Callable[[], object], flop: float, reps: int) -> float:
+    fn()  # warm the kernel and the caches
+    return flop / statistics.median(_timeit(fn) for _ in range(reps)) / 1e9
+
+
+def roof_gflops(reps: int = 7) -> Dict[str, float]:
+    """The machine's compute roof at the current thread count: the float32 rate (GFLOP/s,
+    medians of ``reps``) of the two densest kernels these detectors run, a 4096^3 ``torch.mm``
+    (MKL) and a channels-last 3x3 convolution, 256 -> 256 channels on 100x136 (oneDNN; an
+    R50-FPN's P3 at 800 px), and their maximum, "roof". No model runs all its work faster."""
     import torch
 
+    n = 4096
     a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)  # warm the kernel and the caches
-    times = [_timeit(lambda: torch.mm(a, b)) for _ in range(reps)]
-    return 2 * n**3 / statistics.median(times) / 1e9
+    out = {"mm_4096": _rate(lambda: torch.mm(a, b), 2 * n**3, reps)}
+    c, h, w = 256, 100, 136
+    conv = torch.nn.Conv2d(c, c, 3, padding=1).to(memory_format=torch.channels_last)
+    x = torch.randn(1, c, h, w).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out["conv3x3_256_channels_last"] = _rate(lambda: conv(x), 2 * c * c * 9 * h * w, reps)
+    out["roof"] = max(out.values())
+    return out
 
 
 def roofline(gflop: float, detkit_s: float, torchvision_s: float, roof_gflops: float, goal: float) -> Dict:
@@ -506,8 +521,13 @@ def main():
     if args.roofline:
         if args.device != "cpu":
             raise SystemExit("benchmark.py: --roofline is a CPU measure (use --device cpu)")
-        roof = matmul_gflops()
-        print(f"roof: float32 2048^3 torch.mm at {args.threads} threads: {roof:.1f} GFLOP/s", flush=True)
+        roofs = [roof_gflops()]
+        roof = roofs[0]["roof"]
+        print(
+            f"roof at {args.threads} threads: {roof:.1f} GFLOP/s (4096^3 mm {roofs[0]['mm_4096']:.1f}, channels-last "
+            f"3x3 conv {roofs[0]['conv3x3_256_channels_last']:.1f})",
+            flush=True,
+        )
     for case in args.cases:
         if case == "denormal":
             r = run_denormal_case(args.denormal_iters, args.threads)
@@ -554,7 +574,7 @@ def main():
         + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
         "threads": args.threads,
         "images": source,
-        **({"roof_gflops_start": roof, "roof_gflops_end": matmul_gflops()} if roof else {}),
+        **({"roof_start": roofs[0], "roof_end": roof_gflops()} if roof else {}),
         "results": results,
     }
     if args.json:
