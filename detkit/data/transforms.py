@@ -100,40 +100,46 @@ class ResizeShortestEdge:
         return f"ResizeShortestEdge(min_sizes={self.min_sizes}, max_size={self.max_size})"
 
 
-class RandomHorizontalFlip:
-    """Mirror image and boxes with probability ``p`` (recorded in ``target.geometry``)."""
+class _RandomMirror:
+    """Mirror image and boxes along one axis with probability ``p`` (one draw from torch's RNG
+    per call), the step recorded in ``target.geometry``."""
+
+    dim = -1  # the image axis reversed
 
     def __init__(self, p: float = 0.5):
         self.p = float(p)
 
-    def __call__(self, image, target):
-        if self.p > 0 and float(torch.rand(())) < self.p:
-            image = image.flip(-1)
-            if target is not None:
-                target = _moved(target, Geometry.identity(*image.shape[-2:]).mirrored())
-        return image, target
-
-    def __repr__(self) -> str:
-        return f"RandomHorizontalFlip(p={self.p})"
-
-
-class RandomVerticalFlip:
-    """Turn image and boxes upside down with probability ``p`` (recorded in
-    ``target.geometry``): for images without an up and a down (microscopy, aerial), as
-    mmdetection's ``RandomFlip(direction='vertical')``."""
-
-    def __init__(self, p: float = 0.5):
-        self.p = float(p)
+    def _step(self, height: int, width: int) -> Geometry:
+        raise NotImplementedError
 
     def __call__(self, image, target):
         if self.p > 0 and float(torch.rand(())) < self.p:
-            image = image.flip(-2)
+            image = image.flip(self.dim)
             if target is not None:
-                target = _moved(target, Geometry.identity(*image.shape[-2:]).mirrored_vertically())
+                target = _moved(target, self._step(*image.shape[-2:]))
         return image, target
 
     def __repr__(self) -> str:
-        return f"RandomVerticalFlip(p={self.p})"
+        return f"{type(self).__name__}(p={self.p})"
+
+
+class RandomHorizontalFlip(_RandomMirror):
+    """Mirror left to right with probability ``p``."""
+
+    dim = -1
+
+    def _step(self, height: int, width: int) -> Geometry:
+        return Geometry.identity(height, width).mirrored()
+
+
+class RandomVerticalFlip(_RandomMirror):
+    """Turn upside down with probability ``p``: for images without an up and a down
+    (microscopy, aerial), as mmdetection's ``RandomFlip(direction='vertical')``."""
+
+    dim = -2
+
+    def _step(self, height: int, width: int) -> Geometry:
+        return Geometry.identity(height, width).mirrored_vertically()
 
 
 class ColorJitter:
