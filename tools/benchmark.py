@@ -226,8 +226,9 @@ def run_case(
     autocast = (lambda: autocast_context(dev, dtype)) if dtype is not None else contextlib.nullcontext
     test_tf = dataset_transforms(cfg.data.input, train=False)
     train_tf = dataset_transforms(cfg.data.input, train=True)
-    # Fixed training input size (the first multi-scale entry) so both see the same pixels.
-    train_tf.transforms = [t for t in train_tf.transforms if type(t).__name__ != "RandomHorizontalFlip"]
+    # No random flips, so that both models see the same pixels.
+    flips = ("RandomHorizontalFlip", "RandomVerticalFlip")
+    train_tf.transforms = [t for t in train_tf.transforms if type(t).__name__ not in flips]
     tensors = [torch.from_numpy(im).permute(2, 0, 1).float().div(255) for im, _, _ in images]
     # Both models get their input on the device; each resizes / normalises it there.
     tensors_dev = [t.to(dev) for t in tensors]
