@@ -214,12 +214,25 @@ class InputConfig:
     # min_size_test), the detector rescales it for the others and pools each region from the
     # scale where its area is closest to 224^2. Empty: one scale, min_size_test.
     test_scales: List[int] = field(default_factory=list)
+    # Test-time augmentation by mirroring (``modeling.tta``): each test image is also run
+    # mirrored - h (left-right), v (upside down), hv (both) - and the views' detections are
+    # merged: per-class NMS, box voting, scores averaged over the views. Empty: the image only.
+    test_flips: List[Literal["h", "v", "hv"]] = field(default_factory=list)
+    test_merge_nms: float = 0.5  # IoU of the per-class NMS over all views' detections
+    # IoU at which a kept box averages the views' boxes of its class (0: off, keep the box)
+    test_merge_vote_iou: float = 0.7
+    # IoU at which a view's box of the class counts for the averaged score (0: off, keep the
+    # score of the box NMS kept)
+    test_merge_score_iou: float = 0.6
 
     def __post_init__(self):
         _check(
             all(s >= 1 for s in self.test_scales) and len(set(self.test_scales)) == len(self.test_scales),
             f"test_scales: distinct positive sizes, got {self.test_scales}",
         )
+        _check(len(set(self.test_flips)) == len(self.test_flips), f"test_flips: distinct flips, got {self.test_flips}")
+        for key in ("test_merge_nms", "test_merge_vote_iou", "test_merge_score_iou"):
+            _check(0.0 <= getattr(self, key) <= 1.0, f"{key}: an IoU in [0, 1], got {getattr(self, key)}")
         for key in ("flip_prob", "vflip_prob"):
             _check(0.0 <= getattr(self, key) <= 1.0, f"{key}: a probability in [0, 1], got {getattr(self, key)}")
 

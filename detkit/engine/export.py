@@ -39,7 +39,7 @@ neither format can hold); the two agree up to float rounding.
 Exportable: RPN proposals (Faster R-CNN) with the ``fast_rcnn`` (FPN or single map, RoIAlign
 or RoIPool, also SVD-compressed) or ``res5`` head. Refused in one line (``ExportError``):
 proposal sources that are not tensor operators (Selective Search, proposal files), the
-R-CNN / SPP-net heads, and multi-scale testing (see ``check_exportable``).
+R-CNN / SPP-net heads, multi-scale testing and test-time mirroring (see ``check_exportable``).
 
 After writing, ``export_model`` runs the file on a second image of another shape and
 compares it with the eager model (``ExportReport``); a difference is logged as a warning.
@@ -157,6 +157,11 @@ def check_exportable(model: nn.Module) -> None:
         raise ExportError(
             "data.input.test_scales: multi-scale testing cannot be exported (a trace would freeze the pyramid's "
             "sizes to the example image); export with data.input.test_scales=[] for the single-scale graph"
+        )
+    if getattr(model, "test_flips", None):
+        raise ExportError(
+            "data.input.test_flips: test-time mirroring cannot be exported (the views' merge is not in the traced "
+            "graph); export with data.input.test_flips=[] and mirror outside the model"
         )
 
 

@@ -48,6 +48,7 @@ from detkit.modeling.proposals.anchors import AnchorGenerator
 from detkit.modeling.proposals.precomputed import PrecomputedProposals
 from detkit.modeling.proposals.rpn import RPN, RPNHead
 from detkit.modeling.proposals.selective_search import SelectiveSearchProposals
+from detkit.modeling.tta import MergeSettings
 from detkit.schema import BackboneConfig, InputConfig, ModelConfig
 
 logger = logging.getLogger("detkit")
@@ -493,6 +494,15 @@ def build_model(cfg: ModelConfig, num_classes: int, input_cfg: Optional[InputCon
         channels_last_inference=cfg.channels_last_inference,
         fold_batchnorm=cfg.fold_batchnorm,
         test_scales=test_scales,
+        test_flips=list(input_cfg.test_flips) if input_cfg is not None else [],
+        test_merge=MergeSettings(
+            input_cfg.test_merge_nms,
+            input_cfg.test_merge_vote_iou,
+            input_cfg.test_merge_score_iou,
+            cfg.roi_head.detections_per_img,
+        )
+        if input_cfg is not None
+        else MergeSettings(max_detections=cfg.roi_head.detections_per_img),
     )
     if cfg.fold_batchnorm:  # frozen BatchNorm rides in the conv before it (training too)
         fold_frozen_batchnorm(detector)

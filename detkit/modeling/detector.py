@@ -19,6 +19,9 @@ boxes are removed from them before any loss unless ``train_difficult`` is set.
 Multi-scale testing (``test_scales``, Fast R-CNN sec. 5.2): in eval mode the backbone also
 runs on the input rescaled to each smaller scale (``modeling.pyramid``) and the RoI head
 predicts each proposal at its scale; proposals come from the input's own (largest) scale.
+Test-time mirroring (``test_flips``, ``modeling.tta``): in eval mode the whole detector also
+runs on each mirrored view of the batch and the views' detections are merged per image;
+losses (when targets are given) come from the plain view.
 Profiling: while ``part_times`` holds a ``PartTimes``, eval-mode forwards add the seconds
 spent in the three parts (features, proposals, head) to it.
 """
@@ -36,6 +39,7 @@ from detkit.modeling.heads.base import RoIHeadBase
 from detkit.modeling.interfaces import Backbone, ProposalGenerator, RoIHead, check_implements
 from detkit.modeling.pyramid import build_pyramid, pyramid_factors
 from detkit.modeling.timing import PartClock, PartTimes
+from detkit.modeling.tta import FLIPS, MergeSettings, merge_batch, mirrored_view
 from detkit.structures import Detections, ImageList, Target
 
 
@@ -56,6 +60,8 @@ class Detector(nn.Module):
     train_difficult: keep difficult boxes in the training targets.
     test_scales: shorter sides of the test-time image pyramid (two or more; the input is at
     the largest); the RoI head must accept ``pyramid=`` (``heads.base.RoIHeadBase`` does).
+    test_flips: mirrored views added at test time ("h", "v", "hv"; ``modeling.tta``), merged
+    by ``test_merge``.
     channels_last_inference / fold_batchnorm: speed settings (see ``detkit.schema.ModelConfig``);
     a frozen BatchNorm is folded for training by the builder (``modeling.fold``)."""
 
@@ -69,6 +75,8 @@ class Detector(nn.Module):
         channels_last_inference: bool = False,
         test_scales: Sequence[int] = (),
         fold_batchnorm: bool = False,
+        test_flips: Sequence[str] = (),
+        test_merge: MergeSettings = MergeSettings(),
     ):
         super().__init__()
         check_implements(backbone, Backbone, "backbone")
@@ -90,6 +98,11 @@ class Detector(nn.Module):
         self.test_factors = pyramid_factors(test_scales) if len(test_scales) > 1 else []
         if self.test_factors and not isinstance(roi_head, RoIHeadBase):
             raise TypeError(f"test_scales: the RoI head {type(roi_head).__name__} does not predict per pyramid level")
+        unknown = [f for f in test_flips if f not in FLIPS]
+        if unknown:
+            raise ValueError(f"test_flips: each one of {', '.join(FLIPS)}, got {unknown[0]!r}")
+        self.test_flips = list(test_flips)
+        self.test_merge = test_merge
         self.part_times: Optional[PartTimes] = None
 
     @property
@@ -119,6 +132,18 @@ class Detector(nn.Module):
         self, images: ImageList, targets: Optional[List[Target]] = None
     ) -> Tuple[List[Detections], Dict[str, Tensor]]:
         """-> (detections per image in original pixels; [] in training mode), losses."""
+        detections, losses = self._forward_view(images, targets)
+        if self.training or not self.test_flips:
+            return detections, losses
+        per_view = [detections]
+        for flip in self.test_flips:
+            per_view.append(self._forward_view(mirrored_view(images, flip), None, count_images=False)[0])
+        return merge_batch(per_view, self.test_merge), losses
+
+    def _forward_view(
+        self, images: ImageList, targets: Optional[List[Target]], count_images: bool = True
+    ) -> Tuple[List[Detections], Dict[str, Tensor]]:
+        """One pass of the three parts over ``images`` (see ``forward``)."""
         targets = self._training_targets(targets, images.tensor.device)
         clock = PartClock(None if self.training else self.part_times, images.tensor.device)
         x = images.tensor
@@ -147,6 +172,6 @@ class Detector(nn.Module):
         if not self.training:
             detections = map_to_original(detections, images)
         clock.lap("head")
-        if clock.times is not None:
+        if clock.times is not None and count_images:  # a mirrored view is the same images again
             clock.times.images += len(images)
         return detections, losses

@@ -248,3 +248,8 @@ def test_other_heads_and_multi_scale_testing_are_refused():
     model = build_model(cfg.model, len(CLASSES), cfg.data.input)
     with pytest.raises(ExportError, match="data.input.test_scales: multi-scale testing cannot be exported"):
         check_exportable(model)
+    cfg = tiny_config(MODELS["fast_rcnn_fpn"])
+    cfg.data.input.test_flips = ["h"]
+    model = build_model(cfg.model, len(CLASSES), cfg.data.input)
+    with pytest.raises(ExportError, match="data.input.test_flips: test-time mirroring cannot be exported"):
+        check_exportable(model)
