@@ -81,6 +81,17 @@ def test_config_validates_and_builds(path):
         assert isinstance(model.roi_head, FastRCNNHead)
     if path.name == "bccd_r18_fpn.yaml":
         assert cfg.data.train.root.endswith("BCCD") and cfg.data.classes == ["Platelets", "RBC", "WBC"]
+    if path.name == "bccd_r18_fpn_flip_test.yaml":  # the recipe, tested with four views
+        assert build_model(cfg.model, 3, cfg.data.input).test_flips == ["h", "v", "hv"]
+        assert (cfg.train.max_iter, cfg.train.amp_dtype) == (450, "auto")
+    if path.name == "bccd_r18_fpn_bf16.yaml":  # the recipe in bf16 with the 750-iteration schedule
+        assert (cfg.train.amp_dtype, cfg.train.max_iter, cfg.train.warmup_iters, cfg.train.steps) == (
+            "bf16",
+            750,
+            250,
+            [600],
+        )
+        assert cfg.model.backbone.out_channels == 128 and cfg.data.input.test_flips == []
     if path.parent.name == "rcnn":  # R-CNN (Girshick et al. 2014) values the configs cite
         h = cfg.model.roi_head
         assert isinstance(model.roi_head, RCNNHead) and type(model.backbone).__name__ == "ImageInput"

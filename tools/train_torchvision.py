@@ -4,8 +4,9 @@
 
 Same datasets and class list, backbone (``tools/torchvision_baseline.py``), input
 sizes, flips, batch size, aspect-ratio grouping, seed, optimiser (SGD, the same parameter
-groups), warmup and schedule, gradient clipping, iterations, denormal flushing; evaluated by
-detkit's evaluator. The training stream is detkit's own (``detkit.data.loader``): the same
+groups), warmup and schedule, gradient clipping, iterations, denormal flushing, mixed
+precision (``train.amp_dtype: bf16`` on the CPU: autocast in training and testing, as
+detkit); evaluated by detkit's evaluator. The training stream is detkit's own (``detkit.data.loader``): the same
 batches in the same order, each sample's augmentation seeded from its place in the stream, so
 with a single training size both frameworks see the same images with the same flips.
 torchvision resizes and normalises inside its model; the data pipeline here only jitters
@@ -135,6 +136,7 @@ def train(cfg, out: Path, restart: bool = False, progress: bool = True) -> int:
     from detkit.data.loader import SkippedImages, build_test_loader
     from detkit.engine.checkpoint import save_checkpoint
     from detkit.engine.evaluate import evaluate_detections, summary_lines, write_evaluation
+    from detkit.engine.inference import amp_dtype, autocast_context
     from detkit.engine.trainer import LRSchedule, build_optimizer, seed_everything
     from detkit.errors import TrainingError
 
@@ -153,6 +155,10 @@ def train(cfg, out: Path, restart: bool = False, progress: bool = True) -> int:
     test_set.transforms = None
     seed_everything(t.seed)
     model = build_torchvision_model(cfg, len(classes))
+    # Mixed precision as detkit's trainer and evaluation apply it (train.amp / amp_dtype: on
+    # the CPU bf16 autocast only when asked for), in training and at test time.
+    cpu = torch.device("cpu")
+    amp = amp_dtype(cpu, t.amp, t.amp_dtype)
     optimizer = build_optimizer(model, t)
     schedule = LRSchedule(t.max_iter, t.warmup_iters, t.warmup_factor, t.lr_schedule, t.steps, t.gamma)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -176,7 +182,8 @@ def train(cfg, out: Path, restart: bool = False, progress: bool = True) -> int:
         for tg in targets:
             keep = ~tg.difficult if not cfg.model.train_difficult else torch.ones_like(tg.difficult)
             tv_targets.append({"boxes": tg.boxes[keep], "labels": tg.labels[keep]})
-        losses = model(images, tv_targets)
+        with autocast_context(cpu, amp):
+            losses = model(images, tv_targets)
         total = sum(losses.values())
         if not torch.isfinite(total):
             terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
@@ -222,8 +229,13 @@ def train(cfg, out: Path, restart: bool = False, progress: bool = True) -> int:
             images, _ = batch
             if images is None:
                 continue
-            o = model([images.tensor[0]])[0]
-            dets[images.image_ids[0]] = {k: o[k].numpy() for k in ("boxes", "scores", "labels")}
+            with autocast_context(cpu, amp):
+                o = model([images.tensor[0]])[0]
+            dets[images.image_ids[0]] = {
+                "boxes": o["boxes"].float().numpy(),
+                "scores": o["scores"].float().numpy(),
+                "labels": o["labels"].numpy(),
+            }
     sec = (time.perf_counter() - t0) / max(len(test_set), 1)
     result = evaluate_detections(cfg.test, dets, test_set)
     result["s_per_img"] = sec

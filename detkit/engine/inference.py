@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import time
 from collections import defaultdict
@@ -78,7 +79,10 @@ def amp_dtype(device: torch.device, amp: bool, kind: str = "auto") -> Optional[t
     for full precision. CUDA: bfloat16 where the GPU has it (Ampere and later: float32's
     range, so no loss scaling), else float16 (with a GradScaler, ``needs_grad_scaler``);
     ``kind`` bf16 / fp16 forces one. The CPU: bfloat16 only when asked for (kind bf16); auto
-    keeps float32 there (CPU autocast was slower than float32 on this project's machines)."""
+    keeps float32 there, since bfloat16 changes the results and is fast only on CPUs that
+    compute it natively (AVX512-BF16 or AMX: a BCCD recipe training step took 0.57 of its
+    float32 time on a Zen 4, 2026-12-01, README "BCCD"); elsewhere it is emulated, slower
+    than float32, and a warning says so."""
     if not amp:
         return None
     if device.type == "cuda":
@@ -89,10 +93,24 @@ def amp_dtype(device: torch.device, amp: bool, kind: str = "auto") -> Optional[t
             raise ConfigError("train.amp_dtype: this GPU has no bfloat16; use auto or fp16")
         return torch.bfloat16 if supported else torch.float16
     if kind == "bf16":
+        cpu_has_native_bf16()
         return torch.bfloat16
     if kind == "fp16":
         raise ConfigError("train.amp_dtype: fp16 autocast is for CUDA; on the CPU use bf16 or amp: false")
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bfloat16 instructions (AVX512-BF16 or AMX tiles), which oneDNN's
+    bfloat16 kernels need to be faster than float32; warns once when it has neither."""
+    native = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    if not native:
+        logger.warning(
+            "train.amp_dtype: bf16 on a CPU without AVX512-BF16 or AMX: bfloat16 is emulated there and usually "
+            "slower than float32 (train.amp_dtype=auto keeps float32)"
+        )
+    return native
 
 
 def needs_grad_scaler(dtype: Optional[torch.dtype]) -> bool:

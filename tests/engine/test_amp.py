@@ -57,6 +57,24 @@ def test_amp_dtype_on_the_cpu():
         assert layer(x).dtype == torch.float32
 
 
+@pytest.mark.parametrize("avx512_bf16, amx, warned", [(False, False, True), (True, False, False), (False, True, False)])
+def test_cpu_bf16_warns_once_without_native_bf16(monkeypatch, caplog, avx512_bf16, amx, warned):
+    from detkit.engine.inference import cpu_has_native_bf16
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    cpu_has_native_bf16.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="detkit"):
+            assert amp_dtype(CPU, True, "bf16") == torch.bfloat16  # still honoured
+            amp_dtype(CPU, True, "bf16")
+            amp_dtype(CPU, True, "auto")  # float32: nothing to warn about
+        messages = [r.getMessage() for r in caplog.records if "AVX512-BF16" in r.getMessage()]
+        assert len(messages) == (1 if warned else 0)
+    finally:
+        cpu_has_native_bf16.cache_clear()
+
+
 def tiny_config(root, **train) -> Config:
     shapes = {"num_train": 4, "num_test": 1, "seed": 5, "image_size": [48, 56], "object_size": [14, 24]}
     return from_dict(

@@ -163,3 +163,32 @@ def test_one_training_step_equals_torchvisions_when_sampling_takes_everything(tm
     for name, grad in dk_grads.items():
         scale = tv_grads[name].abs().max().item()
         torch.testing.assert_close(grad, tv_grads[name], rtol=1e-3, atol=1e-4 * max(scale, 1e-8), msg=name)
+
+
+@pytest.mark.parametrize("amp_dtype, want", [("bf16", torch.bfloat16), ("auto", None)])
+def test_cpu_bf16_autocast_follows_the_config_in_training_and_testing(tmp_path, monkeypatch, amp_dtype, want):
+    """train.amp_dtype bf16 on the CPU: torchvision's forwards run under bf16 autocast in
+    training and at test time, as detkit's; "auto" on the CPU: none (float32)."""
+    import torchvision_baseline
+    from train_torchvision import train
+
+    seen = []
+    build = torchvision_baseline.build_torchvision_model
+
+    def spying_build(cfg, num_classes):
+        model = build(cfg, num_classes)
+        model.register_forward_pre_hook(
+            lambda m, args: seen.append(
+                (m.training, torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+            )
+        )
+        return model
+
+    monkeypatch.setattr(torchvision_baseline, "build_torchvision_model", spying_build)
+    cfg = tiny_shapes(
+        tmp_path, "train.max_iter=2", "train.warmup_iters=1", "train.steps=[]", f"train.amp_dtype={amp_dtype}"
+    )
+    assert train(cfg, tmp_path / "run", progress=False) == 0
+    assert [mode for mode, _ in seen] == [True, True, False, False]  # 2 steps, 2 test images
+    assert {dtype for _, dtype in seen} == {want}
+    assert (tmp_path / "run" / "eval.json").is_file()
