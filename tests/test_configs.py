@@ -91,7 +91,7 @@ def test_config_validates_and_builds(path):
             250,
             [600],
         )
-        assert cfg.model.backbone.out_channels == 128 and cfg.data.input.test_flips == []
+        assert cfg.model.backbone.out_channels == 128 and cfg.data.input.test_flips == ["h", "v", "hv"]
     if path.parent.name == "rcnn":  # R-CNN (Girshick et al. 2014) values the configs cite
         h = cfg.model.roi_head
         assert isinstance(model.roi_head, RCNNHead) and type(model.backbone).__name__ == "ImageInput"

@@ -162,6 +162,9 @@ def recipe_deviations(cfg: Config) -> List[str]:
         )
     if not h.add_gt_as_proposals:
         out.append("ground truth as proposals: detkit no, torchvision always")
+    if cfg.data.input.test_flips:
+        flips = ", ".join(cfg.data.input.test_flips)
+        out.append(f"test-time mirroring: detkit the image and {flips} merged, torchvision the image alone")
     weights = {k: v for k, v in m.loss_weights.items() if v != 1.0}
     if weights:
         out.append(f"loss weights: detkit {weights}, torchvision all 1")

@@ -86,9 +86,12 @@ def test_settings_torchvision_cannot_follow_are_listed():
             "model.roi_head.predictor_init=pytorch",
             "model.roi_head.aligned=true",
             "model.loss_weights={loss_cls: 2.0}",
+            "data.input.test_flips=[h,hv]",
         ],
     )
-    assert [d.split(":")[0] for d in recipe_deviations(changed)] == ["RoIAlign aligned", "loss weights"]
+    devs = recipe_deviations(changed)
+    assert [d.split(":")[0] for d in devs] == ["RoIAlign aligned", "test-time mirroring", "loss weights"]
+    assert "detkit the image and h, hv merged, torchvision the image alone" in devs[1]
 
 
 def test_restart_replaces_only_an_interrupted_run(tmp_path):
