@@ -8,10 +8,15 @@ file and a changed cache.
 mAP floors, and why they mean something: "chance" is the mAP of random scores over the same
 proposals and the same evaluation (computed here: ~0.17; Selective Search on shapes finds
 nearly every object, so scoring its few boxes at random already scores). The tiny networks
-below (a tiny ResNet from scratch, 600 SGD iterations, ~15 s each) reached R-CNN 0.63 / 0.70
-and SPP-net 0.45 / 0.46 on two seeds when this was written; the floors (R-CNN 0.45, SPP-net
-0.35, both at least twice chance) fail for a pipeline whose SVMs, features or box decoding
-are broken, not for run-to-run noise.
+below (a tiny ResNet from scratch, 600 SGD iterations, ~15-30 s each) reached R-CNN 0.63 /
+0.70 and SPP-net 0.45 / 0.46 on two seeds when this was written (an AMD EPYC); on an Intel
+Xeon (2026-12-01, seeds 0-3) R-CNN 0.70 / 0.77 / 0.65 / 0.62, SPP-net with the pyramid
+{3, 2, 1} 0.33 / 0.41 / 0.51 / 0.45: one SPP-net run is too noisy for its floor (seed 0 fell
+below it on that machine). So SPP-net is trained on two seeds and judged on their mean, with
+the pyramid {4, 2, 1} (0.48 / 0.50 / 0.38 / 0.47 there: the 4x4 level gives the 12x12 conv5
+map of these images a finer grid); the floors (R-CNN 0.45 for one run, SPP-net 0.35 for the
+mean, both at least twice chance) fail for a pipeline whose SVMs, features or box decoding are
+broken, not for run-to-run noise.
 """
 
 import json
@@ -53,7 +58,7 @@ train: {{max_iter: 600, base_lr: 0.02, warmup_iters: 20, log_period: 100, device
 test: {{metric: voc, extra_metrics: [voc07]}}
 """
 RCNN_HEAD = "name: rcnn\n    warp_size: 32\n    warp_context: 4\n    pooler_resolution: 2"
-SPP_HEAD = "name: spp\n    spp_levels: [3, 2, 1]\n    bg_iou_thresh_lo: 0.1"
+SPP_HEAD = "name: spp\n    spp_levels: [4, 2, 1]\n    bg_iou_thresh_lo: 0.1"
 FLOORS = {"rcnn": 0.45, "spp": 0.35}
 
 
@@ -118,6 +123,11 @@ def runs(shapes):
             run = tmp / f"run_{name}"
             assert main(["train", str(cfg), "--out", str(run), "--no-progress"]) == 0
             out[name] = (cfg, run)
+        # SPP-net's second seed: its floor is on the mean of two runs (see the module doc)
+        cfg, _ = out["spp"]
+        run = tmp / "run_spp_seed1"
+        assert main(["train", str(cfg), "--out", str(run), "--no-progress", "train.seed=1"]) == 0
+        out["spp_seed1"] = (cfg, run)
     finally:
         torch.set_num_threads(torch_threads)
     return out
@@ -132,7 +142,11 @@ def test_train_then_eval_end_to_end(name, runs, shapes, tmp_path):
     result = json.loads((run / "eval.json").read_text())
     chance = chance_map(root, files["test"])
     assert 0.1 < chance < 0.3  # what the floor is measured against
-    assert result["mAP"] >= FLOORS[name] and result["mAP"] >= 2 * chance, (result["mAP"], chance)
+    judged = [result["mAP"]]
+    if name == "spp":  # the mean of two seeds (module doc)
+        judged.append(json.loads((runs["spp_seed1"][1] / "eval.json").read_text())["mAP"])
+    mean = sum(judged) / len(judged)
+    assert mean >= FLOORS[name] and mean >= 2 * chance, (judged, chance)
     # every stage's time is in metrics.jsonl; the cache's size in its manifest
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     stages = {r["stage"] for r in records if "stage_minutes" in r}
