@@ -1,7 +1,8 @@
 """detkit vs torchvision Faster R-CNN, side by side in one run (same weights, inputs, threads).
 
     python tools/benchmark.py [--cases r50_fpn bccd denormal] [--threads 2] [--images 4] [--steps 4]
-                              [--denormal-iters 40] [--device cpu|cuda] [--amp] [--json OUT]
+                              [--denormal-iters 40] [--device cpu|cuda] [--amp [--amp-dtype bf16]]
+                              [--json OUT]
                               [--variant KEY=VALUE ...]
 
 Cases:
@@ -41,7 +42,8 @@ machine's fastest kernel.
 
 ``--device cuda`` runs both models on the GPU (timings wait for the GPU to finish); ``--amp``
 runs both under the same autocast (bfloat16 where the GPU has it, else float16), e.g. from
-tools/gpu_check.sh.
+tools/gpu_check.sh; ``--amp --amp-dtype bf16`` on the CPU: both under CPU bfloat16 autocast
+(``train.amp_dtype: bf16``, fast on CPUs with AVX512-BF16 or AMX).
 """
 
 from __future__ import annotations
@@ -190,6 +192,7 @@ def run_case(
     amp: bool = False,
     variant: Sequence[str] = (),
     roof_gflops: float = 0.0,
+    amp_kind: str = "auto",
 ):
     """One case; ``roof_gflops`` > 0 (the machine's matrix-product rate) adds the roofline
     figures (see the module doc)."""
@@ -222,7 +225,7 @@ def run_case(
         dv = build_model(vcfg.model, k)
         dv.load_state_dict(map_torchvision_state(tv.state_dict()))
         dv.to(dev)
-    dtype = amp_dtype(dev, amp)  # None: float32
+    dtype = amp_dtype(dev, amp, amp_kind)  # None: float32
     autocast = (lambda: autocast_context(dev, dtype)) if dtype is not None else contextlib.nullcontext
     test_tf = dataset_transforms(cfg.data.input, train=False)
     train_tf = dataset_transforms(cfg.data.input, train=True)
@@ -505,6 +508,9 @@ def main():
     p.add_argument("--json", help="write the results here")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both models run (default cpu)")
     p.add_argument("--amp", action="store_true", help="both under autocast (bf16 where the GPU has it, else fp16)")
+    p.add_argument(
+        "--amp-dtype", default="auto", choices=["auto", "bf16", "fp16"], help="with --amp: as train.amp_dtype"
+    )
     p.add_argument("--roofline", action="store_true", help="also the dense FLOPs and the CPU's matmul roof")
     p.add_argument(
         "--variant", nargs="+", default=[], metavar="KEY=VALUE", help="also time detkit with these config overrides"
@@ -543,7 +549,18 @@ def main():
                 flush=True,
             )
             continue
-        r = run_case(case, images, args.images, args.steps, args.warmup, args.device, args.amp, args.variant, roof)
+        r = run_case(
+            case,
+            images,
+            args.images,
+            args.steps,
+            args.warmup,
+            args.device,
+            args.amp,
+            args.variant,
+            roof,
+            amp_kind=args.amp_dtype,
+        )
         results.append(r)
         print(
             f"{case:8s} {r['input']}: inference torchvision {r['torchvision_infer_s_per_img']:.3f} s/img, "

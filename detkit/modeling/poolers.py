@@ -89,12 +89,6 @@ def _bilinear_entries(rois: Tensor, scale: float, size: int, sr: int, aligned: b
     return cols.reshape(-1), weights.reshape(-1)
 
 
-def _csr(coo: Tensor) -> Tensor:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return coo.to_sparse_csr()  # coalesces: samples sharing a pixel merge into one entry
-
-
 def _row_major_csr(cols: Tensor, weights: Tensor, per_row: int, shape: Tuple[int, int]) -> Tensor:
     """W as CSR straight from ``_bilinear_entries``' order (every output bin's
     ``per_row`` entries in a row, bins in order): no sort / coalesce pass, which took a
@@ -104,6 +98,26 @@ def _row_major_csr(cols: Tensor, weights: Tensor, per_row: int, shape: Tuple[int
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         return torch.sparse_csr_tensor(crow, cols, weights, shape, check_invariants=False)
+
+
+def _transposed_csr(cols: Tensor, weights: Tensor, per_row: int, shape: Tuple[int, int]) -> Tensor:
+    """W^T as CSR, W (``shape``) given as in ``_row_major_csr``: its entries grouped by
+    column (one stable sort of the column indices, as 32-bit keys when they fit) and each
+    entry's row recovered from its position (entry e belongs to row e // per_row). Repeated
+    (row, column) pairs stay apart and are summed by the product. A COO transpose coalesced
+    into CSR gives the same matrix but sorts 64-bit (row, column) keys and merges them: a
+    BCCD recipe training step with this build takes 0.90 (bf16) / 0.93 (float32) of its time
+    with that one (tools/probe_sparse_backward.py, 2 cores, 2026-12-01)."""
+    keys = cols.to(torch.int32) if shape[1] < 2**31 else cols
+    sorted_cols, order = torch.sort(keys, stable=True)
+    counts = torch.bincount(sorted_cols, minlength=shape[1])
+    crow = torch.zeros(shape[1] + 1, dtype=torch.int64, device=cols.device)
+    torch.cumsum(counts, 0, out=crow[1:])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(
+            crow, order // per_row, weights[order], (shape[1], shape[0]), check_invariants=False
+        )
 
 
 class _SparseRoIAlignFn(torch.autograd.Function):
@@ -121,20 +135,20 @@ class _SparseRoIAlignFn(torch.autograd.Function):
         per_row = 4 * sr * sr
         out = _row_major_csr(cols, weights, per_row, shape) @ flat
         out = out.view(rois.shape[0], size, size, c).permute(0, 3, 1, 2)
-        if feature.requires_grad:  # backward needs W^T: built (and coalesced) only then
-            rows = torch.arange(shape[0], device=cols.device).repeat_interleave(per_row)
-            coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), weights, shape, check_invariants=False)
-            ctx.save_for_backward(coo)
+        if feature.requires_grad:  # backward needs W^T
+            ctx.save_for_backward(cols, weights)
             ctx.shape = (n, c, h, w)
+            ctx.per_row = per_row
         return out  # (R, C, S, S) with channels innermost: sparse_roi_align decides the layout
 
     @staticmethod
     def backward(ctx, grad):
-        (coo,) = ctx.saved_tensors
+        cols, weights = ctx.saved_tensors
         n, c, h, w = ctx.shape
-        g = grad.permute(0, 2, 3, 1).reshape(-1, c).to(coo.dtype)
+        g = grad.permute(0, 2, 3, 1).reshape(-1, c).to(weights.dtype)
         with torch.autocast(grad.device.type, enabled=False):  # float32 sparse product (see sparse_roi_align)
-            grad_feature = (_csr(coo.t()) @ g).view(n, h, w, c).permute(0, 3, 1, 2)
+            w_t = _transposed_csr(cols, weights, ctx.per_row, (g.shape[0], n * h * w))
+            grad_feature = (w_t @ g).view(n, h, w, c).permute(0, 3, 1, 2)
         return grad_feature, None, None, None, None, None
 
 

@@ -131,6 +131,28 @@ def test_sparse_roi_align_forward_and_backward_equal_torchvision(aligned, sampli
     assert ours[0].abs().max() > 0 and ours[1].abs().max() > 0
 
 
+def test_transposed_csr_by_hand():
+    # W (3 x 4) from per_row = 2 entries per row, row r taking entries 2r and 2r + 1:
+    #   row 0: 0.5 * F[2] + 0.25 * F[0]   row 1: 1.0 * F[2] + 2.0 * F[2] (a repeated pixel)
+    #   row 2: 0.75 * F[1] + 0.0 * F[0]
+    cols = torch.tensor([2, 0, 2, 2, 1, 0])
+    weights = torch.tensor([0.5, 0.25, 1.0, 2.0, 0.75, 0.0])
+    w_t = poolers._transposed_csr(cols, weights, 2, (3, 4))
+    expected = torch.tensor(
+        [
+            [0.25, 0.0, 0.0],  # F[0] feeds row 0 with 0.25 (and row 2 with 0)
+            [0.0, 0.0, 0.75],
+            [0.5, 3.0, 0.0],  # the repeated pixel's weights summed
+            [0.0, 0.0, 0.0],  # F[3] feeds nothing
+        ]
+    )
+    assert w_t.layout == torch.sparse_csr and w_t.shape == (4, 3)
+    torch.testing.assert_close(w_t.to_dense(), expected)
+    # the product the backward pass takes: W^T @ dOut
+    upstream = torch.tensor([[1.0, -1.0], [2.0, 0.5], [4.0, 3.0]])
+    torch.testing.assert_close(w_t @ upstream, expected @ upstream)
+
+
 def test_sparse_roi_align_gradcheck():
     g = torch.Generator().manual_seed(3)
     feature = torch.randn(1, 2, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
